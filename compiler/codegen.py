@@ -1,0 +1,351 @@
+"""Code generation: the derived KKT system as batched torch source.
+
+A :class:`Routine` names its inputs and outputs (graph nodes); :func:`print_routine`
+prints it as one Python function. Every tensor in generated code has one leading batch
+dimension (of size B, or 1 for shared values), which einsum's ``...`` and explicit
+``[:, None]`` insertions broadcast. Equal subexpressions are computed once (graph nodes
+compare structurally). The module is registered with ``linecache`` so tracebacks and
+debuggers show the generated lines.
+
+Generated functions (all take ``consts``, the tuple of constant tensors, and the
+parameters, each ``(B or 1, *shape)``):
+
+``residuals(z, lam, nu, consts, *params)``  -> objective (B,), stationarity (B, n), g (B, m), h (B, p)
+``derivatives(z, lam, nu, consts, *params)`` -> stationarity, g, h, Jg (B, m, n), Jh (B, p, n), H (B, n, n)
+``qp_data(ref, consts, *params)``            -> Q, c, G, hv, A, b of min z'Qz/2 + c'z, Gz <= hv, Az = b
+                                                (LP and QP only)
+``parameter_vjp(z, lam, nu, u_z, u_lam, u_nu, consts, *params)`` -> one gradient per parameter
+"""
+from __future__ import annotations
+
+import hashlib
+import keyword
+import linecache
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import sympy
+
+from . import ir
+from .atoms import sigmoid, softplus
+from .ir import Node
+from .kkt import KKTSystem, LP, QP
+
+_PRELUDE = '''\
+import torch
+
+
+def _zeros(ref, shape):
+    return ref.new_zeros((1,) + shape)
+
+
+def _eye(ref, n):
+    return torch.eye(n, dtype=ref.dtype, device=ref.device).unsqueeze(0)
+
+
+def _expand(x, shape):
+    x = x.reshape(x.shape[:1] + (1,) * (len(shape) + 1 - x.dim()) + x.shape[1:])
+    return x.expand((x.shape[0],) + shape)
+
+
+def _cat(parts, dim):
+    batch = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand((batch,) + p.shape[1:]) for p in parts], dim)
+
+
+def _scatter(x, index, shape):
+    out = x.new_zeros(x.shape[:1] + shape)
+    out[(slice(None),) + index] = x
+    return out
+'''
+
+
+@dataclass(frozen=True)
+class Output:
+    """One returned tensor: a single node, or blocks concatenated along the last axes
+    (``blocks`` is a list of nodes, or a list of rows of nodes for a block matrix)."""
+
+    comment: str
+    blocks: tuple
+    shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Routine:
+    name: str
+    args: Tuple[str, ...]
+    #: (node, source text) for every input node, e.g. (x, "z[:, 0:5]")
+    bindings: Tuple[Tuple[Node, str], ...]
+    outputs: Tuple[Output, ...]
+    doc: str = ""
+
+
+class _Writer:
+    def __init__(self, routine: Routine, constants: Dict[Node, int]):
+        self.routine = routine
+        self.constants = constants
+        self.names: Dict[Node, str] = {}
+        self.lines: List[str] = []
+        self.counter = 0
+        self.ref = routine.args[0]
+
+    def name(self, node: Node) -> str:
+        if node in self.names:
+            return self.names[node]
+        text = self.expression(node)
+        if node.op in ("zeros", "eye", "const") or node.op == "input":
+            self.names[node] = text
+            return text
+        tmp = f"t{self.counter}"
+        self.counter += 1
+        self.lines.append(f"    {tmp} = {text}")
+        self.names[node] = tmp
+        return tmp
+
+    def expression(self, node: Node) -> str:
+        op = node.op
+        if op == "input":
+            raise KeyError(f"input {node.attrs[0]} is not bound in routine {self.routine.name}")
+        if op == "zeros":
+            return f"_zeros({self.ref}, {node.shape!r})"
+        if op == "eye":
+            return f"_eye({self.ref}, {node.shape[0]})"
+        if op == "const":
+            return f"consts[{self.constants[node]}]"
+        args = [self.name(a) for a in node.args]
+        if op == "einsum":
+            ins, out = ir._split(node.attrs)
+            spec = ",".join("..." + s for s in ins) + "->..." + out
+            return f"torch.einsum({spec!r}, {', '.join(args)})"
+        if op == "elementwise":
+            fn = node.attrs
+            rank = node.ndim
+            names = {}
+            for sym, a, text in zip(fn.variables, node.args, args):
+                names[sym] = text if a.ndim == rank else f"{text}[:{', None' * (rank - a.ndim)}]"
+            text = torch_expression(fn.expr, names)
+            if all(a.shape != node.shape for a in node.args):
+                text = f"_expand({text}, {node.shape!r})"
+            return text
+        if op == "index":
+            return f"{args[0]}[:, {_index_text(node.attrs[0])}]"
+        if op == "scatter":
+            idx, shape = node.attrs
+            return f"_scatter({args[0]}, ({_index_text(idx)},), {shape!r})"
+        if op == "reshape":
+            return f"{args[0]}.reshape({args[0]}.shape[:1] + {node.shape!r})"
+        if op == "concat":
+            return f"_cat([{', '.join(args)}], -1)"
+        raise NotImplementedError(f"cannot generate code for {op} nodes (nonsmooth atoms must be canonicalized)")
+
+    def output(self, out: Output) -> str:
+        blocks = out.blocks
+        if blocks and isinstance(blocks[0], tuple):
+            rows = [self._cat_text([self.name(b) for b in row], -1) for row in blocks]
+            return self._cat_text(rows, -2)
+        return self._cat_text([self.name(b) for b in blocks], -1)
+
+    @staticmethod
+    def _cat_text(parts, dim):
+        return parts[0] if len(parts) == 1 else f"_cat([{', '.join(parts)}], {dim})"
+
+    def write(self) -> str:
+        r = self.routine
+        for node, text in r.bindings:
+            self.names[node] = text
+        results = []
+        for k, out in enumerate(r.outputs):
+            self.lines.append(f"    # {out.comment}")
+            text = self.output(out)
+            self.lines.append(f"    out{k} = {text}")
+            results.append(f"out{k}")
+        head = f"def {r.name}({', '.join(r.args)}):"
+        doc = [f'    """{r.doc}"""'] if r.doc else []
+        ret = f"    return ({', '.join(results)}{',' if len(results) == 1 else ''})"
+        return "\n".join([head] + doc + self.lines + [ret]) + "\n"
+
+
+def _index_text(index) -> str:
+    parts = []
+    for i in index:
+        if isinstance(i, slice):
+            step = "" if i.step in (None, 1) else f":{i.step}"
+            parts.append(f"{i.start}:{i.stop}{step}")
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)
+
+
+def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
+    """Print a scalar sympy expression as torch code on tensors named by ``names``."""
+    p = lambda e: torch_expression(e, names)  # noqa: E731
+    if expr.is_Symbol:
+        return names[expr]
+    if expr.is_Number:
+        return repr(float(expr))
+    if expr.is_Add:
+        return "(" + " + ".join(p(a) for a in expr.args) + ")"
+    if expr.is_Mul:
+        coeff, rest = expr.as_coeff_Mul()
+        factors = [p(a) for a in sympy.Mul.make_args(rest)]
+        body = " * ".join(factors)
+        if coeff == 1:
+            return f"({body})"
+        if coeff == -1:
+            return f"(-{body})"
+        return f"({float(coeff)!r} * {body})"
+    if expr.is_Pow:
+        base, e = expr.args
+        b = p(base)
+        if e == sympy.Rational(1, 2):
+            return f"torch.sqrt({b})"
+        if e == -sympy.Rational(1, 2):
+            return f"torch.rsqrt({b})"
+        if e == -1:
+            return f"(1.0 / {b})"
+        if e.is_Integer:
+            return f"({b} ** {int(e)})"
+        return f"({b} ** {float(e)!r})"
+    if isinstance(expr, sympy.exp):
+        return f"torch.exp({p(expr.args[0])})"
+    if isinstance(expr, sympy.log):
+        return f"torch.log({p(expr.args[0])})"
+    if isinstance(expr, softplus):
+        return f"torch.nn.functional.softplus({p(expr.args[0])})"
+    if isinstance(expr, sigmoid):
+        return f"torch.sigmoid({p(expr.args[0])})"
+    if isinstance(expr, sympy.Abs):
+        return f"torch.abs({p(expr.args[0])})"
+    raise NotImplementedError(f"no torch translation for {expr}")
+
+
+# ------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratedCode:
+    source: str
+    namespace: dict
+    constants: Tuple[np.ndarray, ...]
+    filename: str
+
+    def __getitem__(self, name) -> Callable:
+        return self.namespace[name]
+
+
+def _identifier(name: str, used: set) -> str:
+    base = name.split("#")[0]
+    base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in base) or "v"
+    if base[0].isdigit() or keyword.iskeyword(base):
+        base = "_" + base
+    out, k = base, 1
+    reserved = {"torch", "consts", "ref", "z", "lam", "nu", "u_z", "u_lam", "u_nu"}
+    while out in used or out in reserved or out.startswith("t") and out[1:].isdigit() or out.startswith("out") and out[3:].isdigit():
+        out = f"{base}_{k}"
+        k += 1
+    used.add(out)
+    return out
+
+
+def generate(kkt: KKTSystem) -> GeneratedCode:
+    prob = kkt.problem
+    used: set = set()
+    param_names = [_identifier(p.name, used) for p in prob.parameters]
+    var_slices = []
+    var_bindings = []
+    seed_bindings = []
+    for v, off, u in zip(prob.variables, prob.variable_offsets, kkt.seed_z):
+        n = v.node.shape[0]
+        sl = f"{off}:{off + n}"
+        var_slices.append(sl)
+        var_bindings.append((v.node, f"z[:, {sl}]"))
+        seed_bindings.append((u, f"u_z[:, {sl}]"))
+    param_bindings = [(p.node, name) for p, name in zip(prob.parameters, param_names)]
+    duals = [(kkt.lam, "lam"), (kkt.nu, "nu")]
+    seeds = [(kkt.seed_lam, "u_lam"), (kkt.seed_nu, "u_nu")]
+    n, m, p = prob.n, prob.m, prob.p
+
+    stationarity = Output("stationarity: grad_z L", tuple(kkt.stationarity), (n,))
+    g = Output("inequalities g(z) <= 0", (kkt.inequalities,), (m,))
+    h = Output("equalities h(z) = 0", (kkt.equalities,), (p,))
+    jg = Output("Jacobian of g", tuple(kkt.ineq_jacobian), (m, n))
+    jh = Output("Jacobian of h", tuple(kkt.eq_jacobian), (p, n))
+    hess = Output("Hessian of the Lagrangian", tuple(kkt.hessian), (n, n))
+    base_args = ("z", "lam", "nu", "consts") + tuple(param_names)
+    base_bindings = tuple(var_bindings + duals + param_bindings)
+    routines = [
+        Routine("residuals", base_args, base_bindings,
+                (Output("objective f(z)", (kkt.objective,), ()), stationarity, g, h),
+                "objective (B,), stationarity (B, n), g (B, m), h (B, p)"),
+        Routine("derivatives", base_args, base_bindings, (stationarity, g, h, jg, jh, hess),
+                "stationarity (B, n), g (B, m), h (B, p), Jg (B, m, n), Jh (B, p, n), H (B, n, n)"),
+        Routine(
+            "parameter_vjp",
+            ("z", "lam", "nu", "u_z", "u_lam", "u_nu", "consts") + tuple(param_names),
+            base_bindings + tuple(seed_bindings + seeds),
+            tuple(Output(f"d/d{name} [u_z'grad_z L + (lam*u_lam)'g + u_nu'h]", (node,), node.shape)
+                  for name, node in zip(param_names, kkt.parameter_vjp)),
+            "one (B or 1, *shape) tensor per parameter",
+        ),
+    ]
+    if kkt.problem_class in (LP, QP):
+        routines.append(_qp_routine(kkt, param_names, param_bindings))
+
+    constants: Dict[Node, int] = {}
+    all_nodes = []
+    for r in routines:
+        for out in r.outputs:
+            for b in out.blocks:
+                all_nodes.extend(b if isinstance(b, tuple) else (b,))
+    for node in ir.topological(all_nodes):
+        if node.op == "const" and node not in constants:
+            constants[node] = len(constants)
+
+    header = [
+        '"""Generated by declarative from the problem\'s KKT system. Do not edit.',
+        "",
+        f"problem class: {kkt.problem_class}; z has {n} entries "
+        + "(" + ", ".join(f"{v.name}: z[{sl}]" for v, sl in zip(prob.variables, var_slices)) + "); "
+        + f"{m} inequalities g(z) <= 0; {p} equalities h(z) = 0",
+        '"""',
+    ]
+    source = "\n".join(header) + "\n" + _PRELUDE + "\n\n" + "\n\n".join(
+        _Writer(r, constants).write() for r in routines
+    )
+    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
+    filename = f"<declarative-generated-{digest}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {"__name__": f"declarative_generated_{digest}"}
+    exec(compile(source, filename, "exec"), namespace)
+    ordered = [None] * len(constants)
+    for node, k in constants.items():
+        ordered[k] = np.asarray(node.attrs)
+    return GeneratedCode(source, namespace, tuple(ordered), filename)
+
+
+def _qp_routine(kkt: KKTSystem, param_names, param_bindings) -> Routine:
+    """Q, c, G, hv, A, b: the derivatives at z = 0 (they do not depend on z or the duals)."""
+    prob = kkt.problem
+    origin = {v.node: ir.zeros(v.node.shape) for v in prob.variables}
+    origin[kkt.lam] = ir.zeros(kkt.lam.shape)
+    origin[kkt.nu] = ir.zeros(kkt.nu.shape)
+    grad0 = ir.substitute(list(kkt.objective_gradient), origin)
+    g0, h0 = ir.substitute([kkt.inequalities, kkt.equalities], origin)
+    hess = tuple(tuple(ir.substitute(list(row), origin)) for row in kkt.hessian)
+    jg = tuple(ir.substitute(list(kkt.ineq_jacobian), origin))
+    jh = tuple(ir.substitute(list(kkt.eq_jacobian), origin))
+    n, m, p = prob.n, prob.m, prob.p
+    return Routine(
+        "qp_data",
+        ("ref", "consts") + tuple(param_names),
+        tuple(param_bindings),
+        (
+            Output("Q: Hessian of the objective", hess, (n, n)),
+            Output("c: gradient of the objective at z = 0", tuple(grad0), (n,)),
+            Output("G: Jacobian of g", jg, (m, n)),
+            Output("hv = -g(0)", (ir.neg(g0),), (m,)),
+            Output("A: Jacobian of h", jh, (p, n)),
+            Output("b = -h(0)", (ir.neg(h0),), (p,)),
+        ),
+        "Q (B, n, n), c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p)",
+    )

@@ -1,0 +1,100 @@
+"""One implicit-differentiation mechanism for every layer kind.
+
+A layer computes ``y(theta)`` with ``F(theta, y(theta)) = 0`` by any forward solver.
+The implicit function theorem gives ``dy/dtheta = -[dF/dy]^-1 dF/dtheta``, so for an
+output cotangent ``ybar`` the parameter cotangent is
+
+    u        = solve((dF/dy)^T u = ybar)
+    thetabar = -(dF/dtheta)^T u
+
+Each layer kind only supplies a :class:`Linearization` of its residual at the solution:
+
+* optimization layers: F is the KKT residual, the transposed solve reuses the reduced
+  KKT system of the interior-point method and ``(dF/dtheta)^T u`` is compiled code;
+* ``ImplicitLayer``: F is user torch code, both products come from autograd;
+* ``FixedPointLayer``: F = y - T(y, x), likewise from autograd.
+
+Nothing of the forward solver is kept, so the memory of the backward pass does not
+depend on how many iterations the forward pass took.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Linearization", "implicit_solution"]
+
+
+class Linearization(abc.ABC):
+    """What the backward pass needs of ``F`` at the solution.
+
+    Attributes
+    ----------
+    valid : torch.Tensor or None
+        ``(B,)`` bool: instances whose solution may be differentiated. Invalid instances
+        (failed solves, NaN inputs) get NaN gradients for their own batched parameters
+        and contribute nothing to the gradients of shared parameters.
+    parameter_batched : sequence of bool
+        For each parameter, whether it carries the leading batch dimension.
+    """
+
+    valid: Optional[torch.Tensor] = None
+    parameter_batched: Sequence[bool] = ()
+
+    @abc.abstractmethod
+    def transposed_solve(self, output_cotangents: Tuple[Optional[torch.Tensor], ...]):
+        """Solve ``(dF/dy)^T u = ybar`` for the cotangents of the layer outputs.
+
+        ``output_cotangents`` holds one tensor (or None for an unused output) per output.
+        Returns ``u`` in whatever layout :meth:`parameter_vjp` expects.
+        """
+
+    @abc.abstractmethod
+    def parameter_vjp(self, u) -> Tuple[Optional[torch.Tensor], ...]:
+        """Return ``-(dF/dtheta)^T u`` for every parameter (None where not needed),
+        reduced to each parameter's own shape (batch dimension summed for shared ones)."""
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, solve, *parameters):
+        outputs, linearization = solve(*parameters)
+        ctx.linearization = linearization
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *output_cotangents):
+        lin: Linearization = ctx.linearization
+        if lin.valid is not None:
+            # A failed instance must not leak NaN into shared parameters' gradients.
+            keep = lin.valid
+            output_cotangents = tuple(
+                None if g is None else torch.where(_expand_mask(keep, g), g, torch.zeros_like(g))
+                for g in output_cotangents
+            )
+        u = lin.transposed_solve(output_cotangents)
+        grads = list(lin.parameter_vjp(u))
+        if lin.valid is not None and not bool(lin.valid.all()):
+            for k, (g, batched) in enumerate(zip(grads, lin.parameter_batched)):
+                if g is not None and batched:
+                    grads[k] = torch.where(_expand_mask(lin.valid, g), g, torch.full_like(g, float("nan")))
+        return (None, *grads)
+
+
+def _expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+
+
+def implicit_solution(solve, *parameters: torch.Tensor):
+    """Run ``solve(*parameters) -> (outputs, linearization)`` without recording the
+    solver in the autograd graph, and attach the implicit-function-theorem backward.
+
+    ``outputs`` is a tuple of tensors; gradients flow to every parameter that requires
+    grad through ``linearization`` (a :class:`Linearization`). ``solve`` runs with
+    gradient recording off; a solver that needs autograd inside (e.g. Newton on a torch
+    residual) turns it on locally with ``torch.enable_grad()``.
+    """
+    return _ImplicitFunction.apply(solve, *parameters)

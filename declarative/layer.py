@@ -1,0 +1,377 @@
+"""``OptimizationLayer``: a compiled problem as a batched, differentiable torch module.
+
+The module is a thin shell: it checks and batches the inputs, calls the interior-point
+solver with the generated functions, and attaches the implicit-function-theorem backward
+through :mod:`declarative.implicit_diff`. All symbolic work happened in ``to_torch``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from compiler.kkt import LP, QP
+from solvers import interior_point as ipm
+
+from .expressions import Parameter, Variable
+from .implicit_diff import Linearization, implicit_solution
+
+__all__ = ["OptimizationLayer", "SolveInfo"]
+
+STATUS_NAMES = ipm.STATUS_NAMES
+
+
+@dataclass
+class SolveInfo:
+    """Report of the last forward call, per batch instance.
+
+    status : list of str, one of 'optimal', 'infeasible', 'max_iter', 'numerical_error',
+        'unbounded' (NaN inputs give 'numerical_error')
+    status_code, iterations : (B,) int64 tensors
+    primal_residual, dual_residual, complementarity : (B,) final residuals
+    """
+
+    status: List[str]
+    status_code: torch.Tensor
+    iterations: torch.Tensor
+    primal_residual: torch.Tensor
+    dual_residual: torch.Tensor
+    complementarity: torch.Tensor
+    problem_class: str
+
+    @property
+    def ok(self) -> torch.Tensor:
+        """(B,) bool: instances solved to optimality."""
+        return self.status_code == ipm.OPTIMAL
+
+    def __repr__(self):
+        counts: Dict[str, int] = {}
+        for s in self.status:
+            counts[s] = counts.get(s, 0) + 1
+        its = self.iterations.float()
+        return (
+            f"SolveInfo({self.problem_class}, batch={len(self.status)}, status={counts}, "
+            f"iterations mean {its.mean().item():.1f} max {int(self.iterations.max())}, "
+            f"max primal residual {self.primal_residual.max().item():.2e}, "
+            f"max dual residual {self.dual_residual.max().item():.2e})"
+        )
+
+
+class OptimizationLayer(torch.nn.Module):
+    """A differentiable, batched solution map ``theta -> argmin`` of a ``dl.Problem``.
+
+    Created by ``problem.to_torch(parameters=None, variables=None, **options)``.
+
+    Call with one tensor per parameter, positionally (in ``parameters`` order, by default
+    the order of first appearance in the problem) or by name. Each tensor has the
+    parameter's shape, or one extra leading batch dimension B; unbatched tensors are shared
+    across the batch. Returns the chosen variables (one tensor, or a tuple), each with a
+    leading B when any input was batched; with ``return_duals=True`` the duals of every
+    constraint follow, in the order of the constraints.
+
+    Options (keyword-only):
+        tol: stopping tolerance (default 1e-8 in float64, 1e-5 in float32)
+        max_iter: interior-point iteration limit (default 100)
+        return_duals: also return the constraint duals (default False)
+        warn: warn when instances fail (default True)
+    """
+
+    def __init__(self, problem, parameters=None, variables=None, *, tol: Optional[float] = None,
+                 max_iter: int = 100, return_duals: bool = False, warn: bool = True):
+        super().__init__()
+        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be a positive number, got {tol!r}")
+        if not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        self.problem = problem
+        self.compiled = problem.compile()
+        self.tol, self.max_iter, self.return_duals, self.warn = tol, max_iter, bool(return_duals), warn
+        all_params = problem.parameters()
+        self.parameters_order: List[Parameter] = _choose(all_params, parameters, "parameters", Parameter)
+        all_vars = problem.variables()
+        self.variables_out: List[Variable] = _choose(all_vars, variables, "variables", Variable, subset=True)
+        # position of each problem parameter among the generated functions' arguments
+        spec_params = self.compiled.problem.parameters
+        self._param_pos = [
+            next(k for k, p in enumerate(self.parameters_order) if p.node is sp.node) for sp in spec_params
+        ]
+        stacked = self.compiled.problem
+        offsets = {v.node: off for v, off in zip(stacked.variables, stacked.variable_offsets)}
+        self._var_slices = [(offsets[v.flat], v.flat.shape[0], v.shape) for v in self.variables_out]
+        self._const_cache: Dict[Tuple[torch.dtype, torch.device], tuple] = {}
+        self.info: Optional[SolveInfo] = None
+
+    # ---- what users read ------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The generated torch code (valid Python)."""
+        return self.compiled.code.source
+
+    @property
+    def kkt(self):
+        return self.compiled.kkt
+
+    @property
+    def problem_class(self) -> str:
+        return self.compiled.kkt.problem_class
+
+    def extra_repr(self):
+        names = ", ".join(p.name for p in self.parameters_order)
+        outs = ", ".join(v.name for v in self.variables_out)
+        return f"{self.problem_class}, parameters=({names}) -> ({outs}), tol={self.tol}, max_iter={self.max_iter}"
+
+    # ---- forward --------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        tensors = self._bind(args, kwargs)
+        batch, dtype, device, batched = self._check(tensors)
+        params = [t.to(dtype) if t.shape[:1] == (batch,) and b else t.to(dtype).unsqueeze(0)
+                  for t, b in zip(tensors, batched)]
+        params = [params[k] for k in self._param_pos]
+        batched_spec = [batched[k] for k in self._param_pos]
+        outputs = implicit_solution(
+            lambda *p: self._solve(p, batched_spec, batch, dtype, device), *params
+        )
+        if not any(batched):
+            outputs = tuple(o.squeeze(0) for o in outputs)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _bind(self, args, kwargs) -> List[torch.Tensor]:
+        names = [p.name for p in self.parameters_order]
+        if len(args) > len(names):
+            raise TypeError(f"the layer takes {len(names)} parameters ({', '.join(names)}), got {len(args)}")
+        values: Dict[str, object] = dict(zip(names, args))
+        for key, val in kwargs.items():
+            if key not in names:
+                raise TypeError(f"unknown parameter {key!r}; the parameters are {names}")
+            if key in values:
+                raise TypeError(f"parameter {key!r} given twice (positionally and by name)")
+            values[key] = val
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise TypeError(f"missing parameter(s) {missing}; the layer takes ({', '.join(names)})")
+        out = []
+        for p in self.parameters_order:
+            v = values[p.name]
+            if not isinstance(v, torch.Tensor):
+                try:
+                    v = torch.as_tensor(v, dtype=torch.float64)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"parameter {p.name!r}: expected a tensor, got {type(v).__name__}") from None
+            if not v.is_floating_point():
+                raise TypeError(f"parameter {p.name!r}: expected a floating-point tensor, got dtype {v.dtype}")
+            if v.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"parameter {p.name!r}: dtype {v.dtype} is not supported (use float32 or float64)")
+            out.append(v)
+        return out
+
+    def _check(self, tensors):
+        batched, batches = [], {}
+        for p, t in zip(self.parameters_order, tensors):
+            shape = tuple(p.shape)
+            if tuple(t.shape) == shape:
+                batched.append(False)
+            elif t.dim() == len(shape) + 1 and tuple(t.shape[1:]) == shape:
+                batched.append(True)
+                batches[p.name] = t.shape[0]
+            else:
+                raise ValueError(
+                    f"parameter {p.name!r} has shape {tuple(t.shape)}; expected {shape} "
+                    f"or (B, {', '.join(map(str, shape))})".replace(", )", ")")
+                )
+        if len(set(batches.values())) > 1:
+            raise ValueError(f"mismatched batch sizes: {batches}")
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"parameters are on different devices: {sorted(map(str, devices))}")
+        dtype = torch.float32 if tensors and all(t.dtype == torch.float32 for t in tensors) else torch.float64
+        if tensors and len({t.dtype for t in tensors}) > 1:
+            raise TypeError(
+                "parameters have mixed dtypes: "
+                + ", ".join(f"{p.name}: {t.dtype}" for p, t in zip(self.parameters_order, tensors))
+            )
+        device = tensors[0].device if tensors else torch.device("cpu")
+        batch = next(iter(batches.values()), 1)
+        return batch, dtype, device, batched
+
+    def _constants(self, dtype, device):
+        key = (dtype, device)
+        if key not in self._const_cache:
+            self._const_cache[key] = tuple(
+                torch.as_tensor(c, dtype=dtype, device=device).unsqueeze(0) for c in self.compiled.code.constants
+            )
+        return self._const_cache[key]
+
+    def _solve(self, params, batched, batch, dtype, device):
+        stacked = self.compiled.problem
+        code = self.compiled.code
+        consts = self._constants(dtype, device)
+        # instances with NaN/inf inputs are not solved; their inputs are zeroed so that
+        # nothing non-finite enters the batched linear algebra
+        bad = torch.zeros(batch, dtype=torch.bool, device=device)
+        clean = []
+        for p, b in zip(params, batched):
+            finite = torch.isfinite(p).reshape(p.shape[0], -1).all(-1)
+            bad = bad | ~(finite if b else finite.expand(batch))
+            clean.append(torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0))
+        params = tuple(clean)
+        tol = ipm.default_tol(dtype) if self.tol is None else self.tol
+        n, m, p = stacked.n, stacked.m, stacked.p
+        ref = torch.empty(0, dtype=dtype, device=device)
+
+        def full(x, shape):
+            return x.expand((batch,) + shape)
+
+        if self.problem_class in (LP, QP):
+            Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
+            qp = (full(Q, (n, n)), full(c, (n,)), full(G, (m, n)), full(hv, (m,)), full(A, (p, n)), full(b, (p,)))
+            result = ipm.solve_qp(*qp, tol=tol, max_iter=self.max_iter, skip=bad)
+            derivatives = None
+        else:
+            def derivatives(z, lam, nu):
+                out = code["derivatives"](z, lam, nu, consts, *params)
+                shapes = [(n,), (m,), (p,), (m, n), (p, n), (n, n)]
+                return tuple(full(o, s) for o, s in zip(out, shapes))
+
+            def residuals(z, lam, nu):
+                _, rd, g, h = code["residuals"](z, lam, nu, consts, *params)
+                return full(rd, (n,)), full(g, (m,)), full(h, (p,))
+
+            z0 = torch.zeros(batch, n, dtype=dtype, device=device)
+            for off, size in stacked.positive_start:
+                z0[:, off:off + size] = 1.0
+            result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad)
+            qp = None
+
+        status = result.status
+        self.info = SolveInfo(
+            status=[STATUS_NAMES[k] for k in status.tolist()],
+            status_code=status,
+            iterations=result.iterations,
+            primal_residual=result.primal_residual,
+            dual_residual=result.dual_residual,
+            complementarity=result.complementarity,
+            problem_class=self.problem_class,
+        )
+        failed = status != ipm.OPTIMAL
+        n_failed = int(failed.sum())
+        if n_failed and self.warn:
+            counts = {}
+            for s in self.info.status:
+                if s != "optimal":
+                    counts[s] = counts.get(s, 0) + 1
+            warnings.warn(
+                f"{n_failed} of {batch} instances were not solved to optimality ({counts}); "
+                "see layer.info. Their outputs are NaN (max_iter: the last iterate) and their "
+                "gradients NaN.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        # a failed instance keeps a benign state inside; users get NaN (or the last
+        # iterate for max_iter) and the backward pass skips it
+        usable = status == ipm.MAX_ITER
+        valid = ~failed
+        safe = valid[:, None]
+        z = torch.where(safe, result.z, torch.zeros_like(result.z))
+        s = torch.where(safe, result.s, torch.ones_like(result.s))
+        lam = torch.where(safe, result.lam, torch.ones_like(result.lam))
+        nu = torch.where(safe, result.nu, torch.zeros_like(result.nu))
+
+        shown = (valid | usable)[:, None]
+        nan = float("nan")
+        z_out = torch.where(shown, result.z, torch.full_like(result.z, nan))
+        outputs = [z_out[:, off:off + size].reshape((batch,) + shape) for off, size, shape in self._var_slices]
+        if self.return_duals:
+            lam_out = torch.where(shown, result.lam, torch.full_like(result.lam, nan))
+            nu_out = torch.where(shown, result.nu, torch.full_like(result.nu, nan))
+            for kind, off, shape in stacked.constraint_rows:
+                size = int(torch.Size(shape).numel())
+                src = lam_out if kind == "ineq" else nu_out
+                outputs.append(src[:, off:off + size].reshape((batch,) + tuple(shape)))
+        lin = _KKTLinearization(
+            layer=self, params=params, batched=batched, consts=consts, z=z, s=s, lam=lam, nu=nu,
+            qp=qp, derivatives=derivatives, valid=valid,
+        )
+        return tuple(outputs), lin
+
+
+class _KKTLinearization(Linearization):
+    """The KKT residual F = [grad_z L; lam * g; h] at the solution."""
+
+    def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid):
+        self.layer, self.params, self.consts = layer, params, consts
+        self.z, self.s, self.lam, self.nu = z, s, lam, nu
+        self.qp, self.derivatives = qp, derivatives
+        self.valid = valid
+        self.parameter_batched = tuple(batched)
+
+    def transposed_solve(self, cotangents):
+        layer = self.layer
+        stacked = layer.compiled.problem
+        B = self.z.shape[0]
+        w_z = torch.zeros_like(self.z)
+        w_lam = torch.zeros_like(self.lam)
+        w_nu = torch.zeros_like(self.nu)
+        k = 0
+        for off, size, _ in layer._var_slices:
+            g = cotangents[k]
+            if g is not None:
+                w_z[:, off:off + size] += g.reshape(B, size)
+            k += 1
+        if layer.return_duals:
+            for kind, off, shape in stacked.constraint_rows:
+                g = cotangents[k]
+                k += 1
+                if g is None:
+                    continue
+                size = int(torch.Size(shape).numel())
+                target = w_lam if kind == "ineq" else w_nu
+                target[:, off:off + size] += g.reshape(B, size)
+        if self.qp is not None:
+            Q, _, G, _, A, _ = self.qp
+            H, Jg, Jh = Q, G, A
+        else:
+            _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
+        u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
+        if bool(failed.any()):
+            self.valid = self.valid & ~failed
+            keep = self.valid[:, None]
+            u_z, u_lam, u_nu = (torch.where(keep, u, torch.zeros_like(u)) for u in (u_z, u_lam, u_nu))
+        return u_z, u_lam, u_nu
+
+    def parameter_vjp(self, u):
+        u_z, u_lam, u_nu = u
+        code = self.layer.compiled.code
+        grads = code["parameter_vjp"](self.z, self.lam, self.nu, u_z, u_lam, u_nu, self.consts, *self.params)
+        out = []
+        for g, p, b in zip(grads, self.params, self.parameter_batched):
+            g = -g
+            if b:
+                g = g.expand_as(p)
+            else:
+                g = g.sum(0, keepdim=True) if g.shape[0] != 1 else g
+            out.append(g)
+        return tuple(out)
+
+
+def _choose(available, chosen, what, kind, subset=False):
+    if chosen is None:
+        return list(available)
+    chosen = list(chosen)
+    for c in chosen:
+        if not isinstance(c, kind):
+            raise TypeError(f"{what} must be a list of dl.{kind.__name__} objects, got {type(c).__name__}")
+    ids = [id(c) for c in chosen]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{what} lists the same {kind.__name__.lower()} twice")
+    known = {id(a) for a in available}
+    unknown = [c.name for c in chosen if id(c) not in known]
+    if unknown:
+        raise ValueError(f"{what}: {unknown} do not appear in the problem")
+    if not subset and len(chosen) != len(available):
+        missing = [a.name for a in available if id(a) not in set(ids)]
+        raise ValueError(f"{what} must list every parameter of the problem; missing {missing}")
+    if subset and not chosen:
+        raise ValueError(f"{what} must not be empty")
+    return chosen

@@ -1,0 +1,1 @@
+"""Forward solvers: pure functions on batched tensors (no module state, no DSL)."""

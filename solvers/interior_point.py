@@ -1,0 +1,406 @@
+"""Batched primal-dual interior-point method in pure torch.
+
+Solves, for B independent instances at once,
+
+    minimize f(z)  subject to  g(z) + s = 0,  s >= 0,  h(z) = 0
+
+with Mehrotra's predictor-corrector. Every Newton system is reduced to
+
+    [ H + Jg' diag(lam/s) Jg   Jh' ] [dz ]   [r1]
+    [ Jh                        0  ] [dnu] = [r2]
+
+and solved with a Cholesky factorization of the (n, n) block and of the (p, p) Schur
+complement (:class:`ReducedKKT`), never an LU of the full KKT matrix. The same loop
+serves every problem class:
+
+* LP/QP (``solve_qp``): H, Jg, Jh are constant; the full step to the boundary is taken.
+* smooth NLP (``solve_nlp``): exact Hessian of the Lagrangian from the compiler,
+  inertia correction (H + delta I until the Cholesky succeeds) and a backtracking line
+  search on the KKT residual that also rejects points outside the functions' domain.
+
+Instances converge independently: a finished instance stops changing (its updates are
+masked) and the loop ends when all have finished; the only host synchronization per
+iteration is that check. Statuses are per instance (:data:`STATUS_NAMES`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+OPTIMAL, INFEASIBLE, MAX_ITER, NUMERICAL_ERROR, UNBOUNDED = range(5)
+STATUS_NAMES = ("optimal", "infeasible", "max_iter", "numerical_error", "unbounded")
+
+#: default tolerances by dtype: about 1e-8 in float64 and 1e-5 in float32
+DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+
+_DIVERGENCE = 1e12  # duals (or z) beyond this, relative to the data, signal infeasibility
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    return DEFAULT_TOL.get(dtype, 1e-5)
+
+
+@dataclass
+class InteriorPointResult:
+    """Solution and per-instance report. Shapes: z (B, n), s and lam (B, m), nu (B, p);
+    status, iterations (B,) int64; residuals (B,)."""
+
+    z: torch.Tensor
+    s: torch.Tensor
+    lam: torch.Tensor
+    nu: torch.Tensor
+    status: torch.Tensor
+    iterations: torch.Tensor
+    primal_residual: torch.Tensor
+    dual_residual: torch.Tensor
+    complementarity: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------
+# the linear-algebra kernel
+# ------------------------------------------------------------------------------------
+
+def _mT(x):
+    return x.transpose(-1, -2)
+
+
+def _mv(A, x):
+    return (A @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _regularization(dtype) -> float:
+    return 1e-13 if dtype == torch.float64 else 1e-7
+
+
+class ReducedKKT:
+    """Cholesky factorization of the reduced Newton system (see the module docstring).
+
+    H (B, n, n), Jg (B, m, n), Jh (B, p, n), sigma (B, m) = lam / s; the optional
+    ``schur_diagonal`` (B, p) >= 0 makes the (2, 2) block ``-diag(schur_diagonal)``
+    instead of 0. A small static
+    regularization keeps the factorization defined for LPs and redundant equalities; one
+    step of iterative refinement against the unregularized matrix removes its effect on
+    the solution. Instances whose matrix is not positive definite get ``delta I`` added
+    with ``delta`` growing per instance (inertia correction); those that still fail are
+    reported in ``failed``.
+    """
+
+    def __init__(self, H, Jg, Jh, sigma, schur_diagonal=None):
+        B, n = H.shape[0], H.shape[-1]
+        self.Jg, self.Jh, self.schur_diagonal = Jg, Jh, schur_diagonal
+        M = H + _mT(Jg) @ (sigma.unsqueeze(-1) * Jg) if Jg.shape[-2] else H.expand(B, n, n)
+        self.M = M
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        # Scale the regularization by H, not by M: lam/s grows without bound near the
+        # solution, and a delta that grew with it would spoil the step directions.
+        diag_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0).expand(B)  # (B,)
+        delta = _regularization(H.dtype) * diag_scale
+        self.failed = torch.zeros(B, dtype=torch.bool, device=H.device)
+        L, info = torch.linalg.cholesky_ex(M + delta[:, None, None] * eye)
+        bad = info > 0
+        # Inertia correction (nonconvex NLP) and rank-deficient LPs: grow delta only for
+        # the instances that need it; batched, a few rounds at most.
+        step = torch.full_like(delta, 1e-8) * diag_scale
+        for _ in range(12):
+            if not bool(bad.any()):
+                break
+            delta = torch.where(bad, torch.maximum(step, delta * 100.0), delta)
+            step = torch.where(bad, step * 100.0, step)
+            L_new, info_new = torch.linalg.cholesky_ex(M + delta[:, None, None] * eye)
+            L = torch.where(bad[:, None, None], L_new, L)
+            bad = bad & (info_new > 0)
+        self.failed = bad
+        self.delta = delta
+        self.L = torch.where(bad[:, None, None], eye.expand_as(L), L)
+        self.p = Jh.shape[-2]
+        if self.p:
+            Y = torch.cholesky_solve(_mT(Jh), self.L)  # (B, n, p)
+            S = Jh @ Y
+            if schur_diagonal is not None:
+                S = S + torch.diag_embed(schur_diagonal)
+            s_scale = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+            eye_p = torch.eye(self.p, dtype=H.dtype, device=H.device)
+            Ls, info_s = torch.linalg.cholesky_ex(S + (_regularization(H.dtype) * s_scale)[:, None, None] * eye_p)
+            bad_s = info_s > 0
+            if bool(bad_s.any()):
+                Ls2, info2 = torch.linalg.cholesky_ex(S + (1e-8 * s_scale)[:, None, None] * eye_p)
+                Ls = torch.where(bad_s[:, None, None], Ls2, Ls)
+                bad_s = bad_s & (info2 > 0)
+            self.failed = self.failed | bad_s
+            self.Ls = torch.where(bad_s[:, None, None], eye_p.expand_as(Ls), Ls)
+
+    def _solve_once(self, r1, r2):
+        y = torch.cholesky_solve(r1.unsqueeze(-1), self.L)
+        if not self.p:
+            return y.squeeze(-1), r2
+        dnu = torch.cholesky_solve((self.Jh @ y).squeeze(-1).unsqueeze(-1) - r2.unsqueeze(-1), self.Ls)
+        dz = torch.cholesky_solve(r1.unsqueeze(-1) - _mT(self.Jh) @ dnu, self.L)
+        return dz.squeeze(-1), dnu.squeeze(-1)
+
+    def solve(self, r1, r2, refine: int = 1):
+        """Solve for (dz (B, n), dnu (B, p)) given r1 (B, n), r2 (B, p)."""
+        dz, dnu = self._solve_once(r1, r2)
+        for _ in range(refine):
+            res1 = r1 - _mv(self.M, dz)
+            res2 = r2
+            if self.p:
+                res1 = res1 - _mv(_mT(self.Jh), dnu)
+                res2 = r2 - _mv(self.Jh, dz)
+                if self.schur_diagonal is not None:
+                    res2 = res2 + self.schur_diagonal * dnu
+            ez, enu = self._solve_once(res1, res2)
+            dz = dz + ez
+            dnu = dnu + enu if self.p else dnu
+        return dz, dnu
+
+
+def reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2):
+    """One factorization and solve of the reduced system: the per-iteration linear
+    algebra of the solver (used by benchmarks to show the solver's floor)."""
+    return ReducedKKT(H, Jg, Jh, sigma).solve(r1, r2)
+
+
+# ------------------------------------------------------------------------------------
+# the primal-dual loop
+# ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Oracle:
+    """What the loop needs of a problem, at batched points z (B, n), lam (B, m), nu (B, p).
+
+    ``derivatives(z, lam, nu) -> (grad_L (B, n), g (B, m), h (B, p), Jg (B, m, n),
+    Jh (B, p, n), H (B, n, n))`` and ``residuals(z, lam, nu) -> (grad_L, g, h)``.
+    """
+
+    derivatives: Callable
+    residuals: Callable
+    linear: bool  # constant Jacobians and Hessian: no line search needed
+
+
+def _max_step(x, dx):
+    """Largest alpha in (0, inf] with x + alpha dx >= 0, per instance. x (B, k) > 0."""
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
+    ratio = torch.where(dx < 0, -x / dx, torch.full_like(x, float("inf")))
+    return ratio.amin(-1)
+
+
+def _inf_norm(x):
+    if x.shape[-1] == 0:
+        return x.new_zeros(x.shape[:1])
+    return x.abs().amax(-1)
+
+
+def primal_dual(
+    oracle: Oracle,
+    z: torch.Tensor,
+    s: torch.Tensor,
+    lam: torch.Tensor,
+    nu: torch.Tensor,
+    *,
+    scale_dual: torch.Tensor,
+    scale_primal: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    skip: Optional[torch.Tensor] = None,
+) -> InteriorPointResult:
+    """Mehrotra predictor-corrector from the starting point (z, s > 0, lam > 0, nu).
+
+    ``scale_dual``, ``scale_primal`` (B,) make the stopping test relative to the data:
+    an instance is optimal when ``|grad_L|_inf <= tol * scale_dual``, ``|g + s|_inf`` and
+    ``|h|_inf <= tol * scale_primal`` and ``s'lam / m <= tol * scale_dual``.
+    ``skip`` (B,) bool marks instances not to solve (e.g. NaN inputs).
+    """
+    B, m = z.shape[0], s.shape[-1]
+    device = z.device
+    status = torch.full((B,), MAX_ITER, dtype=torch.int64, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    if skip is not None:
+        status = torch.where(skip, torch.full_like(status, NUMERICAL_ERROR), status)
+        active = active & ~skip
+    iterations = torch.zeros(B, dtype=torch.int64, device=device)
+    mu_div = max(m, 1)
+    rd_n = rp_n = mu = z.new_zeros(B)
+
+    for _ in range(max_iter + 1):
+        rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
+        rp = g + s
+        rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(rp), _inf_norm(h))
+        mu = (s * lam).sum(-1) / mu_div
+        finite = torch.isfinite(rd_n) & torch.isfinite(rp_n) & torch.isfinite(mu)
+        converged = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal) & (mu <= tol * scale_dual)
+        dual_size = torch.maximum(_inf_norm(lam), _inf_norm(nu))
+        diverged = dual_size > _DIVERGENCE * scale_dual
+        unbounded = _inf_norm(z) > _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
+        for mask, code in ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
+                           (diverged, INFEASIBLE), (unbounded, UNBOUNDED)):
+            hit = active & mask
+            status = torch.where(hit, torch.full_like(status, code), status)
+            active = active & ~hit
+        if not bool(active.any()) or int(iterations.max()) >= max_iter:
+            break
+
+        kkt = ReducedKKT(H, Jg, Jh, lam / s)
+        broken = active & kkt.failed
+        status = torch.where(broken, torch.full_like(status, NUMERICAL_ERROR), status)
+        active = active & ~broken
+
+        def direction(rc):
+            r1 = -rd - _mv(_mT(Jg), (lam * rp - rc) / s) if m else -rd
+            dz, dnu = kkt.solve(r1, -h)
+            ds = -rp - _mv(Jg, dz) if m else rp
+            dlam = (-rc - lam * ds) / s
+            return dz, ds, dlam, dnu
+
+        # predictor (affine scaling), then Mehrotra's centering and corrector
+        dz, ds, dlam, dnu = direction(s * lam)
+        if m:
+            alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).clamp(max=1.0)
+            mu_aff = ((s + alpha[:, None] * ds) * (lam + alpha[:, None] * dlam)).sum(-1) / m
+            centering = (mu_aff / mu.clamp(min=torch.finfo(z.dtype).tiny)).clamp(0.0, 1.0) ** 3
+            target = centering * mu
+            dz, ds, dlam, dnu = direction(s * lam + ds * dlam - target[:, None])
+            alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
+        else:
+            target = torch.zeros_like(mu)
+            alpha = torch.ones_like(mu)
+        if not oracle.linear:
+            alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active)
+
+        step = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
+        z = z + step * dz
+        s = s + step * ds
+        lam = lam + step * dlam
+        nu = nu + step * dnu
+        iterations = iterations + active.to(iterations.dtype)
+
+    return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
+
+
+def _merit(rd, rp, h, s, lam, target):
+    comp = s * lam - target[:, None]
+    return (rd * rd).sum(-1) + (rp * rp).sum(-1) + (h * h).sum(-1) + (comp * comp).sum(-1)
+
+
+def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active):
+    """Backtrack until the KKT residual decreases (Armijo) at a point where every
+    function is finite (inside the domain of log, entropy, sqrt ...), per instance."""
+    phi0 = _merit(rd, rp, h, s, lam, target)
+    pending = active.clone()
+    for _ in range(40):
+        a = alpha[:, None]
+        z_t, s_t, lam_t, nu_t = z + a * dz, s + a * ds, lam + a * dlam, nu + a * dnu
+        rd_t, g_t, h_t = oracle.residuals(z_t, lam_t, nu_t)
+        phi = _merit(rd_t, g_t + s_t, h_t, s_t, lam_t, target)
+        ok = torch.isfinite(phi) & (phi <= (1.0 - 1e-4 * alpha) * phi0)
+        pending = pending & ~ok
+        if not bool(pending.any()):
+            break
+        alpha = torch.where(pending, alpha * 0.5, alpha)
+    return alpha
+
+
+# ------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------
+
+def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> InteriorPointResult:
+    """Batched convex QP/LP: minimize z'Qz/2 + c'z s.t. Gz <= hv, Az = b.
+
+    Q (B, n, n) PSD, c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p).
+    """
+    tol = default_tol(Q.dtype) if tol is None else tol
+    B, n, m, p = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
+    Gt, At = _mT(G), _mT(A)
+
+    def residuals(z, lam, nu):
+        rd = _mv(Q, z) + c
+        if m:
+            rd = rd + _mv(Gt, lam)
+        if p:
+            rd = rd + _mv(At, nu)
+        return rd, _mv(G, z) - hv, _mv(A, z) - b
+
+    def derivatives(z, lam, nu):
+        rd, g, h = residuals(z, lam, nu)
+        return rd, g, h, G, A, Q
+
+    # start: minimize z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, then push s, lam inside
+    ones = Q.new_ones(B, m)
+    kkt = ReducedKKT(Q, G, A, ones)
+    r1 = -c + _mv(Gt, hv) if m else -c
+    z0, _ = kkt.solve(r1, b)
+    s0 = (hv - _mv(G, z0)).clamp(min=1.0) if m else ones
+    lam0 = ones
+    nu0 = Q.new_zeros(B, p)
+    scale_dual = 1.0 + _inf_norm(c)
+    scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
+    skip = kkt.failed if skip is None else (skip | kkt.failed)
+    return primal_dual(
+        Oracle(derivatives, residuals, linear=True), z0, s0, lam0, nu0,
+        scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
+    )
+
+
+def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None) -> InteriorPointResult:
+    """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
+
+    z0 (B, n) is the starting point; it should lie in the domain of the functions.
+    """
+    tol = default_tol(z0.dtype) if tol is None else tol
+    B = z0.shape[0]
+    lam0 = z0.new_ones(B, m)
+    nu0 = z0.new_zeros(B, p)
+    rd, g, h = residuals(z0, z0.new_zeros(B, m), nu0)
+    s0 = (-g).clamp(min=1.0)
+    finite = torch.isfinite(rd).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(h).all(-1)
+    skip = ~finite if skip is None else (skip | ~finite)
+    rd = torch.nan_to_num(rd)
+    scale_dual = 1.0 + _inf_norm(rd)
+    scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
+    return primal_dual(
+        Oracle(derivatives, residuals, linear=False), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
+        scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
+    )
+
+
+def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
+    """Solve the transposed KKT system at a solution, for the implicit backward pass.
+
+    With F = [grad_z L; lam * g; h] and g = -s at the solution, ``(dF/d(z, lam, nu))^T u = w``
+    reads
+
+        H u_z + Jg' diag(lam) u_lam + Jh' u_nu = w_z
+        Jg u_z - diag(s) u_lam                 = w_lam
+        Jh u_z                                 = w_nu
+
+    The solver's reduced form (eliminating every u_lam through lam/s) would be badly
+    conditioned here: lam/s is ~1e14 on active constraints and ~1e-14 on inactive ones.
+    So only the inactive rows (lam/s <= 1) are eliminated, and the active rows stay as
+    nearly-equality constraints with y = lam * u_lam:
+
+        [ H + Jg_in' S_in^-1 Lam_in Jg_in   Jg_act'       Jh' ] [u_z  ]   [w_z + ...]
+        [ Jg_act                            -s/lam (act)   0  ] [y_act] = [w_lam_act]
+        [ Jh                                 0             0  ] [u_nu ]   [w_nu     ]
+
+    which the same Cholesky/Schur kernel solves with every scale bounded by one.
+
+    Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
+    w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
+    """
+    m, p = Jg.shape[-2], Jh.shape[-2]
+    sigma = lam / s
+    active = sigma > 1.0
+    sigma_in = torch.where(active, torch.zeros_like(sigma), sigma)
+    r1 = w_z + _mv(_mT(Jg), sigma_in * w_lam) if m else w_z
+    rows = torch.cat([Jg * active.unsqueeze(-1).to(Jg.dtype), Jh], -2)
+    diag = torch.cat([torch.where(active, 1.0 / sigma, torch.ones_like(sigma)), w_nu.new_zeros(w_nu.shape)], -1)
+    r2 = torch.cat([torch.where(active, w_lam, torch.zeros_like(w_lam)), w_nu], -1)
+    kkt = ReducedKKT(H, Jg, rows, sigma_in, schur_diagonal=diag)
+    u_z, t = kkt.solve(r1, r2)
+    y_act, u_nu = t[..., :m], t[..., m:]
+    u_lam_inactive = (_mv(Jg, u_z) - w_lam) / s if m else w_lam
+    u_lam = torch.where(active, y_act / lam, u_lam_inactive)
+    return u_z, u_lam, u_nu, kkt.failed

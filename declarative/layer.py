@@ -199,7 +199,7 @@ class OptimizationLayer(torch.nn.Module):
         key = (dtype, device)
         if key not in self._const_cache:
             self._const_cache[key] = tuple(
-                torch.as_tensor(c, dtype=dtype, device=device).unsqueeze(0) for c in self.compiled.code.constants
+                torch.tensor(c, dtype=dtype, device=device).unsqueeze(0) for c in self.compiled.code.constants
             )
         return self._const_cache[key]
 

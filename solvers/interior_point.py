@@ -247,11 +247,25 @@ def primal_dual(
         status = torch.where(broken, torch.full_like(status, NUMERICAL_ERROR), status)
         active = active & ~broken
 
-        def direction(rc):
+        def newton_step(rd, rc, rp, re):
             r1 = -rd - _mv(_mT(Jg), (lam * rp - rc) / s) if m else -rd
-            dz, dnu = kkt.solve(r1, -h)
+            dz, dnu = kkt.solve(r1, -re, refine=0)
             ds = -rp - _mv(Jg, dz) if m else rp
             dlam = (-rc - lam * ds) / s
+            return dz, ds, dlam, dnu
+
+        def direction(rc):
+            # Late iterations have lam/s spanning ~1e-15..1e15, so the reduced solve
+            # loses digits; refining against the unreduced Newton equations (whose
+            # residuals involve only moderate numbers) restores them.
+            dz, ds, dlam, dnu = newton_step(rd, rc, rp, h)
+            for _ in range(2):
+                e_d = rd + _mv(H, dz) + (_mv(_mT(Jg), dlam) if m else 0) + (_mv(_mT(Jh), dnu) if Jh.shape[-2] else 0)
+                e_c = rc + lam * ds + s * dlam
+                e_p = rp + (_mv(Jg, dz) if m else 0) + ds
+                e_e = h + _mv(Jh, dz) if Jh.shape[-2] else h
+                cz, cs, clam, cnu = newton_step(e_d, e_c, e_p, e_e)
+                dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
             return dz, ds, dlam, dnu
 
         # predictor (affine scaling), then Mehrotra's centering and corrector

@@ -1,0 +1,20 @@
+"""Outside references: CVXPY with Clarabel at tight tolerance."""
+import cvxpy as cp
+import numpy as np
+
+TIGHT = dict(tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9, max_iter=500)
+
+
+def solve(problem: cp.Problem):
+    problem.solve(solver=cp.CLARABEL, **TIGHT)
+    assert problem.status == cp.OPTIMAL, problem.status
+    return problem
+
+
+def qp_reference(Q, q, G, h, A, b):
+    """Solve one QP instance (numpy arrays); returns x, lam, nu."""
+    n = q.shape[0]
+    x = cp.Variable(n)
+    cons = [G @ x <= h, A @ x == b]
+    solve(cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, cp.psd_wrap(Q)) + q @ x), cons))
+    return x.value, cons[0].dual_value, cons[1].dual_value

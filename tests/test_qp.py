@@ -1,0 +1,183 @@
+"""QP and LP layers against CVXPY/Clarabel, finite differences and gradcheck."""
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import declarative as dl
+from conftest import random_qp
+from references import qp_reference, solve
+
+
+def qp_problem(n, m, p):
+    x = dl.Variable(n, name="x")
+    Q = dl.Parameter((n, n), name="Q")
+    q = dl.Parameter(n, name="q")
+    G = dl.Parameter((m, n), name="G")
+    h = dl.Parameter(m, name="h")
+    A = dl.Parameter((p, n), name="A")
+    b = dl.Parameter(p, name="b")
+    return dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
+
+
+def test_batched_qp_matches_cvxpy():
+    n, m, p, B = 10, 6, 2, 8
+    prob = qp_problem(n, m, p)
+    assert prob.problem_class == "QP"
+    data = random_qp(B, n, m, p, seed=1)
+    layer = prob.to_torch(return_duals=True, tol=1e-11)
+    x, lam, nu = layer(*data)
+    assert x.shape == (B, n) and lam.shape == (B, m) and nu.shape == (B, p)
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        xr, lr, nr = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
+        np.testing.assert_allclose(lam[i].numpy(), lr, atol=1e-6)
+        np.testing.assert_allclose(nu[i].numpy(), nr, atol=1e-6)
+
+
+def test_shared_and_batched_parameters_mix():
+    n, m, p, B = 6, 5, 1, 4
+    prob = qp_problem(n, m, p)
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=2)
+    layer = prob.to_torch(tol=1e-11)
+    # Q, G and A shared (unbatched), q, h, b batched; h must stay feasible for G[0]
+    x0 = torch.randn(B, n, dtype=torch.float64)
+    h = (G[0] @ x0.T).T + 0.5
+    b = (A[0] @ x0.T).T
+    x = layer(Q[0], q, G[0], h, A[0], b)
+    assert x.shape == (B, n)
+    for i in range(B):
+        xr, _, _ = qp_reference(Q[0].numpy(), q[i].numpy(), G[0].numpy(), h[i].numpy(), A[0].numpy(), b[i].numpy())
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
+    # nothing batched: no batch dimension in the output
+    x1 = layer(Q[0], q[0], G[0], h[0], A[0], b[0])
+    assert x1.shape == (n,)
+    np.testing.assert_allclose(x1.numpy(), x[0].numpy(), atol=1e-7)
+
+
+def test_keyword_call_and_parameter_order():
+    n, m, p = 5, 4, 1
+    prob = qp_problem(n, m, p)
+    Q, q, G, h, A, b = random_qp(2, n, m, p, seed=3)
+    names = [par.name for par in prob.parameters()]
+    assert names == ["Q", "q", "G", "h", "A", "b"]  # order of first appearance
+    layer = prob.to_torch()
+    x_pos = layer(Q, q, G, h, A, b)
+    x_kw = layer(b=b, A=A, h=h, G=G, q=q, Q=Q)
+    torch.testing.assert_close(x_pos, x_kw)
+    params = {par.name: par for par in prob.parameters()}
+    reordered = prob.to_torch(parameters=[params[k] for k in ["q", "h", "b", "Q", "G", "A"]])
+    torch.testing.assert_close(reordered(q, h, b, Q, G, A), x_pos)
+
+
+def test_lp_matches_cvxpy():
+    n, m, B = 8, 20, 5
+    x = dl.Variable(n, name="x")
+    c = dl.Parameter(n, name="c")
+    G = dl.Parameter((m, n), name="G")
+    h = dl.Parameter(m, name="h")
+    prob = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -10, x <= 10])
+    assert prob.problem_class == "LP"
+    gen = torch.Generator().manual_seed(4)
+    c_t = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    G_t = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    h_t = torch.rand(B, m, generator=gen, dtype=torch.float64) + 0.5
+    xs = prob.to_torch(tol=1e-11)(c_t, G_t, h_t)
+    for i in range(B):
+        xv = cp.Variable(n)
+        solve(cp.Problem(cp.Minimize(c_t[i].numpy() @ xv), [G_t[i].numpy() @ xv <= h_t[i].numpy(), xv >= -10, xv <= 10]))
+        np.testing.assert_allclose(xs[i].numpy(), xv.value, atol=1e-6)
+
+
+def test_float32_follows_inputs():
+    n, m, p, B = 6, 4, 1, 3
+    prob = qp_problem(n, m, p)
+    data32 = random_qp(B, n, m, p, seed=5, dtype=torch.float32)
+    layer = prob.to_torch()
+    x = layer(*data32)
+    assert x.dtype == torch.float32
+    assert layer.info.status == ["optimal"] * B
+    x64 = layer(*(t.double() for t in data32))
+    np.testing.assert_allclose(x.numpy(), x64.numpy(), atol=2e-3)
+
+
+def test_gradients_match_finite_differences():
+    n, m, p, B = 6, 5, 2, 2
+    prob = qp_problem(n, m, p)
+    layer = prob.to_torch(tol=1e-12)
+    data = [t.clone().requires_grad_() for t in random_qp(B, n, m, p, seed=6)]
+    w = torch.randn(B, n, dtype=torch.float64)
+    (layer(*data) * w).sum().backward()
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(0)
+    for k, t in enumerate(data):
+        direction = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        plus = [d.detach() + (eps * direction if j == k else 0) for j, d in enumerate(data)]
+        minus = [d.detach() - (eps * direction if j == k else 0) for j, d in enumerate(data)]
+        fd = ((layer(*plus) - layer(*minus)) * w).sum() / (2 * eps)
+        analytic = (t.grad * direction).sum()
+        assert abs(fd - analytic) <= 1e-5 * (1 + abs(fd)), (k, fd, analytic)
+
+
+def test_gradcheck_qp_with_duals():
+    n, m, p = 4, 3, 1
+    prob = qp_problem(n, m, p)
+    layer = prob.to_torch(tol=1e-13, return_duals=True)
+    data = random_qp(2, n, m, p, seed=7)
+    # make one constraint clearly active: gradcheck needs strict complementarity
+    inputs = tuple(t.clone().requires_grad_() for t in data)
+    assert torch.autograd.gradcheck(lambda *a: layer(*a), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_parameter_gradient_is_a_sum_over_the_batch():
+    n, m, p, B = 5, 4, 1, 3
+    prob = qp_problem(n, m, p)
+    layer = prob.to_torch(tol=1e-12)
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=8)
+    q_shared = q[0].clone().requires_grad_()
+    layer(Q, q_shared, G, h, A, b).sum().backward()
+    total = torch.zeros(n, dtype=torch.float64)
+    for i in range(B):
+        qi = q[0].clone().requires_grad_()
+        layer(Q[i], qi, G[i], h[i], A[i], b[i]).sum().backward()
+        total += qi.grad
+    torch.testing.assert_close(q_shared.grad, total, atol=1e-8, rtol=1e-6)
+
+
+def test_equality_only_and_unconstrained():
+    n = 4
+    x = dl.Variable(n, name="x")
+    a = dl.Parameter(n, name="a")
+    unconstrained = dl.Problem(dl.Minimize(dl.sum_squares(x - a)))
+    a_t = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    x_t = unconstrained.to_torch()(a_t)
+    torch.testing.assert_close(x_t, a_t.detach())
+    x_t.sum().backward()
+    torch.testing.assert_close(a_t.grad, torch.ones(3, n, dtype=torch.float64))
+    # projection onto the hyperplane sum(x) = 1: closed form x = a - (sum(a) - 1)/n
+    eq = dl.Problem(dl.Minimize(dl.sum_squares(x - a)), [dl.sum(x) == 1])
+    x_eq = eq.to_torch()(a_t.detach())
+    torch.testing.assert_close(x_eq, a_t.detach() - (a_t.detach().sum(-1, keepdim=True) - 1) / n)
+
+
+def test_matrix_variable_and_multiple_outputs():
+    # min ||X - P||^2 + ||y - r||^2 s.t. X @ 1 == y: closed-form check via CVXPY
+    X = dl.Variable((3, 2), name="X")
+    y = dl.Variable(3, name="y")
+    P = dl.Parameter((3, 2), name="P")
+    r = dl.Parameter(3, name="r")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(X - P) + dl.sum_squares(y - r)), [dl.sum(X, axis=1) == y, X >= 0])
+    gen = torch.Generator().manual_seed(9)
+    P_t = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    r_t = torch.randn(3, generator=gen, dtype=torch.float64)
+    layer = prob.to_torch(tol=1e-11)
+    X_t, y_t = layer(P_t, r_t)
+    assert X_t.shape == (3, 2) and y_t.shape == (3,)
+    Xv, yv = cp.Variable((3, 2)), cp.Variable(3)
+    solve(cp.Problem(cp.Minimize(cp.sum_squares(Xv - P_t.numpy()) + cp.sum_squares(yv - r_t.numpy())),
+                     [cp.sum(Xv, axis=1) == yv, Xv >= 0]))
+    np.testing.assert_allclose(X_t.numpy(), Xv.value, atol=1e-6)
+    np.testing.assert_allclose(y_t.numpy(), yv.value, atol=1e-6)
+    only_y = prob.to_torch(variables=[y])
+    torch.testing.assert_close(only_y(P_t, r_t), y_t)

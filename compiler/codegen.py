@@ -132,7 +132,8 @@ class _Writer:
             return f"{args[0]}[:, {_index_text(node.attrs[0])}]"
         if op == "scatter":
             idx, shape = node.attrs
-            return f"_scatter({args[0]}, ({_index_text(idx)},), {shape!r})"
+            objs = ", ".join(f"slice({i.start}, {i.stop}, {i.step})" if isinstance(i, slice) else str(i) for i in idx)
+            return f"_scatter({args[0]}, ({objs},), {shape!r})"
         if op == "reshape":
             return f"{args[0]}.reshape({args[0]}.shape[:1] + {node.shape!r})"
         if op == "concat":

@@ -19,7 +19,7 @@ from . import ir
 from .ir import Node
 
 #: sympy heads that have no derivative everywhere; canonicalization removes them first
-NONSMOOTH_HEADS = (sympy.Abs, sympy.Max, sympy.Min, sympy.sign, sympy.Heaviside)
+NONSMOOTH_HEADS = ir._NONSMOOTH
 
 
 class NotSmoothError(ValueError):

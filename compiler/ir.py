@@ -152,6 +152,7 @@ def const_value(node: Node) -> np.ndarray:
 # ------------------------------------------------------------------------------------
 
 _SYMS = sympy.symbols("u0:8", real=True)
+_NONSMOOTH = (sympy.Abs, sympy.Max, sympy.Min, sympy.sign, sympy.Heaviside)
 
 
 def broadcast_shape(shapes: Iterable[Shape]) -> Shape:
@@ -223,13 +224,16 @@ def _compose_unary(fn: sympy.Lambda, args):
     arguments, so that e.g. -(-h) is h and x*x is x**2."""
     if not any(a.op == "elementwise" and len(a.args) == 1 for a in args) and len(set(args)) == len(args):
         return fn, args
+    # nonsmooth atoms must stay separate nodes: canonicalization rewrites them one by one
+    if fn.expr.has(*_NONSMOOTH):
+        return fn, args
     expr = fn.expr
     new_args: List[Node] = []
     symbol_of: Dict[Node, sympy.Symbol] = {}
     fresh = iter(sympy.symbols("w0:16", real=True))
     subs = {}
     for sym, a in zip(fn.variables, args):
-        inner = a.attrs if a.op == "elementwise" and len(a.args) == 1 else None
+        inner = a.attrs if a.op == "elementwise" and len(a.args) == 1 and not a.attrs.expr.has(*_NONSMOOTH) else None
         target = a.args[0] if inner is not None else a
         if target not in symbol_of:
             symbol_of[target] = next(fresh)

@@ -1,0 +1,138 @@
+"""The compiler: passes, size independence, generated code against torch autograd."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import compiler
+import declarative as dl
+import solvers
+from compiler import ir
+from compiler.canonicalize import epigraph_nonsmooth, flip_maximize, split_constraints, stack
+from test_qp import qp_problem
+
+
+def _graph_size(kkt):
+    outs = (list(kkt.stationarity) + [kkt.inequalities, kkt.equalities] + list(kkt.ineq_jacobian)
+            + list(kkt.eq_jacobian) + [b for row in kkt.hessian for b in row] + list(kkt.parameter_vjp))
+    return len(ir.topological(outs))
+
+
+def _entropy_problem(n):
+    z = dl.Variable(n, name="z")
+    theta = dl.Parameter(n, name="theta")
+    W = dl.Parameter((3, n), name="W")
+    return dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z)) - dl.sum_squares(W @ z)),
+                      [dl.sum(z) == 1, z >= 0, dl.exp(W @ z) <= 5])
+
+
+@pytest.mark.parametrize("build", [lambda n: qp_problem(n, 3, 2), _entropy_problem])
+def test_derivation_does_not_grow_with_n(build):
+    small, large = build(5).compile(), build(5000).compile()
+    # same graph, node for node, and the same generated code up to the sizes in it
+    assert _graph_size(small.kkt) == _graph_size(large.kkt)
+    strip = lambda src: re.sub(r"\d+", "N", src.split('"""', 2)[2])  # noqa: E731
+    assert strip(small.code.source) == strip(large.code.source)
+    # constants are data, not code: none is an n x n matrix
+    assert all(np.asarray(c).size <= 5000 for c in large.code.constants)
+
+
+def test_passes_apply_one_by_one():
+    x = dl.Variable(3, name="x")
+    a = dl.Parameter(3, name="a")
+    prob = dl.Problem(dl.Maximize(-dl.norm1(x - a) - dl.sum_squares(x)), [x >= -1, dl.sum(x) == 1])
+    spec = prob.spec()
+    flipped = flip_maximize(spec)
+    assert flipped.sense == "minimize"
+    sf = split_constraints(flipped, -1.0)
+    assert len(sf.inequalities) == 1 and len(sf.equalities) == 1
+    epi = epigraph_nonsmooth(sf)
+    assert len(epi.variables) == 2 and epi.variables[1].auxiliary
+    assert len(epi.inequalities) == 3  # x >= -1 and t >= +-(x - a)
+    st = stack(epi)
+    assert (st.n, st.m, st.p) == (6, 9, 1)
+    assert st.constraint_rows == (("ineq", 0, (3,)), ("eq", 0, ()))
+
+
+def _random_nlp():
+    x = dl.Variable(4, name="x")
+    y = dl.Variable((2, 2), name="y")
+    P = dl.Parameter((4, 4), name="P")
+    c = dl.Parameter(4, name="c")
+    s = dl.Parameter((), name="s")
+    obj = (dl.quad_form(x, P) + c @ dl.exp(x) + s * dl.sum(dl.softplus(y)) + dl.sum(dl.log(x + 3))
+           + dl.sum(y * y) / (1 + s * s) + x[1:3] @ dl.sum(y, axis=0) + dl.sum(dl.sqrt(x * x + 1)))
+    cons = [dl.power(x, 3) + dl.sigmoid(c) <= 2, y.T @ x[0:2] == c[2:4] * s, dl.square(x[0]) >= -1]
+    return dl.Problem(dl.Minimize(obj), cons)
+
+
+def test_generated_derivatives_match_torch_autograd():
+    prob = _random_nlp()
+    cp_ = prob.compile()
+    st, code = cp_.problem, cp_.code
+    n, m, p = st.n, st.m, st.p
+    torch.manual_seed(0)
+    z = 0.5 * torch.randn(1, n, dtype=torch.float64)
+    lam, nu = torch.rand(1, m, dtype=torch.float64), torch.randn(1, p, dtype=torch.float64)
+    params = [torch.randn((1,) + par.shape, dtype=torch.float64) for par in st.parameters]
+    consts = tuple(torch.tensor(c).unsqueeze(0) for c in code.constants)
+
+    def lagrangian(zz, lam_, nu_, *ps):
+        f, _, g, h = code["residuals"](zz, lam_, nu_, consts, *ps)
+        return (f + (lam_ * g).sum(-1) + (nu_ * h).sum(-1)).sum()
+
+    def gh(zz):
+        _, _, g, h = code["residuals"](zz, lam, nu, consts, *params)
+        return torch.cat([g.expand(1, m), h.expand(1, p)], -1)
+
+    rd, g, h, Jg, Jh, H = code["derivatives"](z, lam, nu, consts, *params)
+    grad = torch.autograd.functional.jacobian(lambda zz: lagrangian(zz, lam, nu, *params), z)
+    torch.testing.assert_close(rd.expand(1, n), grad)
+    hess = torch.autograd.functional.hessian(lambda zz: lagrangian(zz, lam, nu, *params), z)[0, :, 0, :]
+    torch.testing.assert_close(H.expand(1, n, n)[0], hess)
+    jac = torch.autograd.functional.jacobian(gh, z)[0, :, 0, :]
+    torch.testing.assert_close(torch.cat([Jg.expand(1, m, n), Jh.expand(1, p, n)], -2)[0], jac)
+
+    # parameter side: d/dtheta [u_z' grad_z L + (lam*u_lam)' g + u_nu' h]
+    u_z, u_lam, u_nu = torch.randn(1, n, dtype=torch.float64), torch.randn(1, m, dtype=torch.float64), torch.randn(1, p, dtype=torch.float64)
+    ps = [t.clone().requires_grad_() for t in params]
+    rd_, g_, h_ = [o for o in code["residuals"](z, lam, nu, consts, *ps)[1:]]
+    phi = (u_z * rd_).sum() + (lam * u_lam * g_).sum() + (u_nu * h_).sum()
+    expected = torch.autograd.grad(phi, ps)
+    got = code["parameter_vjp"](z, lam, nu, u_z, u_lam, u_nu, consts, *params)
+    for e, gt in zip(expected, got):
+        torch.testing.assert_close(gt.expand_as(e), e)
+
+
+def test_generated_source_is_valid_python_with_readable_tracebacks():
+    layer = _random_nlp().to_torch()
+    src = layer.source
+    compile(src, "<check>", "exec")
+    assert "def derivatives(" in src and "def parameter_vjp(" in src
+    import linecache
+
+    filename = layer.compiled.code.filename
+    assert linecache.getline(filename, 1).startswith('"""Generated by declarative')
+
+
+def test_kkt_printout_has_the_three_parts():
+    text = str(qp_problem(4, 3, 1).kkt())
+    for part in ("Stationarity", "Primal feasibility", "Complementarity", "G.T @ lam", "A.T @ nu"):
+        assert part in text
+
+
+def test_problem_classes():
+    assert qp_problem(3, 2, 1).problem_class == "QP"
+    assert _random_nlp().problem_class == "NLP"
+    x = dl.Variable(3, name="x")
+    assert dl.Problem(dl.Minimize(dl.sum(x)), [x >= 0]).problem_class == "LP"
+
+
+def test_installed_packages_are_ours():
+    # `compiler` and `solvers` are generic names: make sure the ones imported are this project's
+    root = Path(dl.__file__).resolve().parent.parent
+    assert Path(compiler.__file__).resolve().parent.parent == root
+    assert Path(solvers.__file__).resolve().parent.parent == root
+    assert hasattr(solvers.interior_point, "solve_qp")

@@ -1,0 +1,134 @@
+"""Bad input gets a clear error naming the culprit; failed instances never harm others."""
+import numpy as np
+import pytest
+import torch
+
+import declarative as dl
+from conftest import random_qp
+from test_qp import qp_problem
+
+
+@pytest.fixture
+def layer():
+    return qp_problem(4, 3, 1).to_torch()
+
+
+def test_shape_errors_at_construction():
+    x = dl.Variable(3, name="x")
+    A = dl.Parameter((2, 4), name="A")
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(3,\)"):
+        A @ x
+    with pytest.raises(ValueError, match="do not broadcast"):
+        x + dl.Parameter(2, name="p")
+    with pytest.raises(ValueError, match="constraint"):
+        x <= np.ones(2)
+    with pytest.raises(ValueError, match="scalar"):
+        dl.Minimize(x)
+    with pytest.raises(ValueError, match="identifier"):
+        dl.Variable(3, name="not a name")
+    with pytest.raises(ValueError, match="positive"):
+        dl.Variable((3, 0))
+    with pytest.raises(TypeError, match="constraint"):
+        dl.Problem(dl.Minimize(dl.sum(x)), [x])
+    with pytest.raises(ValueError, match="distinct names"):
+        y = dl.Variable(3, name="x")
+        dl.Problem(dl.Minimize(dl.sum_squares(x) + dl.sum_squares(y)))
+
+
+def test_call_errors_name_the_parameter(layer):
+    Q, q, G, h, A, b = (t[0] for t in random_qp(1, 4, 3, 1))
+    with pytest.raises(ValueError, match=r"'q' has shape \(5,\); expected \(4,\)"):
+        layer(Q, torch.zeros(5, dtype=torch.float64), G, h, A, b)
+    with pytest.raises(TypeError, match="takes 6 parameters"):
+        layer(Q, q, G, h, A, b, b)
+    with pytest.raises(TypeError, match=r"missing parameter\(s\) \['b'\]"):
+        layer(Q, q, G, h, A)
+    with pytest.raises(TypeError, match="unknown parameter 'c'"):
+        layer(Q, q, G, h, A, c=b)
+    with pytest.raises(TypeError, match="given twice"):
+        layer(Q, q, G, h, A, b, q=q)
+    with pytest.raises(TypeError, match="'h'.*floating-point"):
+        layer(Q, q, G, torch.ones(3, dtype=torch.int64), A, b)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        layer(Q, q.expand(2, 4), G, h.expand(3, 3), A, b)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        layer(Q, q.float(), G, h, A, b)
+
+
+def test_unknown_option_and_bad_option_values():
+    prob = qp_problem(3, 2, 1)
+    with pytest.raises(TypeError, match="tolerance"):
+        prob.to_torch(tolerance=1e-6)
+    with pytest.raises(ValueError, match="tol"):
+        prob.to_torch(tol=-1)
+    with pytest.raises(ValueError, match="max_iter"):
+        prob.to_torch(max_iter=0)
+    x = prob.variables()[0]
+    with pytest.raises(ValueError, match="do not appear"):
+        prob.to_torch(variables=[dl.Variable(3, name="other")])
+    with pytest.raises(ValueError, match="missing"):
+        prob.to_torch(parameters=prob.parameters()[:2])
+
+
+def test_nan_instance_is_isolated_and_reported(layer):
+    B = 4
+    Q, q, G, h, A, b = random_qp(B, 4, 3, 1, seed=3)
+    clean = layer(Q, q, G, h, A, b)
+    q_bad = q.clone()
+    q_bad[1, 2] = float("nan")
+    q_bad.requires_grad_()
+    with pytest.warns(RuntimeWarning, match="1 of 4 instances"):
+        x = layer(Q, q_bad, G, h, A, b)
+    assert layer.info.status[1] == "numerical_error"
+    assert [s for i, s in enumerate(layer.info.status) if i != 1] == ["optimal"] * 3
+    assert torch.isnan(x[1]).all()
+    keep = [0, 2, 3]
+    torch.testing.assert_close(x[keep], clean[keep])
+    # gradients: NaN for the failed instance's own row, exact for the others
+    x[keep].sum().backward()
+    assert torch.isnan(q_bad.grad[1]).all()
+    assert torch.isfinite(q_bad.grad[keep]).all()
+
+
+def test_infeasible_instance_gets_status_and_nan():
+    x = dl.Variable(2, name="x")
+    lo = dl.Parameter(2, name="lo")
+    hi = dl.Parameter(2, name="hi")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(x)), [x >= lo, x <= hi])
+    layer = prob.to_torch()
+    lo_t = torch.tensor([[0.5, 0.5], [2.0, 0.0], [-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    hi_t = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="1 of 3"):
+        out = layer(lo_t, hi_t)
+    assert layer.info.status[1] == "infeasible"
+    assert layer.info.status[0] == layer.info.status[2] == "optimal"
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[0], torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2], torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    out[[0, 2]].sum().backward()
+    # a shared parameter would be summed over instances: the failed one must not poison it
+    assert torch.isfinite(lo_t.grad[[0, 2]]).all()
+
+
+def test_shared_parameter_gradient_survives_a_failed_instance():
+    x = dl.Variable(2, name="x")
+    lo = dl.Parameter(2, name="lo")
+    c = dl.Parameter(2, name="c")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(x - c)), [x >= lo, x <= 1])
+    layer = prob.to_torch(warn=False)
+    lo_t = torch.tensor([[0.5, 0.5], [2.0, 0.0]], dtype=torch.float64)
+    c_shared = torch.tensor([0.0, 0.3], dtype=torch.float64, requires_grad=True)
+    assert [p.name for p in prob.parameters()] == ["c", "lo"]  # objective first
+    out = layer(lo=lo_t, c=c_shared)
+    assert layer.info.status == ["optimal", "infeasible"]
+    out[0].sum().backward()
+    # instance 0 alone: x = max(c, lo) -> dx/dc = [0, 0] for c[0] < lo[0], and c[1] < 0.5 too
+    torch.testing.assert_close(c_shared.grad, torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_max_iter_is_reported():
+    prob = qp_problem(4, 3, 1)
+    layer = prob.to_torch(max_iter=2, warn=False)
+    layer(*random_qp(2, 4, 3, 1))
+    assert layer.info.status == ["max_iter", "max_iter"]
+    assert (layer.info.iterations == 2).all()

@@ -1,0 +1,148 @@
+"""Smooth nonlinear problems: closed forms (softmax, sparsemax), CVXPY, gradcheck."""
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import declarative as dl
+from references import solve
+
+
+def softmax_layer(n, **options):
+    z = dl.Variable(n, name="z")
+    theta = dl.Parameter(n, name="theta")
+    prob = dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1, z >= 0])
+    assert prob.problem_class == "NLP"
+    return prob.to_torch(**options)
+
+
+def sparsemax_layer(n, **options):
+    z = dl.Variable(n, name="z")
+    theta = dl.Parameter(n, name="theta")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(z - theta)), [dl.sum(z) == 1, z >= 0])
+    assert prob.problem_class == "QP"
+    return prob.to_torch(**options)
+
+
+def sparsemax_closed_form(theta):
+    """Martins & Astudillo (2016): threshold tau from the sorted input."""
+    srt, _ = torch.sort(theta, dim=-1, descending=True)
+    k = torch.arange(1, theta.shape[-1] + 1, dtype=theta.dtype)
+    cumsum = srt.cumsum(-1)
+    support = 1 + k * srt > cumsum
+    k_z = support.sum(-1, keepdim=True)
+    tau = (cumsum.gather(-1, k_z - 1) - 1) / k_z.to(theta.dtype)
+    return torch.clamp(theta - tau, min=0)
+
+
+@pytest.mark.parametrize("dtype,tol,atol", [(torch.float64, 1e-10, 1e-8), (torch.float32, None, 1e-4)])
+def test_softmax_as_optimization(dtype, tol, atol):
+    n, B = 6, 16
+    layer = softmax_layer(n, tol=tol)
+    theta = 2 * torch.randn(B, n, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    z = layer(theta)
+    assert z.dtype == dtype
+    assert layer.info.status == ["optimal"] * B
+    torch.testing.assert_close(z, torch.softmax(theta, -1), atol=atol, rtol=0)
+
+
+def test_softmax_jacobian_is_diag_minus_outer():
+    n = 5
+    layer = softmax_layer(n, tol=1e-12)
+    theta = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    J = torch.autograd.functional.jacobian(layer, theta)
+    s = torch.softmax(theta, -1)
+    torch.testing.assert_close(J, torch.diag(s) - torch.outer(s, s), atol=1e-8, rtol=0)
+
+
+def test_softmax_gradcheck():
+    layer = softmax_layer(4, tol=1e-13)
+    theta = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (theta,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_sparsemax_closed_form_and_jacobian():
+    n, B = 7, 12
+    layer = sparsemax_layer(n, tol=1e-12)
+    theta = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z = layer(theta)
+    ref = sparsemax_closed_form(theta)
+    torch.testing.assert_close(z, ref, atol=1e-8, rtol=0)
+    # Jacobian of sparsemax: diag(s) - s s'/|S| with s the support indicator
+    for i in range(3):
+        J = torch.autograd.functional.jacobian(layer, theta[i])
+        support = (ref[i] > 0).to(torch.float64)
+        expected = torch.diag(support) - torch.outer(support, support) / support.sum()
+        torch.testing.assert_close(J, expected, atol=1e-6, rtol=0)
+
+
+def test_parameter_entering_nonlinearly():
+    # min ||x - exp(theta)||^2 s.t. sum(x) <= 1: projection of exp(theta) onto a halfspace
+    n = 4
+    x = dl.Variable(n, name="x")
+    theta = dl.Parameter(n, name="theta")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(x - dl.exp(theta))), [dl.sum(x) <= 1])
+    assert prob.problem_class == "QP"  # quadratic in x even though exp(theta) is not linear
+    layer = prob.to_torch(tol=1e-12)
+    t = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    e = torch.exp(t)
+    excess = (e.sum(-1, keepdim=True) - 1).clamp(min=0)
+    torch.testing.assert_close(layer(t), e - excess / n, atol=1e-8, rtol=0)
+    assert torch.autograd.gradcheck(layer, (t.clone().requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_nonlinear_parameter_in_nlp_matches_cvxpy():
+    # max theta'x + sum(entropy(x)) - ||x||^2 s.t. A x <= b with theta = log(w) (w a parameter)
+    n, m = 5, 3
+    x = dl.Variable(n, name="x")
+    w = dl.Parameter(n, name="w")
+    A = dl.Parameter((m, n), name="A")
+    b = dl.Parameter(m, name="b")
+    prob = dl.Problem(dl.Maximize(dl.log(w) @ x + dl.sum(dl.entropy(x)) - dl.sum_squares(x)), [A @ x <= b])
+    layer = prob.to_torch(tol=1e-11)
+    gen = torch.Generator().manual_seed(5)
+    w_t = torch.rand(2, n, generator=gen, dtype=torch.float64) + 0.5
+    A_t = torch.rand(2, m, n, generator=gen, dtype=torch.float64)
+    b_t = torch.rand(2, m, generator=gen, dtype=torch.float64) + 0.2
+    xs = layer(w_t, A_t, b_t)
+    for i in range(2):
+        xv = cp.Variable(n)
+        solve(cp.Problem(cp.Maximize(np.log(w_t[i].numpy()) @ xv + cp.sum(cp.entr(xv)) - cp.sum_squares(xv)),
+                         [A_t[i].numpy() @ xv <= b_t[i].numpy()]))
+        np.testing.assert_allclose(xs[i].numpy(), xv.value, atol=1e-6)
+    inputs = tuple(t[:1].clone().requires_grad_() for t in (w_t, A_t, b_t))
+    assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("atom,cvx_atom", [
+    ("exp", cp.exp), ("softplus", lambda v: cp.logistic(v)), ("square", cp.square),
+])
+def test_convex_atoms_match_cvxpy(atom, cvx_atom):
+    n = 4
+    x = dl.Variable(n, name="x")
+    c = dl.Parameter(n, name="c")
+    prob = dl.Problem(dl.Minimize(dl.sum(getattr(dl, atom)(x)) - c @ x), [x <= 2, x >= -2])
+    c_t = torch.tensor([0.5, 1.5, -0.3, 3.0], dtype=torch.float64)
+    x_t = prob.to_torch(tol=1e-11)(c_t)
+    xv = cp.Variable(n)
+    solve(cp.Problem(cp.Minimize(cp.sum(cvx_atom(xv)) - c_t.numpy() @ xv), [xv <= 2, xv >= -2]))
+    np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
+
+
+def test_concave_atoms_match_cvxpy():
+    # max sum(log(x)) + sum(sqrt(y)) - ||x||^2 - ||y||^2 + c'x s.t. x + y <= 2
+    n = 3
+    x = dl.Variable(n, name="x")
+    y = dl.Variable(n, name="y")
+    c = dl.Parameter(n, name="c")
+    prob = dl.Problem(
+        dl.Maximize(dl.sum(dl.log(x)) + dl.sum(dl.sqrt(y)) - dl.sum_squares(x) - dl.sum_squares(y) + c @ x),
+        [x + y <= 2, dl.power(x, 2) <= 4],
+    )
+    c_t = torch.tensor([0.1, -0.5, 1.0], dtype=torch.float64)
+    x_t, y_t = prob.to_torch(tol=1e-11)(c_t)
+    xv, yv = cp.Variable(n), cp.Variable(n)
+    solve(cp.Problem(cp.Maximize(cp.sum(cp.log(xv)) + cp.sum(cp.sqrt(yv)) - cp.sum_squares(xv)
+                                 - cp.sum_squares(yv) + c_t.numpy() @ xv), [xv + yv <= 2, cp.power(xv, 2) <= 4]))
+    np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
+    np.testing.assert_allclose(y_t.numpy(), yv.value, atol=1e-6)

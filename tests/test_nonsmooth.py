@@ -1,0 +1,97 @@
+"""Nonsmooth atoms: epigraph rewrites checked against CVXPY, and the compile-time errors
+for uses the rewrite cannot make exact."""
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import declarative as dl
+from references import solve
+
+
+def _data(seed, *shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+
+def test_lasso_with_norm1():
+    n, k = 6, 10
+    x = dl.Variable(n, name="x")
+    M = dl.Parameter((k, n), name="M")
+    y = dl.Parameter(k, name="y")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(M @ x - y) + 0.5 * dl.norm1(x)))
+    M_t, y_t = _data(0, (k, n), (k,))
+    x_t = prob.to_torch(tol=1e-11)(M_t, y_t)
+    xv = cp.Variable(n)
+    solve(cp.Problem(cp.Minimize(cp.sum_squares(M_t.numpy() @ xv - y_t.numpy()) + 0.5 * cp.norm1(xv))))
+    np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
+
+
+def test_abs_pos_maximum_norm_inf():
+    n = 5
+    x = dl.Variable(n, name="x")
+    a = dl.Parameter(n, name="a")
+    c = dl.Parameter(n, name="c")
+    prob = dl.Problem(
+        dl.Minimize(dl.sum(dl.abs(x - a)) + 2 * dl.sum(dl.pos(c - x)) + dl.norm_inf(x) + dl.sum_squares(x)),
+        [dl.sum(dl.maximum(x, 0.5 * a, c)) <= 4],
+    )
+    a_t, c_t = _data(1, (n,), (n,))
+    x_t = prob.to_torch(tol=1e-11)(a_t, c_t)
+    xv = cp.Variable(n)
+    an, cn = a_t.numpy(), c_t.numpy()
+    solve(cp.Problem(
+        cp.Minimize(cp.sum(cp.abs(xv - an)) + 2 * cp.sum(cp.pos(cn - xv)) + cp.norm_inf(xv) + cp.sum_squares(xv)),
+        [cp.sum(cp.maximum(xv, 0.5 * an, cn)) <= 4],
+    ))
+    np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
+
+
+def test_relu_as_projection_and_its_gradient():
+    # argmin ||x - v||^2 s.t. x >= 0 is relu(v); also written with pos in a constraint
+    n = 6
+    x = dl.Variable(n, name="x")
+    v = dl.Parameter(n, name="v")
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x - v)), [x >= 0]).to_torch(tol=1e-12)
+    (v_t,) = _data(2, (3, n))
+    v_t.requires_grad_()
+    out = layer(v_t)
+    torch.testing.assert_close(out, torch.relu(v_t.detach()), atol=1e-8, rtol=0)
+    out.sum().backward()
+    torch.testing.assert_close(v_t.grad, (v_t.detach() > 0).double(), atol=1e-6, rtol=0)
+
+
+def test_kkt_shows_epigraph_variables():
+    x = dl.Variable(3, name="x")
+    a = dl.Parameter(3, name="a")
+    prob = dl.Problem(dl.Minimize(dl.norm1(x - a) + dl.sum_squares(x)))
+    text = str(prob.kkt())
+    assert "(epigraph)" in text and "grad_x L" in text
+    assert prob.kkt().problem.n == 6  # x and its epigraph variable
+
+
+@pytest.mark.parametrize("build,atom", [
+    (lambda x, a: dl.Maximize(dl.norm1(x - a)), "dl.norm1"),
+    (lambda x, a: dl.Minimize(-dl.sum(dl.abs(x))), "dl.abs"),
+    (lambda x, a: dl.Minimize(a @ dl.pos(x)), "dl.pos"),
+])
+def test_nonconvex_use_of_nonsmooth_atom_is_a_compile_error(build, atom):
+    x = dl.Variable(3, name="x")
+    a = dl.Parameter(3, name="a")
+    prob = dl.Problem(build(x, a), [x <= 1, x >= -1])
+    with pytest.raises(dl.CompileError, match=atom.replace(".", r"\.")):
+        prob.to_torch()
+
+
+def test_nonsmooth_atom_in_equality_is_a_compile_error():
+    x = dl.Variable(3, name="x")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(x)), [dl.sum(dl.abs(x)) == 1])
+    with pytest.raises(dl.CompileError, match=r"dl\.abs.*equality"):
+        prob.to_torch()
+
+
+def test_nonsmooth_atom_on_the_larger_side_of_a_constraint_is_an_error():
+    x = dl.Variable(3, name="x")
+    prob = dl.Problem(dl.Minimize(dl.sum_squares(x - 2)), [1 <= dl.norm_inf(x)])
+    with pytest.raises(dl.CompileError, match=r"dl\.norm_inf"):
+        prob.to_torch()

@@ -291,7 +291,7 @@ class OptimizationLayer(torch.nn.Module):
                 outputs.append(src[:, off:off + size].reshape((batch,) + tuple(shape)))
         lin = _KKTLinearization(
             layer=self, params=params, batched=batched, consts=consts, z=z, s=s, lam=lam, nu=nu,
-            qp=qp, derivatives=derivatives, valid=valid,
+            qp=qp, derivatives=derivatives, valid=valid, qp_factor=result.qp_factor,
         )
         return tuple(outputs), lin
 
@@ -299,10 +299,10 @@ class OptimizationLayer(torch.nn.Module):
 class _KKTLinearization(Linearization):
     """The KKT residual F = [grad_z L; lam * g; h] at the solution."""
 
-    def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid):
+    def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid, qp_factor=None):
         self.layer, self.params, self.consts = layer, params, consts
         self.z, self.s, self.lam, self.nu = z, s, lam, nu
-        self.qp, self.derivatives = qp, derivatives
+        self.qp, self.derivatives, self.qp_factor = qp, derivatives, qp_factor
         self.valid = valid
         self.parameter_batched = tuple(batched)
 
@@ -328,12 +328,15 @@ class _KKTLinearization(Linearization):
                 size = int(torch.Size(shape).numel())
                 target = w_lam if kind == "ineq" else w_nu
                 target[:, off:off + size] += g.reshape(B, size)
-        if self.qp is not None:
-            Q, _, G, _, A, _ = self.qp
-            H, Jg, Jh = Q, G, A
+        if self.qp_factor is not None:  # reuse the forward's constraint-space factorization
+            u_z, u_lam, u_nu, failed = ipm.qp_adjoint(self.qp_factor, self.s, self.lam, w_z, w_lam, w_nu)
         else:
-            _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
-        u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
+            if self.qp is not None:
+                Q, _, G, _, A, _ = self.qp
+                H, Jg, Jh = Q, G, A
+            else:
+                _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
+            u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
         if bool(failed.any()):
             self.valid = self.valid & ~failed
             keep = self.valid[:, None]

@@ -35,7 +35,10 @@ STATUS_NAMES = ("optimal", "infeasible", "max_iter", "numerical_error", "unbound
 #: default tolerances by dtype: about 1e-8 in float64 and 1e-5 in float32
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
-_DIVERGENCE = 1e12  # duals (or z) beyond this, relative to the data, signal infeasibility
+_DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
+_DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
+_STALL = 1e-12  # a step shorter than this makes no progress
+_POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -56,6 +59,8 @@ class InteriorPointResult:
     primal_residual: torch.Tensor
     dual_residual: torch.Tensor
     complementarity: torch.Tensor
+    #: the constant factorization of a QP solved in constraint space (the backward reuses it)
+    qp_factor: Optional["QPFactor"] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -162,6 +167,91 @@ def reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2):
     return ReducedKKT(H, Jg, Jh, sigma).solve(r1, r2)
 
 
+class ReducedNewton:
+    """Newton steps through the n-space reduction (:class:`ReducedKKT`): any problem."""
+
+    def __init__(self, H, Jg, Jh, lam, s):
+        self.Jg, self.lam, self.s = Jg, lam, s
+        self.kkt = ReducedKKT(H, Jg, Jh, lam / s)
+        self.failed = self.kkt.failed
+
+    def step(self, rd, rc, rp, re):
+        """Solve the Newton equations
+        H dz + Jg'dlam + Jh'dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re."""
+        Jg, lam, s = self.Jg, self.lam, self.s
+        m = Jg.shape[-2]
+        r1 = -rd - _mv(_mT(Jg), (lam * rp - rc) / s) if m else -rd
+        dz, dnu = self.kkt.solve(r1, -re, refine=0)
+        ds = -rp - _mv(Jg, dz) if m else -rp
+        dlam = (-rc - lam * ds) / s
+        return dz, ds, dlam, dnu
+
+
+class QPFactor:
+    """What stays constant over a QP solve with positive definite Q, factored once.
+
+    The Newton matrix in constraint space is ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]]`` with
+    ``D = s/lam`` the only part that changes. Eliminating dz and then dnu leaves
+    ``(W + D) dlam = ...`` with the constant ``W = G P G'``, ``P = Q^-1 - Q^-1 A'(A Q^-1 A')^-1 A Q^-1``:
+    per iteration one Cholesky factorization of an (m, m) matrix. Shapes: Q (B, n, n),
+    G (B, m, n), A (B, p, n).
+    """
+
+    def __init__(self, Q, G, A):
+        self.Q, self.G, self.A = Q, G, A
+        self.L_Q, info = torch.linalg.cholesky_ex(Q)
+        diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
+        # Q must be safely positive definite for Q^-1 to be usable
+        ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(Q.dtype).tiny)) ** 2
+        floor = 1e-10 if Q.dtype == torch.float64 else 1e-5
+        self.usable = (info == 0) & (ratio > floor)
+        B = Q.shape[0]
+        eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
+        self.Y = torch.cholesky_solve(_mT(G), self.L_Q)  # Q^-1 G' (B, n, m)
+        self.GY = G @ self.Y
+        W = self.GY
+        self.p = A.shape[-2]
+        if self.p:
+            self.Z = torch.cholesky_solve(_mT(A), self.L_Q)  # Q^-1 A' (B, n, p)
+            K22 = A @ self.Z
+            scale = K22.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+            eye_p = torch.eye(self.p, dtype=Q.dtype, device=Q.device)
+            self.L22, info22 = torch.linalg.cholesky_ex(K22 + (_regularization(Q.dtype) * scale)[:, None, None] * eye_p)
+            self.usable = self.usable & (info22 == 0)
+            self.L22 = torch.where((info22 == 0)[:, None, None], self.L22, eye_p.expand_as(self.L22))
+            self.K12 = G @ self.Z  # (B, m, p)
+            self.T = torch.cholesky_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
+            W = W - self.K12 @ self.T
+        self.W = 0.5 * (W + _mT(W))
+        # static regularization of W + D, scaled by W alone: D = s/lam reaches 1e15 on
+        # inactive rows, and a delta that grew with it would spoil the active ones
+        self.delta = _regularization(Q.dtype) * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+
+    def solve_active_set(self, c, h, b, active):
+        """Solve the equality-constrained QP where ``active`` (B, m) constraints hold with
+        equality and the others are dropped: ``Q z + c + G_a' lam_a + A' nu = 0``,
+        ``G_a z = h_a``, ``A z = b``. Returns z (B, n), lam (B, m) (zero off the active
+        set), nu (B, p) and a (B,) mask of failed factorizations."""
+        a = active.to(self.W.dtype)
+        m = a.shape[-1]
+        M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2)) + torch.diag_embed(1.0 - a + self.delta[:, None])
+        L, info = torch.linalg.cholesky_ex(M)
+        q1 = torch.cholesky_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
+        rhs = _mv(self.G, q1) - h
+        if self.p:
+            c2 = _mv(self.A, q1) - b
+            rhs = rhs - _mv(_mT(self.T), c2)
+        lam = torch.cholesky_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
+        z = q1 - _mv(self.Y, lam)
+        if self.p:
+            nu = torch.cholesky_solve((c2 - _mv(_mT(self.K12), lam)).unsqueeze(-1), self.L22).squeeze(-1)
+            z = z - _mv(self.Z, nu)
+        else:
+            nu = b.new_zeros(b.shape)
+        return z, lam, nu, info > 0
+
+
 # ------------------------------------------------------------------------------------
 # the primal-dual loop
 # ------------------------------------------------------------------------------------
@@ -177,6 +267,47 @@ class Oracle:
     derivatives: Callable
     residuals: Callable
     linear: bool  # constant Jacobians and Hessian: no line search needed
+
+
+def _classify(status, active, checks):
+    """Give each active instance the code of the first check it meets, and retire it.
+    ``checks`` is a sequence of ((B,) bool mask, status code)."""
+    for mask, code in checks:
+        hit = active & mask
+        status = torch.where(hit, torch.full_like(status, code), status)
+        active = active & ~hit
+    return status, active
+
+
+def _predictor_corrector(direction, s, lam, mu):
+    """Mehrotra: an affine-scaling predictor, then the centered corrector.
+
+    ``direction(rc)`` returns ``(ds, dlam, *rest)``: the Newton step whose
+    complementarity row is ``lam ds + s dlam = -rc``. Returns the corrector step, the
+    largest step length (0.99 of the way to the boundary, at most 1) and the centering
+    target sigma * mu (B,).
+    """
+    m = s.shape[-1]
+    step = direction(s * lam)
+    if not m:
+        return step, torch.ones_like(mu), torch.zeros_like(mu)
+    ds, dlam = step[0], step[1]
+    alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).clamp(max=1.0)
+    mu_aff = ((s + alpha[:, None] * ds) * (lam + alpha[:, None] * dlam)).sum(-1) / m
+    centering = (mu_aff / mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+    target = centering * mu
+    step = direction(s * lam + ds * dlam - target[:, None])
+    alpha = (0.99 * torch.minimum(_max_step(s, step[0]), _max_step(lam, step[1]))).clamp(max=1.0)
+    return step, alpha, target
+
+
+def _start_status(B, skip, device):
+    status = torch.full((B,), MAX_ITER, dtype=torch.int64, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    if skip is not None:
+        status = torch.where(skip, torch.full_like(status, NUMERICAL_ERROR), status)
+        active = active & ~skip
+    return status, active
 
 
 def _max_step(x, dx):
@@ -214,17 +345,12 @@ def primal_dual(
     ``skip`` (B,) bool marks instances not to solve (e.g. NaN inputs).
     """
     B, m = z.shape[0], s.shape[-1]
-    device = z.device
-    status = torch.full((B,), MAX_ITER, dtype=torch.int64, device=device)
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    if skip is not None:
-        status = torch.where(skip, torch.full_like(status, NUMERICAL_ERROR), status)
-        active = active & ~skip
-    iterations = torch.zeros(B, dtype=torch.int64, device=device)
+    status, active = _start_status(B, skip, z.device)
+    iterations = torch.zeros(B, dtype=torch.int64, device=z.device)
     mu_div = max(m, 1)
     rd_n = rp_n = mu = z.new_zeros(B)
 
-    for _ in range(max_iter + 1):
+    for it in range(max_iter + 1):
         rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
         rp = g + s
         rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(rp), _inf_norm(h))
@@ -232,57 +358,40 @@ def primal_dual(
         finite = torch.isfinite(rd_n) & torch.isfinite(rp_n) & torch.isfinite(mu)
         converged = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal) & (mu <= tol * scale_dual)
         dual_size = torch.maximum(_inf_norm(lam), _inf_norm(nu))
-        diverged = dual_size > _DIVERGENCE * scale_dual
+        # duals far beyond the data while the constraints stay violated: no feasible point
+        diverged = (dual_size > _DUAL_DIVERGENCE * scale_dual) & (rp_n > tol * scale_primal)
         unbounded = _inf_norm(z) > _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
-        for mask, code in ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
-                           (diverged, INFEASIBLE), (unbounded, UNBOUNDED)):
-            hit = active & mask
-            status = torch.where(hit, torch.full_like(status, code), status)
-            active = active & ~hit
-        if not bool(active.any()) or int(iterations.max()) >= max_iter:
+        status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
+                                                    (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
+        # the one host synchronization of the iteration
+        if it == max_iter or not bool(active.any()):
             break
 
-        kkt = ReducedKKT(H, Jg, Jh, lam / s)
-        broken = active & kkt.failed
-        status = torch.where(broken, torch.full_like(status, NUMERICAL_ERROR), status)
-        active = active & ~broken
-
-        def newton_step(rd, rc, rp, re):
-            r1 = -rd - _mv(_mT(Jg), (lam * rp - rc) / s) if m else -rd
-            dz, dnu = kkt.solve(r1, -re, refine=0)
-            ds = -rp - _mv(Jg, dz) if m else rp
-            dlam = (-rc - lam * ds) / s
-            return dz, ds, dlam, dnu
+        newton = ReducedNewton(H, Jg, Jh, lam, s)
+        status, active = _classify(status, active, ((newton.failed, NUMERICAL_ERROR),))
+        p = Jh.shape[-2]
 
         def direction(rc):
-            # Late iterations have lam/s spanning ~1e-15..1e15, so the reduced solve
-            # loses digits; refining against the unreduced Newton equations (whose
+            # Late iterations have lam/s spanning ~1e-15..1e15, so a reduced solve can
+            # lose digits; refining against the unreduced Newton equations (whose
             # residuals involve only moderate numbers) restores them.
-            dz, ds, dlam, dnu = newton_step(rd, rc, rp, h)
+            dz, ds, dlam, dnu = newton.step(rd, rc, rp, h)
             for _ in range(2):
-                e_d = rd + _mv(H, dz) + (_mv(_mT(Jg), dlam) if m else 0) + (_mv(_mT(Jh), dnu) if Jh.shape[-2] else 0)
+                e_d = rd + _mv(H, dz) + (_mv(_mT(Jg), dlam) if m else 0) + (_mv(_mT(Jh), dnu) if p else 0)
                 e_c = rc + lam * ds + s * dlam
                 e_p = rp + (_mv(Jg, dz) if m else 0) + ds
-                e_e = h + _mv(Jh, dz) if Jh.shape[-2] else h
-                cz, cs, clam, cnu = newton_step(e_d, e_c, e_p, e_e)
+                e_e = h + _mv(Jh, dz) if p else h
+                cz, cs, clam, cnu = newton.step(e_d, e_c, e_p, e_e)
                 dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
-            return dz, ds, dlam, dnu
+            return ds, dlam, dz, dnu
 
-        # predictor (affine scaling), then Mehrotra's centering and corrector
-        dz, ds, dlam, dnu = direction(s * lam)
-        if m:
-            alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).clamp(max=1.0)
-            mu_aff = ((s + alpha[:, None] * ds) * (lam + alpha[:, None] * dlam)).sum(-1) / m
-            centering = (mu_aff / mu.clamp(min=torch.finfo(z.dtype).tiny)).clamp(0.0, 1.0) ** 3
-            target = centering * mu
-            dz, ds, dlam, dnu = direction(s * lam + ds * dlam - target[:, None])
-            alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
-        else:
-            target = torch.zeros_like(mu)
-            alpha = torch.ones_like(mu)
+        (ds, dlam, dz, dnu), alpha, target = _predictor_corrector(direction, s, lam, mu)
         if not oracle.linear:
             alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active)
 
+        # rounding can leave a direction that hits the boundary at once; stop those
+        # instances rather than spin
+        status, active = _classify(status, active, ((alpha < _STALL, NUMERICAL_ERROR),))
         step = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
         z = z + step * dz
         s = s + step * ds
@@ -324,10 +433,15 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     """Batched convex QP/LP: minimize z'Qz/2 + c'z s.t. Gz <= hv, Az = b.
 
     Q (B, n, n) PSD, c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p).
+    With Q positive definite (the common case in layers) the iteration runs in
+    constraint space (:func:`_constraint_space_ipm`); otherwise (LPs, singular Q) it
+    runs the general loop with the n-space reduction.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
     B, n, m, p = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
     Gt, At = _mT(G), _mT(A)
+    scale_dual = 1.0 + _inf_norm(c)
+    scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
 
     def residuals(z, lam, nu):
         rd = _mv(Q, z) + c
@@ -336,6 +450,13 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
         if p:
             rd = rd + _mv(At, nu)
         return rd, _mv(G, z) - hv, _mv(A, z) - b
+
+    if m:
+        factor = QPFactor(Q, G, A)
+        if bool(factor.usable.all()):
+            result = _constraint_space_ipm(factor, c, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                           tol=tol, max_iter=max_iter, skip=skip)
+            return _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip)
 
     def derivatives(z, lam, nu):
         rd, g, h = residuals(z, lam, nu)
@@ -347,14 +468,154 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     r1 = -c + _mv(Gt, hv) if m else -c
     z0, _ = kkt.solve(r1, b)
     s0 = (hv - _mv(G, z0)).clamp(min=1.0) if m else ones
-    lam0 = ones
-    nu0 = Q.new_zeros(B, p)
-    scale_dual = 1.0 + _inf_norm(c)
-    scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
     skip = kkt.failed if skip is None else (skip | kkt.failed)
     return primal_dual(
-        Oracle(derivatives, residuals, linear=True), z0, s0, lam0, nu0,
+        Oracle(derivatives, residuals, linear=True), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
+    )
+
+
+def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
+    """Mehrotra's method for a QP with positive definite Q, entirely in constraint space.
+
+    The Newton matrix ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]]`` (``D = s/lam``) reduces to
+    ``(W + D) dlam = ...`` with the constant blocks of :class:`QPFactor`. Because the
+    problem is linear, a Newton step of length alpha shrinks the residuals
+    ``rd = Qz + c + G'lam + A'nu``, ``rp = Gz - hv + s``, ``re = Az - b`` exactly by
+    ``(1 - alpha)``: they are tracked as one scale factor per instance, z is accumulated
+    as coefficients of fixed vectors, and an iteration touches only (m, m), (m, p) and
+    (p, p) blocks. The n-space is visited twice, at the start and at the end.
+    """
+    Q, G, A = f.Q, f.G, f.A
+    B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
+    dtype, device = Q.dtype, Q.device
+    eye = torch.eye(m, dtype=dtype, device=device)
+
+    def factor_w(D):
+        L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(D + f.delta[:, None]))
+        return torch.where((info > 0)[:, None, None], eye.expand_as(L), L), info > 0
+
+    def solve_dual(L, r_ineq, r_eq):
+        """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY)."""
+        rhs = r_ineq - _mv(_mT(f.T), r_eq) if p else r_ineq
+        dlam = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        if not p:
+            return dlam, r_eq.new_zeros(B, 0)
+        dnu = torch.cholesky_solve((r_eq - _mv(_mT(f.K12), dlam)).unsqueeze(-1), f.L22).squeeze(-1)
+        return dlam, dnu
+
+    # start: the Newton system with D = I, i.e. min z'Qz/2 + c'z + |Gz - hv|^2/2, Az = b
+    qc = torch.cholesky_solve(-c.unsqueeze(-1), f.L_Q).squeeze(-1)  # -Q^-1 c
+    G_qc, A_qc = _mv(G, qc), _mv(A, qc)
+    L1, failed = factor_w(torch.ones_like(hv))
+    y, nu = solve_dual(L1, G_qc - hv, A_qc - b)
+    z0 = qc - _mv(f.Y, y) - (_mv(f.Z, nu) if p else 0)
+    G_z0 = G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if p else 0)
+    s = (hv - G_z0).clamp(min=1.0)
+    lam = torch.ones_like(s)
+    skip = failed if skip is None else (skip | failed)
+
+    # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Y lam - Z nu
+    q1 = qc - z0 - _mv(f.Y, lam) - (_mv(f.Z, nu) if p else 0)
+    rd0_n = _inf_norm(_mv(Q, q1))  # |rd| = |Q q1|
+    rp0 = G_z0 - hv + s
+    re0 = _mv(A, z0) - b
+    u = _mv(G, q1) + rp0           # G q1 + rp: the constraint-space right-hand side
+    v = _mv(A, q1) + re0 if p else re0
+    rp0_n = torch.maximum(_inf_norm(rp0), _inf_norm(re0))
+
+    status, active = _start_status(B, skip, device)
+    iterations = torch.zeros(B, dtype=torch.int64, device=device)
+    shrink = torch.ones(B, dtype=dtype, device=device)  # residual_k = shrink_k * residual_0
+    acc_q = torch.zeros(B, dtype=dtype, device=device)
+    acc_lam, acc_nu = torch.zeros_like(lam), torch.zeros_like(nu)
+    for it in range(max_iter + 1):
+        rd_n, rp_n = shrink * rd0_n, shrink * rp0_n
+        mu = (s * lam).sum(-1) / m
+        finite = torch.isfinite(rd_n) & torch.isfinite(rp_n) & torch.isfinite(mu)
+        converged = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal) & (mu <= tol * scale_dual)
+        diverged = (torch.maximum(_inf_norm(lam), _inf_norm(nu)) > _DUAL_DIVERGENCE * scale_dual) & (
+            rp_n > tol * scale_primal)
+        status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
+                                                    (diverged, INFEASIBLE)))
+        if it == max_iter or not bool(active.any()):  # the one host synchronization
+            break
+        L, failed = factor_w(s / lam)
+        status, active = _classify(status, active, ((failed, NUMERICAL_ERROR),))
+        r_ineq, r_eq = shrink[:, None] * u, shrink[:, None] * v
+
+        def direction(rc):
+            dlam, dnu = solve_dual(L, r_ineq - rc / lam, r_eq)
+            ds = _mv(f.GY, dlam) - r_ineq + (_mv(f.K12, dnu) if p else 0)  # = -rp - G dz
+            return ds, dlam, dnu
+
+        (ds, dlam, dnu), alpha, _ = _predictor_corrector(direction, s, lam, mu)
+        status, active = _classify(status, active, ((alpha < _STALL, NUMERICAL_ERROR),))
+        step = torch.where(active, alpha, torch.zeros_like(alpha))
+        s = s + step[:, None] * ds
+        lam = lam + step[:, None] * dlam
+        nu = nu + step[:, None] * dnu
+        # dz = shrink q1 - Y dlam - Z dnu, accumulated without touching the n-space
+        acc_q = acc_q + step * shrink
+        acc_lam = acc_lam + step[:, None] * dlam
+        acc_nu = acc_nu + step[:, None] * dnu
+        shrink = shrink * (1.0 - step)
+        iterations = iterations + active.to(iterations.dtype)
+
+    z = z0 + acc_q[:, None] * q1 - _mv(f.Y, acc_lam) - (_mv(f.Z, acc_nu) if p else 0)
+    return InteriorPointResult(z, s, lam, nu, status, iterations, shrink * rp0_n, shrink * rd0_n,
+                               (s * lam).sum(-1) / m, qp_factor=f)
+
+
+def _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip):
+    """Solve the equality QP of the active set the interior point found.
+
+    An interior-point iterate stops at complementarity ~tol, which on a degenerate
+    constraint (active with a zero multiplier) leaves the solution ~sqrt(tol) away.
+    The active set is usually right long before that: solving the equality-constrained
+    QP on it gives the solution to rounding error. The polished point replaces the
+    iterate only where it is a KKT point within the tolerance (lam_a >= 0, G z <= h)
+    and no worse than the iterate.
+    """
+    active = result.lam > result.s
+    for _ in range(_POLISH_ROUNDS):
+        z, lam, nu, failed = factor.solve_active_set(c, hv, b, active)
+        rd, g, h = residuals(z, lam, nu)
+        # a near-degenerate constraint can be guessed wrong: add the violated ones, drop
+        # those with negative multipliers, and solve again
+        violated = ~active & (g > tol * scale_primal[:, None])
+        negative = active & (lam < -tol * scale_dual[:, None])
+        if not bool((violated | negative).any()):
+            break
+        active = (active | violated) & ~negative
+    rd_n = _inf_norm(rd)
+    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(h))
+    dual_ok = (lam >= -tol * scale_dual[:, None]).all(-1)
+    better = (rd_n <= torch.maximum(result.dual_residual, tol * scale_dual)) & (
+        rp_n <= torch.maximum(result.primal_residual, tol * scale_primal))
+    within_tol = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal)
+    solved = (result.status == OPTIMAL) & better
+    rescued = ((result.status == NUMERICAL_ERROR) | (result.status == MAX_ITER)) & within_tol
+    take = (solved | rescued) & ~failed & dual_ok & torch.isfinite(rd_n)
+    if skip is not None:
+        take = take & ~skip
+    keep = take[:, None]
+    # s and lam stay strictly positive (the backward divides by them): the active set's
+    # zeros keep the interior point's tiny values
+    s_new = torch.where(active, result.s, (-g).clamp(min=torch.finfo(z.dtype).tiny))
+    lam_new = torch.where(active, lam.clamp(min=torch.finfo(z.dtype).tiny), result.lam)
+    status = torch.where(take, torch.full_like(result.status, OPTIMAL), result.status)
+    return InteriorPointResult(
+        z=torch.where(keep, z, result.z),
+        s=torch.where(keep, s_new, result.s),
+        lam=torch.where(keep, lam_new, result.lam),
+        nu=torch.where(keep, nu, result.nu),
+        status=status,
+        iterations=result.iterations,
+        primal_residual=torch.where(take, rp_n, result.primal_residual),
+        dual_residual=torch.where(take, rd_n, result.dual_residual),
+        complementarity=torch.where(take, torch.zeros_like(rd_n), result.complementarity),
+        qp_factor=result.qp_factor,
     )
 
 
@@ -418,3 +679,36 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     u_lam_inactive = (_mv(Jg, u_z) - w_lam) / s if m else w_lam
     u_lam = torch.where(active, y_act / lam, u_lam_inactive)
     return u_z, u_lam, u_nu, kkt.failed
+
+
+def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu):
+    """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
+
+    With y = lam * u_lam the transposed system is the forward's Newton matrix
+    ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]] [u_z; y; u_nu] = [w_z; w_lam; w_nu]``,
+    D = s/lam at the solution: one (m, m) Cholesky factorization on top of the blocks the
+    forward pass already built. u_lam is read from y on active constraints and from the
+    constraint row on inactive ones (where lam ~ 0 would make y/lam inaccurate).
+    """
+    m, p = lam.shape[-1], w_nu.shape[-1]
+    eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
+    L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(s / lam + f.delta[:, None]))
+    failed = info > 0
+    L = torch.where(failed[:, None, None], eye.expand_as(L), L)
+    qw = torch.cholesky_solve(w_z.unsqueeze(-1), f.L_Q).squeeze(-1)  # Q^-1 w_z
+    Gqw = _mv(f.G, qw)
+    rhs = Gqw - w_lam
+    if p:
+        r_eq = _mv(f.A, qw) - w_nu
+        rhs = rhs - _mv(_mT(f.T), r_eq)
+    y = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    u_z = qw - _mv(f.Y, y)
+    G_uz = Gqw - _mv(f.GY, y)
+    if p:
+        u_nu = torch.cholesky_solve((r_eq - _mv(_mT(f.K12), y)).unsqueeze(-1), f.L22).squeeze(-1)
+        u_z = u_z - _mv(f.Z, u_nu)
+        G_uz = G_uz - _mv(f.K12, u_nu)
+    else:
+        u_nu = w_nu
+    u_lam = torch.where(lam > s, y / lam, (G_uz - w_lam) / s)
+    return u_z, u_lam, u_nu, failed

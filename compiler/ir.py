@@ -52,6 +52,11 @@ class Node:
         else:
             self._free = frozenset().union(*(a._free for a in self.args)) if self.args else frozenset()
 
+    def __reduce__(self):
+        # rebuild through __init__: the cached hash depends on the process's string
+        # hashing and must not travel in a pickle
+        return (Node, (self.op, self.args, self.attrs, self.shape))
+
     # structural identity ------------------------------------------------------------
     def __hash__(self):
         return self._hash

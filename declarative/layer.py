@@ -22,6 +22,10 @@ __all__ = ["OptimizationLayer", "SolveInfo"]
 
 STATUS_NAMES = ipm.STATUS_NAMES
 
+#: forward solvers by name: the interior point serves every problem class; OSQP (CPU,
+#: sparse) serves LPs and QPs
+SOLVERS = ("ipm",)
+
 
 @dataclass
 class SolveInfo:
@@ -79,8 +83,11 @@ class OptimizationLayer(torch.nn.Module):
     """
 
     def __init__(self, problem, parameters=None, variables=None, *, tol: Optional[float] = None,
-                 max_iter: int = 100, return_duals: bool = False, warn: bool = True):
+                 max_iter: int = 100, return_duals: bool = False, warn: bool = True, solver: str = "ipm"):
         super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+        self.solver = solver
         if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a positive number, got {tol!r}")
         if not isinstance(max_iter, int) or max_iter < 1:
@@ -102,6 +109,17 @@ class OptimizationLayer(torch.nn.Module):
         self._var_slices = [(offsets[v.flat], v.flat.shape[0], v.shape) for v in self.variables_out]
         self._const_cache: Dict[Tuple[torch.dtype, torch.device], tuple] = {}
         self.info: Optional[SolveInfo] = None
+
+    # ---- pickling: generated functions are rebuilt, not pickled ----------------------
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("compiled", None)
+        state["_const_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.compiled = self.problem.compile()
 
     # ---- what users read ------------------------------------------------------------
     @property

@@ -137,5 +137,10 @@ class Problem:
 
         return OptimizationLayer(self, parameters=parameters, variables=variables, **solver_options)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # generated functions are rebuilt on demand
+        return state
+
     def __repr__(self):
         return f"Problem({self.objective!r}, {len(self.constraints)} constraints)"

@@ -35,6 +35,17 @@ from .expressions import (
     sum_squares,
 )
 from .implicit_diff import Linearization, implicit_solution
+from .implicit_layers import (
+    DENSE_THRESHOLD,
+    ConvergenceWarning,
+    FixedPointInfo,
+    FixedPointLayer,
+    ImplicitInfo,
+    ImplicitLayer,
+    NonContractiveWarning,
+    SingularJacobianWarning,
+    newton,
+)
 from .layer import OptimizationLayer, SolveInfo
 from .problem import Constraint, Maximize, Minimize, Problem
 
@@ -46,4 +57,6 @@ __all__ = [
     "sum", "quad_form", "sum_squares", "exp", "log", "entropy", "square", "power", "sqrt",
     "softplus", "sigmoid", "abs", "pos", "maximum", "norm1", "norm_inf",
     "Linearization", "implicit_solution",
+    "ImplicitLayer", "FixedPointLayer", "newton", "ImplicitInfo", "FixedPointInfo",
+    "ConvergenceWarning", "NonContractiveWarning", "SingularJacobianWarning", "DENSE_THRESHOLD",
 ]

@@ -272,32 +272,34 @@ class Oracle:
 def _classify(status, active, checks):
     """Give each active instance the code of the first check it meets, and retire it.
     ``checks`` is a sequence of ((B,) bool mask, status code)."""
-    for mask, code in checks:
-        hit = active & mask
-        status = torch.where(hit, torch.full_like(status, code), status)
-        active = active & ~hit
-    return status, active
+    code = torch.full_like(status, -1)
+    for mask, c in reversed(checks):
+        code = torch.where(mask, c, code)
+    hit = active & (code >= 0)
+    return torch.where(hit, code, status), active & ~hit
 
 
-def _predictor_corrector(direction, s, lam, mu):
+def _predictor_corrector(direction, v, mu):
     """Mehrotra: an affine-scaling predictor, then the centered corrector.
 
-    ``direction(rc)`` returns ``(ds, dlam, *rest)``: the Newton step whose
-    complementarity row is ``lam ds + s dlam = -rc``. Returns the corrector step, the
-    largest step length (0.99 of the way to the boundary, at most 1) and the centering
-    target sigma * mu (B,).
+    ``v = [s, lam]`` (B, 2m) > 0; ``direction(rc)`` returns ``(dv, *rest)`` with
+    ``dv = [ds, dlam]``, the Newton step whose complementarity row is
+    ``lam ds + s dlam = -rc``. Returns the corrector step, the step length (0.99 of the
+    way to the boundary, at most 1) and the centering target sigma * mu (B,).
     """
-    m = s.shape[-1]
+    m = v.shape[-1] // 2
+    s, lam = v[:, :m], v[:, m:]
     step = direction(s * lam)
     if not m:
         return step, torch.ones_like(mu), torch.zeros_like(mu)
-    ds, dlam = step[0], step[1]
-    alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).clamp(max=1.0)
-    mu_aff = ((s + alpha[:, None] * ds) * (lam + alpha[:, None] * dlam)).sum(-1) / m
-    centering = (mu_aff / mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+    dv = step[0]
+    alpha = _max_step(v, dv).clamp(max=1.0)
+    trial = v + alpha[:, None] * dv
+    mu_aff = (trial[:, :m] * trial[:, m:]).sum(-1) / m
+    centering = (mu_aff / mu.clamp(min=torch.finfo(v.dtype).tiny)).clamp(0.0, 1.0) ** 3
     target = centering * mu
-    step = direction(s * lam + ds * dlam - target[:, None])
-    alpha = (0.99 * torch.minimum(_max_step(s, step[0]), _max_step(lam, step[1]))).clamp(max=1.0)
+    step = direction(s * lam + dv[:, :m] * dv[:, m:] - target[:, None])
+    alpha = (0.99 * _max_step(v, step[0])).clamp(max=1.0)
     return step, alpha, target
 
 
@@ -314,8 +316,7 @@ def _max_step(x, dx):
     """Largest alpha in (0, inf] with x + alpha dx >= 0, per instance. x (B, k) > 0."""
     if x.shape[-1] == 0:
         return torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
-    ratio = torch.where(dx < 0, -x / dx, torch.full_like(x, float("inf")))
-    return ratio.amin(-1)
+    return torch.where(dx < 0, -x / dx, float("inf")).amin(-1)
 
 
 def _inf_norm(x):
@@ -383,9 +384,10 @@ def primal_dual(
                 e_e = h + _mv(Jh, dz) if p else h
                 cz, cs, clam, cnu = newton.step(e_d, e_c, e_p, e_e)
                 dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
-            return ds, dlam, dz, dnu
+            return torch.cat([ds, dlam], -1), dz, dnu
 
-        (ds, dlam, dz, dnu), alpha, target = _predictor_corrector(direction, s, lam, mu)
+        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu)
+        ds, dlam = dv[:, :m], dv[:, m:]
         if not oracle.linear:
             alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active)
 
@@ -521,47 +523,61 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     rp0 = G_z0 - hv + s
     re0 = _mv(A, z0) - b
     u = _mv(G, q1) + rp0           # G q1 + rp: the constraint-space right-hand side
-    v = _mv(A, q1) + re0 if p else re0
+    v_eq = _mv(A, q1) + re0 if p else re0
+    u_schur = u - _mv(_mT(f.T), v_eq) if p else u
     rp0_n = torch.maximum(_inf_norm(rp0), _inf_norm(re0))
 
     status, active = _start_status(B, skip, device)
     iterations = torch.zeros(B, dtype=torch.int64, device=device)
     shrink = torch.ones(B, dtype=dtype, device=device)  # residual_k = shrink_k * residual_0
     acc_q = torch.zeros(B, dtype=dtype, device=device)
-    acc_lam, acc_nu = torch.zeros_like(lam), torch.zeros_like(nu)
+    v = torch.cat([s, lam], -1)  # [s, lam]: one tensor, so steps and bounds are one op each
+    acc_v = torch.zeros_like(v)
+    tol_d, tol_p = tol * scale_dual, tol * scale_primal
+    limit_lam = _DUAL_DIVERGENCE * scale_dual
+    stalled = torch.zeros_like(active)
     for it in range(max_iter + 1):
-        rd_n, rp_n = shrink * rd0_n, shrink * rp0_n
+        s, lam = v[:, :m], v[:, m:]
         mu = (s * lam).sum(-1) / m
-        finite = torch.isfinite(rd_n) & torch.isfinite(rp_n) & torch.isfinite(mu)
-        converged = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal) & (mu <= tol * scale_dual)
-        diverged = (torch.maximum(_inf_norm(lam), _inf_norm(nu)) > _DUAL_DIVERGENCE * scale_dual) & (
-            rp_n > tol * scale_primal)
-        status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
-                                                    (diverged, INFEASIBLE)))
+        rd_n, rp_n = shrink * rd0_n, shrink * rp0_n
+        unsolved = rp_n > tol_p
+        converged = (rd_n <= tol_d) & ~unsolved & (mu <= tol_d)
+        # NaN anywhere in s or lam shows in mu; the residuals are scaled copies
+        status, active = _classify(status, active, (
+            (~torch.isfinite(mu) | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
+            ((lam.amax(-1) > limit_lam) & unsolved, INFEASIBLE)))
         if it == max_iter or not bool(active.any()):  # the one host synchronization
             break
-        L, failed = factor_w(s / lam)
-        status, active = _classify(status, active, ((failed, NUMERICAL_ERROR),))
-        r_ineq, r_eq = shrink[:, None] * u, shrink[:, None] * v
+        D = s / lam
+        L, failed = factor_w(D)
+        r_base = shrink[:, None] * u_schur
 
         def direction(rc):
-            dlam, dnu = solve_dual(L, r_ineq - rc / lam, r_eq)
-            ds = _mv(f.GY, dlam) - r_ineq + (_mv(f.K12, dnu) if p else 0)  # = -rp - G dz
-            return ds, dlam, dnu
+            # (W + D) dlam = shrink (u - T'v) - rc/lam; then the complementarity row gives
+            # ds = -(rc + s dlam)/lam, which equals -rp - G dz and stays accurate relative
+            # to s on active constraints, where s is tiny
+            rc_lam = rc / lam
+            dlam = torch.cholesky_solve((r_base - rc_lam).unsqueeze(-1), L).squeeze(-1)
+            return (torch.cat([-(rc_lam + D * dlam), dlam], -1),)
 
-        (ds, dlam, dnu), alpha, _ = _predictor_corrector(direction, s, lam, mu)
-        status, active = _classify(status, active, ((alpha < _STALL, NUMERICAL_ERROR),))
-        step = torch.where(active, alpha, torch.zeros_like(alpha))
-        s = s + step[:, None] * ds
-        lam = lam + step[:, None] * dlam
-        nu = nu + step[:, None] * dnu
-        # dz = shrink q1 - Y dlam - Z dnu, accumulated without touching the n-space
+        (dv,), alpha, _ = _predictor_corrector(direction, v, mu)
+        # a failed factorization, or rounding that leaves a direction hitting the
+        # boundary at once: retire those instances next round rather than spin
+        stalled = failed | (alpha < _STALL)
+        step = torch.where(active & ~stalled, alpha, 0.0)
+        v = v + step[:, None] * dv
+        # dz = shrink q1 - Y dlam - Z dnu and dnu = K22^-1 (shrink v - K21 dlam) are linear
+        # in (shrink, dlam): accumulate those and touch the n-space once at the end
         acc_q = acc_q + step * shrink
-        acc_lam = acc_lam + step[:, None] * dlam
-        acc_nu = acc_nu + step[:, None] * dnu
+        acc_v = acc_v + step[:, None] * dv
         shrink = shrink * (1.0 - step)
-        iterations = iterations + active.to(iterations.dtype)
+        iterations = iterations + (step > 0)
 
+    s, lam, acc_lam = v[:, :m], v[:, m:], acc_v[:, m:]
+    if p:
+        acc_nu = torch.cholesky_solve(
+            (acc_q[:, None] * v_eq - _mv(_mT(f.K12), acc_lam)).unsqueeze(-1), f.L22).squeeze(-1)
+        nu = nu + acc_nu
     z = z0 + acc_q[:, None] * q1 - _mv(f.Y, acc_lam) - (_mv(f.Z, acc_nu) if p else 0)
     return InteriorPointResult(z, s, lam, nu, status, iterations, shrink * rp0_n, shrink * rd0_n,
                                (s * lam).sum(-1) / m, qp_factor=f)

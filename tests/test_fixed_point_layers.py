@@ -1,0 +1,339 @@
+"""FixedPointLayer and the batched fixed-point solvers.
+
+References: closed-form fixed points of affine maps, finite differences
+(``torch.autograd.gradcheck`` in float64 and central differences for module
+parameters), the spectral norm from ``torch.linalg.matrix_norm``, and the torch
+profiler's allocation events for memory.
+"""
+import importlib.util
+import math
+import pathlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from declarative.implicit_layers import (
+    ConvergenceWarning,
+    FixedPointLayer,
+    NonContractiveWarning,
+)
+from solvers.fixed_point import FIXED_POINT_SOLVERS, fixed_point_iteration, lipschitz_estimate
+
+DOUBLE = torch.float64
+SOLVERS = sorted(FIXED_POINT_SOLVERS)
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def matrix_with_singular_values(n, singular_values, seed):
+    """(n, n) with the given leading singular values (the rest 0.1 of the last one)."""
+    g = generator(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=DOUBLE, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=DOUBLE, generator=g))
+    s = torch.full((n,), 0.1 * singular_values[-1], dtype=DOUBLE)
+    s[: len(singular_values)] = torch.tensor(singular_values, dtype=DOUBLE)
+    return U @ torch.diag(s) @ V.T
+
+
+class TanhCell(nn.Module):
+    """T(y, x) = tanh(W y + U x + b) with ||W||_2 = gamma: a contraction with factor gamma."""
+
+    def __init__(self, n, d, gamma=0.7, seed=0):
+        super().__init__()
+        g = generator(seed)
+        W = torch.randn(n, n, dtype=DOUBLE, generator=g)
+        self.W = nn.Parameter(gamma * W / torch.linalg.matrix_norm(W, 2))
+        self.U = nn.Parameter(torch.randn(n, d, dtype=DOUBLE, generator=g) / math.sqrt(d))
+        self.b = nn.Parameter(0.1 * torch.randn(n, dtype=DOUBLE, generator=g))
+
+    def forward(self, y, x):
+        return torch.tanh(y @ self.W.T + x @ self.U.T + self.b)
+
+
+# --- forward solvers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solvers_find_the_fixed_point_of_an_affine_map(solver):
+    A = torch.stack([matrix_with_singular_values(12, [0.9, 0.5], seed=s) for s in range(3)])
+    b = torch.randn(3, 12, dtype=DOUBLE, generator=generator(1))
+    result = FIXED_POINT_SOLVERS[solver](lambda y: (A @ y.unsqueeze(-1)).squeeze(-1) + b,
+                                         torch.zeros(3, 12, dtype=DOUBLE), tol=1e-12, max_iter=1000)
+    assert result.status_names() == ["converged"] * 3
+    expected = torch.linalg.solve(torch.eye(12, dtype=DOUBLE) - A, b)
+    torch.testing.assert_close(result.solution, expected, rtol=1e-9, atol=1e-10)
+    assert (result.residual <= 1e-12).all()
+
+
+def test_acceleration_needs_far_fewer_evaluations_than_plain_iteration():
+    """A slowly contracting map (factor 0.97): plain iteration needs ~ log(1e-10)/log(0.97)."""
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=DOUBLE, generator=generator(2)))
+    A = Q @ torch.diag(torch.linspace(-0.5, 0.97, 20, dtype=DOUBLE)) @ Q.T
+    b = torch.randn(2, 20, dtype=DOUBLE, generator=generator(3))
+    T = lambda y: y @ A.T + b
+    iterations = {name: FIXED_POINT_SOLVERS[name](T, torch.zeros(2, 20, dtype=DOUBLE), tol=1e-10,
+                                                  max_iter=2000).iterations.max().item() for name in SOLVERS}
+    assert iterations["anderson"] * 4 < iterations["iteration"]
+    assert iterations["broyden"] * 4 < iterations["iteration"]
+
+
+def test_statuses_are_per_instance_and_failures_do_not_leak():
+    """T(y) = c exp(y): c = 0.1 has an attracting fixed point, c = 1 has none (exp(y) > y)
+    and blows up; a tiny max_iter leaves the third instance at 'max_iter'."""
+    c = torch.tensor([[0.1], [1.0], [0.1]], dtype=DOUBLE)
+    T = lambda y: c * torch.exp(y)
+    for name in SOLVERS:
+        result = FIXED_POINT_SOLVERS[name](T, torch.zeros(3, 1, dtype=DOUBLE), tol=1e-12, max_iter=400)
+        assert result.status[0].item() == 0, name
+        assert result.status_names()[1] in ("diverged", "max_iter"), name
+        assert torch.isfinite(result.solution).all(), name
+        # The fixed point of y = 0.1 e^y is -W(-0.1) (Lambert W): 0.111832559...
+        torch.testing.assert_close(result.solution[0], torch.tensor([0.11183255915896297], dtype=DOUBLE))
+    plain = fixed_point_iteration(T, torch.zeros(3, 1, dtype=DOUBLE), tol=1e-12, max_iter=2000)
+    assert plain.status_names() == ["converged", "diverged", "converged"]
+    short = fixed_point_iteration(T, torch.zeros(3, 1, dtype=DOUBLE), tol=1e-12, max_iter=3)
+    assert short.status_names()[0] == "max_iter"
+
+
+def test_lipschitz_estimate_is_the_spectral_norm():
+    A = torch.stack([matrix_with_singular_values(10, [s, 0.3], seed=4) for s in (0.8, 1.4)])
+    estimate = lipschitz_estimate(lambda y: (A @ y.unsqueeze(-1)).squeeze(-1), torch.zeros(2, 10, dtype=DOUBLE),
+                                  iterations=30)
+    torch.testing.assert_close(estimate, torch.linalg.matrix_norm(A, 2), rtol=1e-6, atol=0)
+
+
+# --- gradients --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("linear_solver", ["dense", "gmres"])
+def test_ift_gradient_matches_finite_differences(solver, linear_solver):
+    cell = TanhCell(6, 4, seed=5)
+    layer = FixedPointLayer(cell, solver=solver, tol=1e-13, max_iter=500, state_shape=(6,),
+                            linear_solver=linear_solver)
+    x = torch.randn(3, 4, dtype=DOUBLE, generator=generator(6), requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert layer.info.status == ["converged"] * 3
+
+
+def directional_derivative(layer, cell, x, loss, seed):
+    """(autograd, central finite difference) of loss(layer(x)) along a random direction in
+    the parameters of ``cell``."""
+    params = list(cell.parameters())
+    grads = torch.autograd.grad(loss(layer(x)), params)
+    g = generator(seed)
+    directions = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]
+    step = 1e-6
+
+    def shifted(t):
+        with torch.no_grad():
+            for p, d in zip(params, directions):
+                p.add_(t * d)
+            value = loss(layer(x))
+            for p, d in zip(params, directions):
+                p.sub_(t * d)
+        return value
+
+    analytic = sum((gr * d).sum() for gr, d in zip(grads, directions))
+    return analytic, (shifted(step) - shifted(-step)) / (2 * step)
+
+
+def test_ift_gradient_of_module_parameters_matches_finite_differences():
+    cell = TanhCell(8, 5, seed=7)
+    layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(8,))
+    x = torch.randn(4, 5, dtype=DOUBLE, generator=generator(8))
+    analytic, numeric = directional_derivative(layer, cell, x, lambda y: (y ** 2).sum(), seed=9)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-7, atol=1e-9)
+
+
+def parameter_gradient(mode, cell, x, target, **options):
+    layer = FixedPointLayer(cell, backward=mode, tol=1e-13, max_iter=500, state_shape=(8,), **options)
+    loss = (layer(x) - target).square().sum()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(cell.parameters()))]), layer
+
+
+def test_jfb_gives_a_descent_direction():
+    cell = TanhCell(8, 5, gamma=0.5, seed=10)
+    x = torch.randn(16, 5, dtype=DOUBLE, generator=generator(11))
+    target = torch.randn(16, 8, dtype=DOUBLE, generator=generator(12)).tanh()
+    exact, _ = parameter_gradient("ift", cell, x, target)
+    jfb, _ = parameter_gradient("jfb", cell, x, target)
+    assert torch.dot(jfb, exact) > 0.5 * jfb.norm() * exact.norm()      # within 60 degrees
+
+    def loss_after_step(step):
+        params = list(cell.parameters())
+        with torch.no_grad():
+            offset = 0
+            saved = [p.clone() for p in params]
+            for p in params:
+                p -= step * jfb[offset: offset + p.numel()].reshape(p.shape)
+                offset += p.numel()
+            layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(8,))
+            value = (layer(x) - target).square().sum()
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return value
+
+    assert loss_after_step(1e-3) < loss_after_step(0.0)
+
+
+@pytest.mark.filterwarnings("ignore::declarative.implicit_layers.ConvergenceWarning")
+def test_unrolling_many_steps_approaches_the_ift_gradient():
+    cell = TanhCell(8, 5, gamma=0.6, seed=13)
+    x = torch.randn(4, 5, dtype=DOUBLE, generator=generator(14))
+    target = torch.zeros(4, 8, dtype=DOUBLE)
+    exact, _ = parameter_gradient("ift", cell, x, target)
+    errors = []
+    for steps in (3, 10, 60):
+        unrolled, layer = parameter_gradient("unroll", cell, x, target, unroll_steps=steps)
+        assert layer.info.iterations.tolist() == [steps] * 4
+        errors.append((unrolled - exact).norm().item() / exact.norm().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-9
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def peak_memory(fn):
+    """Peak bytes allocated while running ``fn``: the running sum of the profiler's
+    allocation (+) and release (-) events in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+class LinearTanh(nn.Module):
+    def __init__(self, n, seed):
+        super().__init__()
+        g = generator(seed)
+        W = torch.randn(n, n, dtype=DOUBLE, generator=g)
+        self.W = nn.Parameter(0.9 * W / torch.linalg.matrix_norm(W, 2))
+
+    def forward(self, y, x):
+        return torch.tanh(y @ self.W.T + x)
+
+
+@pytest.mark.filterwarnings("ignore::declarative.implicit_layers.ConvergenceWarning")
+def test_ift_and_jfb_memory_do_not_grow_with_iterations_but_unroll_does():
+    """Forward iterations are raised by tightening tol (IFT, JFB) or by K (unroll)."""
+    n, batch = 200, 16
+    cell = LinearTanh(n, seed=15)
+    x = torch.randn(batch, n, dtype=DOUBLE, generator=generator(16))
+    measured = {}
+    for mode in ("ift", "jfb", "unroll"):
+        for tol, steps in ((1e-2, 5), (1e-10, 40)):
+            layer = FixedPointLayer(cell, solver="iteration", backward=mode, tol=tol, max_iter=500,
+                                    unroll_steps=steps, contraction_iterations=0, linear_solver="gmres",
+                                    backward_tol=1e-8)
+
+            def step():
+                layer(x).square().sum().backward()
+
+            step()                      # warm up: first-call allocations are not the point
+            cell.zero_grad(set_to_none=True)
+            layer.info = None
+            measured[mode, tol] = (peak_memory(step), int(layer.info.iterations.max()))
+            cell.zero_grad(set_to_none=True)
+    for mode in ("ift", "jfb", "unroll"):
+        (few_bytes, few_iterations), (many_bytes, many_iterations) = measured[mode, 1e-2], measured[mode, 1e-10]
+        assert many_iterations >= 3 * few_iterations, (mode, measured)
+        if mode == "unroll":
+            # Every recorded step keeps at least one (B, n) float64 activation.
+            assert many_bytes - few_bytes >= (many_iterations - few_iterations) * batch * n * 8, measured
+        else:
+            assert many_bytes <= few_bytes * 1.05 + 4096, (mode, measured)
+    assert measured["unroll", 1e-10][0] > 4 * measured["ift", 1e-10][0]
+
+
+# --- diagnostics and bad input -----------------------------------------------------------
+
+def test_non_contractive_T_warns_with_the_estimate():
+    """T(y, x) = A y + x with ||A||_2 = 1.3 but I - A invertible: Anderson still finds the
+    fixed point, and the report says T is not a contraction there."""
+    A = matrix_with_singular_values(4, [1.3, 0.2], seed=17)
+
+    class Affine(nn.Module):
+        def forward(self, y, x):
+            return y @ A.T + x
+
+    layer = FixedPointLayer(Affine(), solver="anderson", tol=1e-12, max_iter=100, contraction_iterations=30)
+    x = torch.randn(2, 4, dtype=DOUBLE, generator=generator(18))
+    with pytest.warns(NonContractiveWarning, match=r"1\.3"):
+        y = layer(x)
+    torch.testing.assert_close(layer.info.contraction_factor, torch.full((2,), 1.3, dtype=DOUBLE), rtol=1e-6, atol=0)
+    torch.testing.assert_close(y, torch.linalg.solve(torch.eye(4, dtype=DOUBLE) - A, x.T).T)
+
+
+def test_contractive_T_does_not_warn_and_reports_its_factor():
+    cell = TanhCell(6, 3, gamma=0.7, seed=19)
+    layer = FixedPointLayer(cell, tol=1e-12, state_shape=(6,), contraction_iterations=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(5, 3, dtype=DOUBLE, generator=generator(20)))
+    factor = layer.info.contraction_factor
+    assert factor.shape == (5,)
+    assert (factor > 0).all() and (factor <= 0.7 + 1e-9).all()   # tanh' <= 1 scales ||W|| = 0.7 down
+
+
+def test_a_non_converged_instance_gets_nan_gradient_and_others_are_exact():
+    """y = c tanh(w y) + d: c = 0.5 contracts; for c = -3 the fixed point has slope -3 and
+    plain iteration falls into a 2-cycle, so instance 1 never converges."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor(1.0, dtype=DOUBLE))
+
+        def forward(self, y, x):
+            return x[:, :1] * torch.tanh(self.weight * y) + x[:, 1:]
+
+    T = Scaled()
+    x = torch.tensor([[0.5, 0.3], [-3.0, 0.01], [0.4, -0.2]], dtype=DOUBLE, requires_grad=True)
+    layer = FixedPointLayer(T, solver="iteration", tol=1e-12, max_iter=60, state_shape=(1,),
+                            contraction_iterations=0)
+    with pytest.warns(ConvergenceWarning, match=r"instances \[1\]"):
+        y = layer(x)
+    assert layer.info.status == ["converged", "max_iter", "converged"]
+    grad_x, grad_w = torch.autograd.grad(y.sum(), (x, T.weight))
+    assert torch.isnan(grad_x[1]).all() and torch.isfinite(grad_x[[0, 2]]).all()
+    good = torch.tensor([0, 2])
+    x_good = x.detach()[good].requires_grad_(True)
+    ref_x, ref_w = torch.autograd.grad(layer(x_good).sum(), (x_good, T.weight))
+    torch.testing.assert_close(grad_x[good], ref_x)
+    torch.testing.assert_close(grad_w, ref_w)
+
+
+def test_bad_T_and_bad_options_raise():
+    x = torch.randn(2, 3, dtype=DOUBLE)
+    with pytest.raises(ValueError, match="T returned shape"):
+        FixedPointLayer(lambda y, x: y[:, :2], solver="iteration")(x)
+    with pytest.raises(ValueError, match="T returned shape"):
+        FixedPointLayer(lambda y, x: y[:, :2], backward="unroll", unroll_steps=2)(x)
+    with pytest.raises(ValueError, match="'iteration', 'anderson', 'broyden'"):
+        FixedPointLayer(lambda y, x: y, solver="newton")
+    with pytest.raises(ValueError, match="'ift', 'jfb', 'unroll'"):
+        FixedPointLayer(lambda y, x: y, backward="adjoint")
+    with pytest.raises(TypeError):
+        FixedPointLayer(lambda y, x: y, "anderson")        # options are keyword-only
+    with pytest.raises(ValueError, match="every input must be batched"):
+        FixedPointLayer(lambda y, x, z: y)(x, torch.ones(3))
+
+
+# --- the digits example ------------------------------------------------------------------
+
+def test_deq_digits_example_learns():
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "deq_digits.py"
+    spec = importlib.util.spec_from_file_location("deq_digits_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--epochs", "5", "--train-subset", "1000", "--hidden", "64", "--no-progress",
+                            "--device", "cpu"])
+    for mode in ("jfb", "ift"):
+        assert results[mode]["accuracy"] > 0.85, results   # chance is 0.1
+        assert results[mode]["peak_memory_bytes"] > 0

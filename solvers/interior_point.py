@@ -491,11 +491,12 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     Q, G, A = f.Q, f.G, f.A
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
     dtype, device = Q.dtype, Q.device
-    eye = torch.eye(m, dtype=dtype, device=device)
 
     def factor_w(D):
         L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(D + f.delta[:, None]))
-        return torch.where((info > 0)[:, None, None], eye.expand_as(L), L), info > 0
+        # a failed instance keeps its partial factor: batched LAPACK treats instances
+        # independently, so only that instance's (retired) values go bad
+        return L, info > 0
 
     def solve_dual(L, r_ineq, r_eq):
         """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY)."""
@@ -561,6 +562,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
             return (torch.cat([-(rc_lam + D * dlam), dlam], -1),)
 
         (dv,), alpha, _ = _predictor_corrector(direction, v, mu)
+        dv = dv.nan_to_num()  # retired instances take a zero step; 0 * nan would not be zero
         # a failed factorization, or rounding that leaves a direction hitting the
         # boundary at once: retire those instances next round rather than spin
         stalled = failed | (alpha < _STALL)

@@ -162,9 +162,20 @@ class ReducedKKT:
 
 
 def reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2):
-    """One factorization and solve of the reduced system: the per-iteration linear
-    algebra of the solver (used by benchmarks to show the solver's floor)."""
+    """One factorization and solve of the n-space reduced system: the per-iteration
+    linear algebra of the general loop (NLPs, LPs; used by benchmarks as a floor)."""
     return ReducedKKT(H, Jg, Jh, sigma).solve(r1, r2)
+
+
+def constraint_space_kernel(W, D, rhs):
+    """The per-iteration linear algebra of a QP solved in constraint space: one
+    Cholesky factorization of W + diag(D) (B, m, m) and the predictor's and corrector's
+    triangular solves for rhs (B, m). Benchmarks time it to show the solver's floor."""
+    M = W.clone()
+    M.diagonal(dim1=-2, dim2=-1).add_(D)
+    L, _ = torch.linalg.cholesky_ex(M)
+    first = torch.cholesky_solve(rhs.unsqueeze(-1), L)
+    return torch.cholesky_solve(first, L).squeeze(-1)
 
 
 class ReducedNewton:
@@ -493,7 +504,9 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     dtype, device = Q.dtype, Q.device
 
     def factor_w(D):
-        L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(D + f.delta[:, None]))
+        M = f.W.clone()
+        M.diagonal(dim1=-2, dim2=-1).add_(D + f.delta[:, None])
+        L, info = torch.linalg.cholesky_ex(M)
         # a failed instance keeps its partial factor: batched LAPACK treats instances
         # independently, so only that instance's (retired) values go bad
         return L, info > 0
@@ -514,8 +527,11 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     y, nu = solve_dual(L1, G_qc - hv, A_qc - b)
     z0 = qc - _mv(f.Y, y) - (_mv(f.Z, nu) if p else 0)
     G_z0 = G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if p else 0)
-    s = (hv - G_z0).clamp(min=1.0)
-    lam = torch.ones_like(s)
+    # CVXOPT's shift: the least-squares slack and its multiplier estimate (-slack),
+    # each moved just inside the positive orthant
+    s_ls = hv - G_z0
+    s = s_ls + (1.0 - s_ls.amin(-1, keepdim=True)).clamp(min=0.0)
+    lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
     skip = failed if skip is None else (skip | failed)
 
     # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Y lam - Z nu

@@ -24,6 +24,7 @@ iteration is that check. Statuses are per instance (:data:`STATUS_NAMES`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -469,7 +470,9 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
         if bool(factor.usable.all()):
             result = _constraint_space_ipm(factor, c, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                            tol=tol, max_iter=max_iter, skip=skip)
-            return _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip)
+            result = _verify(result, residuals, scale_dual, scale_primal, tol)
+            result = _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip)
+            return _certify_infeasible(result, G, hv, A, b, skip)
 
     def derivatives(z, lam, nu):
         rd, g, h = residuals(z, lam, nu)
@@ -482,10 +485,45 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     z0, _ = kkt.solve(r1, b)
     s0 = (hv - _mv(G, z0)).clamp(min=1.0) if m else ones
     skip = kkt.failed if skip is None else (skip | kkt.failed)
-    return primal_dual(
+    result = primal_dual(
         Oracle(derivatives, residuals, linear=True), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
     )
+    return _certify_infeasible(result, G, hv, A, b, skip)
+
+
+def _verify(result, residuals, scale_dual, scale_primal, tol):
+    """Recompute the residuals the constraint-space loop only tracked as a scale factor.
+
+    The tracking is exact for exact Newton solves; when the solves degrade (duals
+    running off to infinity on an infeasible instance) it is not, so a claimed optimum
+    whose true residuals miss the tolerance (with a margin for rounding) is demoted
+    and left to polishing and the infeasibility certificate."""
+    rd, g, h = residuals(result.z, result.lam, result.nu)
+    rd_n = _inf_norm(rd)
+    rp_n = torch.maximum(_inf_norm(g + result.s), _inf_norm(h))
+    bad = (result.status == OPTIMAL) & ~((rd_n <= 10 * tol * scale_dual) & (rp_n <= 10 * tol * scale_primal))
+    status = torch.where(bad, torch.full_like(result.status, NUMERICAL_ERROR), result.status)
+    return dataclasses.replace(result, status=status, primal_residual=rp_n, dual_residual=rd_n)
+
+
+def _certify_infeasible(result, G, hv, A, b, skip):
+    """Mark unsolved instances INFEASIBLE when their duals are a Farkas certificate:
+    lam >= 0 with G'lam + A'nu ~ 0 and hv'lam + b'nu < 0 (then no z has Gz <= hv, Az = b).
+    An interior point on an infeasible problem drives (lam, nu) towards such a ray."""
+    unsolved = result.status != OPTIMAL
+    if skip is not None:
+        unsolved = unsolved & ~skip
+    if not bool(unsolved.any()):
+        return result
+    lam, nu = result.lam, result.nu
+    size = lam.abs().sum(-1) + nu.abs().sum(-1)
+    ray = _mv(_mT(G), lam) + (_mv(_mT(A), nu) if nu.shape[-1] else 0)
+    data = torch.maximum(_inf_norm(G.flatten(1)), _inf_norm(A.flatten(1))).clamp(min=1.0)
+    gap = (hv * lam).sum(-1) + (b * nu).sum(-1)
+    certified = unsolved & (_inf_norm(ray) <= 1e-6 * data * size) & (gap < -1e-9 * size)
+    status = torch.where(certified, torch.full_like(result.status, INFEASIBLE), result.status)
+    return dataclasses.replace(result, status=status)
 
 
 def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
@@ -560,9 +598,11 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         unsolved = rp_n > tol_p
         converged = (rd_n <= tol_d) & ~unsolved & (mu <= tol_d)
         # NaN anywhere in s or lam shows in mu; the residuals are scaled copies
+        # duals running away: stop here; the Farkas check after the loop decides
+        # whether the instance is infeasible
         status, active = _classify(status, active, (
             (~torch.isfinite(mu) | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
-            ((lam.amax(-1) > limit_lam) & unsolved, INFEASIBLE)))
+            (lam.amax(-1) > limit_lam, NUMERICAL_ERROR)))
         if it == max_iter or not bool(active.any()):  # the one host synchronization
             break
         D = s / lam

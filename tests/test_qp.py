@@ -181,3 +181,24 @@ def test_matrix_variable_and_multiple_outputs():
     np.testing.assert_allclose(y_t.numpy(), yv.value, atol=1e-6)
     only_y = prob.to_torch(variables=[y])
     torch.testing.assert_close(only_y(P_t, r_t), y_t)
+
+
+def test_gradcheck_lp():
+    # an LP's solution is a vertex x = G_a^-1 h_a: differentiable in G and h, flat in c
+    n, m = 3, 7
+    x = dl.Variable(n, name="x")
+    c = dl.Parameter(n, name="c")
+    G = dl.Parameter((m, n), name="G")
+    h = dl.Parameter(m, name="h")
+    layer = dl.Problem(dl.Minimize(c @ x), [G @ x <= h]).to_torch(tol=1e-12)
+    gen = torch.Generator().manual_seed(11)
+    G_t = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    G_t[:n] += 5 * torch.eye(n, dtype=torch.float64)  # keeps the polytope bounded in the c direction
+    c_t = -torch.ones(n, dtype=torch.float64)
+    h_t = torch.rand(m, generator=gen, dtype=torch.float64) + 1.0
+    x_t = layer(c_t, G_t, h_t)
+    xv = cp.Variable(n)
+    solve(cp.Problem(cp.Minimize(c_t.numpy() @ xv), [G_t.numpy() @ xv <= h_t.numpy()]))
+    np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
+    inputs = tuple(t.clone().requires_grad_() for t in (c_t, G_t, h_t))
+    assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

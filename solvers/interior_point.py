@@ -674,10 +674,13 @@ def _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, 
     if skip is not None:
         take = take & ~skip
     keep = take[:, None]
-    # s and lam stay strictly positive (the backward divides by them): the active set's
-    # zeros keep the interior point's tiny values
-    s_new = torch.where(active, result.s, (-g).clamp(min=torch.finfo(z.dtype).tiny))
-    lam_new = torch.where(active, lam.clamp(min=torch.finfo(z.dtype).tiny), result.lam)
+    # The polished point has exact zeros (s on the active set, lam off it). They stay
+    # strictly positive for the backward, which divides by them, but far below every
+    # other scale (eps^2), so the implicit derivative is the exact one of the active set
+    # rather than that of a nearby central-path point.
+    zero = torch.finfo(z.dtype).eps ** 2
+    s_new = torch.where(active, zero, (-g).clamp(min=zero))
+    lam_new = torch.where(active, lam.clamp(min=zero), zero)
     status = torch.where(take, torch.full_like(result.status, OPTIMAL), result.status)
     return InteriorPointResult(
         z=torch.where(keep, z, result.z),

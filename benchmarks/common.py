@@ -1,0 +1,634 @@
+"""Shared helpers for the benchmark scripts in ``benchmarks/``.
+
+Everything here is benchmark infrastructure: problem families, reference
+solutions (CVXPY + Clarabel at tight tolerance, polished), timing with a
+per-cell budget, robust "peer" cells (``missing`` / ``crash: ...``), markdown
+formatting and the ``RESULTS.md`` writer.  Nothing in here is timed except the
+callables handed to :func:`bench`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+# Make ``import declarative`` / ``import solvers`` work when the scripts are run
+# as ``python benchmarks/qp.py`` from a source checkout.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DTYPE = torch.float64
+
+# Clarabel settings used for every reference solve.
+CLARABEL_TIGHT = dict(
+    tol_gap_abs=1e-12,
+    tol_gap_rel=1e-12,
+    tol_feas=1e-12,
+    tol_ktratio=1e-10,
+    max_iter=400,
+)
+
+
+# --------------------------------------------------------------------------
+# Machine information
+# --------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(mod: str) -> str:
+    try:
+        from importlib import metadata
+
+        return metadata.version(mod)
+    except Exception:
+        try:
+            m = importlib.import_module(mod)
+            return getattr(m, "__version__", "?")
+        except Exception:
+            return "missing"
+
+
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "?"
+
+
+def machine_info() -> Dict[str, str]:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    return {
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_model(),
+        "cores": str(cores),
+        "torch threads": str(torch.get_num_threads()),
+        "load average (1 min) at start": _loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cvxpy": _version("cvxpy"),
+        "clarabel": _version("clarabel"),
+        "qpth": _version("qpth"),
+        "cvxpylayers": _version("cvxpylayers"),
+        "diffcp": _version("diffcp"),
+    }
+
+
+def machine_info_md(info: Optional[Dict[str, str]] = None) -> str:
+    info = info or machine_info()
+    return "\n".join(f"- {k}: {v}" for k, v in info.items())
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+@dataclass
+class Timing:
+    median: float  # seconds
+    repeats: int
+    warmup: float  # seconds of the (untimed) warm-up call
+
+    def __str__(self) -> str:
+        return fmt_time(self.median)
+
+
+def bench(fn: Callable[[], object], budget: float, max_repeats: int = 25,
+          min_repeats: int = 1, warmup: bool = True) -> Timing:
+    """Warm up once (unless ``warmup=False``: the caller already warmed the
+    code path up), then take the median of R repeats.
+
+    R is chosen from the first timed call so that the repeats take about
+    ``budget`` seconds (clamped to [min_repeats, max_repeats]).
+    """
+    warm = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        fn()
+        warm = time.perf_counter() - t0
+    # first timed repeat also serves as the estimate of the per-call cost
+    t0 = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - t0]
+    reps = int(budget / max(times[0], 1e-6))
+    reps = max(min_repeats, min(max_repeats, reps))
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), len(times), warm)
+
+
+def fmt_time(t: Optional[float]) -> str:
+    if t is None or not math.isfinite(t):
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.0f} us"
+    if t < 1.0:
+        return f"{t * 1e3:.3g} ms"
+    return f"{t:.3g} s"
+
+
+def fmt_err(e: Optional[float]) -> str:
+    if e is None:
+        return "-"
+    if not math.isfinite(e):
+        return "nan"
+    return f"{e:.1e}"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    if r is None or not math.isfinite(r):
+        return "-"
+    return f"{r:.3g}x"
+
+
+def short_reason(exc: BaseException, limit: int = 60) -> str:
+    msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+    msg = re.sub(r"\s+", " ", msg)
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------
+# One tool on one problem: a "cell" of the result table
+# --------------------------------------------------------------------------
+@dataclass
+class CellResult:
+    tool: str
+    status: str = "ok"  # ok | missing | crash: ... | skipped: ...
+    fwd: Optional[Timing] = None
+    fwdbwd: Optional[Timing] = None
+    err: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+    fb_status: str = "ok"  # status of the forward+backward part alone
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def time_str(self, which: str) -> str:
+        # the full reason goes in the first cell of the tool, later cells
+        # only say "crash" / "missing"
+        if not self.ok:
+            return self.status if which == "fwd" else self.status.split(":")[0]
+        if which == "fwd":
+            return str(self.fwd) if self.fwd else "-"
+        if self.fb_status != "ok":
+            return self.fb_status
+        return str(self.fwdbwd) if self.fwdbwd else "-"
+
+    def err_str(self) -> str:
+        return fmt_err(self.err) if self.ok else self.status.split(":")[0]
+
+
+def run_cell(tool: str, make_layer: Callable[[], Callable[..., torch.Tensor]],
+             params: Sequence[torch.Tensor], ref: np.ndarray,
+             weights: torch.Tensor, budget: float, max_repeats: int = 25,
+             post_forward: Optional[Callable[[Callable], Dict[str, object]]] = None,
+             timeout_hint: Optional[float] = None, slow_warmup: float = 2.0) -> CellResult:
+    """Build ``layer = make_layer()`` (untimed), then time forward (no grad)
+    and forward+backward of ``sum(weights * layer(*params))`` w.r.t. all
+    parameters.  Any exception is caught and reported in the cell.
+
+    ``make_layer`` raising ImportError/ModuleNotFoundError -> ``missing``.
+    """
+    res = CellResult(tool)
+    try:
+        layer = make_layer()
+    except ImportError as e:
+        res.status = "missing"
+        res.extra["reason"] = short_reason(e, 200)
+        return res
+    except Exception as e:  # noqa: BLE001
+        res.status = "crash: " + short_reason(e)
+        res.extra["traceback"] = traceback.format_exc()
+        return res
+
+    # Forward only (no autograd graph) + accuracy.
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            x = layer(*params)
+            first = time.perf_counter() - t0
+        x = _first_output(x)
+        xn = x.detach().cpu().numpy().reshape(ref.shape)
+        err = float(np.max(np.abs(xn - ref))) if np.all(np.isfinite(xn)) else float("nan")
+        res.err = err
+        if post_forward is not None:
+            res.extra.update(post_forward(layer) or {})
+        if timeout_hint is not None and first > timeout_hint:
+            # far too slow to repeat: report the single (cold) call
+            res.fwd = Timing(first, 1, first)
+            res.extra["fwd_cold_only"] = True
+        else:
+            def f():
+                with torch.no_grad():
+                    layer(*params)
+            # the accuracy call above was the warm-up
+            res.fwd = bench(f, budget, max_repeats, warmup=False)
+    except Exception as e:  # noqa: BLE001
+        res.status = "crash: " + short_reason(e)
+        res.extra["traceback"] = traceback.format_exc()
+        return res
+
+    # Forward + backward w.r.t. every parameter.
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+
+    def fb():
+        for t in leaves:
+            t.grad = None
+        out = _first_output(layer(*leaves))
+        (out * weights).sum().backward()
+
+    try:
+        # fwd+bwd gets its own warm-up (backward code paths), except for very
+        # slow tools (> slow_warmup s per forward) where the forward calls
+        # already warmed the layer up and an extra call would blow the budget.
+        warm = not (res.fwd is not None and res.fwd.median > slow_warmup)
+        res.fwdbwd = bench(fb, budget, max_repeats, warmup=warm)
+        res.extra["fb_warmup"] = warm
+        grads = [t.grad for t in leaves]
+        if any(g is None for g in grads):
+            res.extra["grad_note"] = "some parameter got no gradient"
+        elif not all(torch.isfinite(g).all() for g in grads):
+            res.extra["grad_note"] = "non-finite gradient"
+        res.extra["grads"] = [None if g is None else g.detach().clone() for g in grads]
+    except Exception as e:  # noqa: BLE001
+        res.fb_status = "crash: " + short_reason(e)
+        res.extra["traceback_fb"] = traceback.format_exc()
+    return res
+
+
+def _first_output(x):
+    if isinstance(x, (tuple, list)):
+        return x[0]
+    return x
+
+
+def grad_discrepancy(a: CellResult, b: CellResult) -> Optional[float]:
+    """Max relative difference of the parameter gradients of two cells."""
+    ga, gb = a.extra.get("grads"), b.extra.get("grads")
+    if not ga or not gb or len(ga) != len(gb):
+        return None
+    worst = 0.0
+    for x, y in zip(ga, gb):
+        if x is None or y is None or x.shape != y.shape:
+            return None
+        scale = max(float(y.abs().max()), 1.0)
+        worst = max(worst, float((x - y).abs().max()) / scale)
+    return worst
+
+
+# --------------------------------------------------------------------------
+# Problem families
+# --------------------------------------------------------------------------
+def make_qp(B: int, n: int, m: int, p: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Batched random strictly feasible QP family (float64).
+
+    Q = L L'/n + 0.1 I, q, G, A Gaussian; h = G x0 + s0 (s0 > 0), b = A x0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=DTYPE)
+    L = torch.randn(B, n, n, **kw)
+    Q = L @ L.transpose(-1, -2) / n + 0.1 * torch.eye(n, dtype=DTYPE)
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    q = torch.randn(B, n, **kw)
+    G = torch.randn(B, m, n, **kw)
+    A = torch.randn(B, p, n, **kw)
+    x0 = torch.randn(B, n, **kw)
+    s0 = torch.rand(B, m, **kw) + 0.1  # in [0.1, 1.1)
+    h = (G @ x0.unsqueeze(-1)).squeeze(-1) + s0
+    b = (A @ x0.unsqueeze(-1)).squeeze(-1)
+    w = torch.randn(B, n, **kw)  # weights of the linear functional for backward
+    return dict(Q=Q, q=q, G=G, h=h, A=A, b=b, w=w)
+
+
+def make_entropy(B: int, n: int, weighted: bool, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Batched entropy-regularised (softmax-as-optimisation) family.
+
+    plain:    maximize theta'z + sum(entr(z))        s.t. sum(z) == 1, z >= 0
+    weighted: maximize theta'z + sum(wt * entr(z))   s.t. sum(z) == 1, z >= 0,
+                                                       G z <= h
+    with wt in [0.5, 1.5], G (k x n) Gaussian, k = n // 2, and
+    h = G z0 + s0 where z0 = 1/n (strictly feasible, s0 in [0.02, 0.2)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=DTYPE)
+    theta = 2.0 * torch.randn(B, n, **kw)
+    out = dict(theta=theta)
+    if weighted:
+        k = max(1, n // 2)
+        out["wt"] = 0.5 + torch.rand(B, n, **kw)
+        G = torch.randn(B, k, n, **kw)
+        z0 = torch.full((B, n), 1.0 / n, dtype=DTYPE)
+        s0 = 0.02 + 0.18 * torch.rand(B, k, **kw)
+        out["G"] = G
+        out["h"] = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
+    out["w"] = torch.randn(B, n, **kw)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Reference solutions: CVXPY + Clarabel (tight), then polished
+# --------------------------------------------------------------------------
+def _clarabel_solve(prob) -> float:
+    """Solve with Clarabel at the tightest tolerance that succeeds
+    (1e-12, then 1e-10, then 1e-8); returns the tolerance used."""
+    import cvxpy as cp
+
+    last = None
+    for tol in (1e-12, 1e-10, 1e-8):
+        opts = dict(CLARABEL_TIGHT, tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol,
+                    tol_ktratio=min(1e-6, tol * 100))
+        try:
+            prob.solve(solver=cp.CLARABEL, **opts)
+        except cp.error.SolverError as e:
+            last = e
+            continue
+        if prob.status == "optimal":
+            return tol
+        last = RuntimeError(f"reference solve: {prob.status}")
+    raise RuntimeError(f"reference solve failed: {last}")
+
+
+def qp_reference(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """Per-instance CVXPY/Clarabel reference for the QP family.
+
+    Each Clarabel solution is polished by solving the KKT system on the
+    active set identified from Clarabel's duals (accepted only when the
+    polished point is primal and dual feasible); ``polish_delta`` is the max
+    change made by polishing, i.e. an estimate of the raw Clarabel error.
+    """
+    import cvxpy as cp
+
+    Q, q, G, h, A, b = (d[k].numpy() for k in ("Q", "q", "G", "h", "A", "b"))
+    B, n = q.shape
+    m, p = G.shape[1], A.shape[1]
+    X = np.empty((B, n))
+    delta, polished = 0.0, 0
+    t0 = time.perf_counter()
+    x = cp.Variable(n)
+    for i in range(B):
+        cons = [G[i] @ x <= h[i]]
+        if p:
+            cons.append(A[i] @ x == b[i])
+        prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, cp.psd_wrap(Q[i])) + q[i] @ x), cons)
+        _clarabel_solve(prob)
+        xr = np.asarray(x.value, dtype=float)
+        lam = np.asarray(cons[0].dual_value, dtype=float)
+        xp = _polish_qp(Q[i], q[i], G[i], h[i], A[i], b[i], xr, lam)
+        if xp is not None:
+            delta = max(delta, float(np.max(np.abs(xp - xr))))
+            polished += 1
+            X[i] = xp
+        else:
+            X[i] = xr
+    return dict(x=X, polish_delta=delta, polished=polished, B=B,
+                seconds=time.perf_counter() - t0)
+
+
+def _polish_qp(Q, q, G, h, A, b, x, lam):
+    slack = h - G @ x
+    act = lam > slack
+    na, p, n = int(act.sum()), A.shape[0], Q.shape[0]
+    C = np.vstack([A, G[act]]) if p or na else np.zeros((0, n))
+    d = np.concatenate([b, h[act]])
+    K = np.block([[Q, C.T], [C, np.zeros((p + na, p + na))]])
+    rhs = np.concatenate([-q, d])
+    try:
+        sol = np.linalg.solve(K, rhs)
+    except np.linalg.LinAlgError:
+        return None
+    xp, mult = sol[:n], sol[n:]
+    lam_a = mult[p:]
+    tolf = 1e-9 * max(1.0, float(np.abs(h).max()))
+    if na and lam_a.min() < -1e-9:
+        return None
+    if (G[~act] @ xp - h[~act]).max(initial=-1.0) > tolf:
+        return None
+    if np.max(np.abs(xp - x)) > 1e-5:  # polishing should be a tiny correction
+        return None
+    return xp
+
+
+def entropy_reference(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """Reference for the entropy family.
+
+    plain: the exact solution is softmax(theta); we also check Clarabel (exp
+    cone) against it on a few instances and report that difference.
+    weighted: Clarabel with exponential cones at tight tolerance, polished by
+    Newton's method on the KKT system of the identified active set.
+    """
+    import cvxpy as cp
+    from scipy.special import softmax
+
+    t0 = time.perf_counter()
+    theta = d["theta"].numpy()
+    B, n = theta.shape
+    if "G" not in d:
+        X = softmax(theta, axis=1)
+        z = cp.Variable(n)
+        th = cp.Parameter(n)
+        prob = cp.Problem(cp.Maximize(th @ z + cp.sum(cp.entr(z))), [cp.sum(z) == 1, z >= 0])
+        diff = 0.0
+        for i in range(min(B, 8)):
+            th.value = theta[i]
+            _clarabel_solve(prob)
+            diff = max(diff, float(np.max(np.abs(z.value - X[i]))))
+        return dict(x=X, polish_delta=diff, polished=B, B=B,
+                    seconds=time.perf_counter() - t0,
+                    note="exact softmax; Clarabel differs by polish_delta on 8 instances")
+    wt, G, h = d["wt"].numpy(), d["G"].numpy(), d["h"].numpy()
+    k = G.shape[1]
+    z = cp.Variable(n)
+    th, wp = cp.Parameter(n), cp.Parameter(n, nonneg=True)
+    Gp, hp = cp.Parameter((k, n)), cp.Parameter(k)
+    cons = [cp.sum(z) == 1, z >= 0, Gp @ z <= hp]
+    prob = cp.Problem(cp.Maximize(th @ z + wp @ cp.entr(z)), cons)
+    X = np.empty((B, n))
+    delta, polished, nact = 0.0, 0, 0
+    for i in range(B):
+        th.value, wp.value, Gp.value, hp.value = theta[i], wt[i], G[i], h[i]
+        _clarabel_solve(prob)
+        zr = np.asarray(z.value, dtype=float)
+        lam = np.asarray(cons[2].dual_value, dtype=float)
+        zp = _polish_entropy(theta[i], wt[i], G[i], h[i], zr, lam)
+        if zp is not None:
+            delta = max(delta, float(np.max(np.abs(zp - zr))))
+            polished += 1
+            X[i] = zp
+        else:
+            X[i] = zr
+        nact += int((lam > h[i] - G[i] @ zr).sum())
+    return dict(x=X, polish_delta=delta, polished=polished, B=B,
+                seconds=time.perf_counter() - t0, active_per_instance=nact / B)
+
+
+def _polish_entropy(theta, wt, G, h, z, lam, iters=20):
+    """Newton on  theta - wt*(log z + 1) - nu*1 - Ga' lam = 0, 1'z = 1, Ga z = ha."""
+    slack = h - G @ z
+    act = lam > slack
+    Ga, ha = G[act], h[act]
+    n, na = z.size, int(act.sum())
+    C = np.vstack([np.ones((1, n)), Ga])
+    d = np.concatenate([[1.0], ha])
+    zz = np.maximum(z.copy(), 1e-300)
+    mult = np.concatenate([[0.0], lam[act]])
+    # initial multipliers: least squares on stationarity
+    r0 = theta - wt * (np.log(zz) + 1.0)
+    mult = np.linalg.lstsq(C.T, r0, rcond=None)[0]
+    for _ in range(iters):
+        rs = theta - wt * (np.log(zz) + 1.0) - C.T @ mult
+        rp = C @ zz - d
+        Hd = wt / zz  # Hessian of -objective is diag(wt/z)
+        K = np.block([[np.diag(Hd), C.T], [C, np.zeros((1 + na, 1 + na))]])
+        try:
+            step = np.linalg.solve(K, np.concatenate([rs, -rp]))
+        except np.linalg.LinAlgError:
+            return None
+        dz, dm = step[:n], step[n:]
+        # stay positive
+        t = 1.0
+        neg = dz < 0
+        if neg.any():
+            t = min(1.0, 0.99 * float(np.min(-zz[neg] / dz[neg])))
+        zz = zz + t * dz
+        mult = mult + t * dm
+        if np.max(np.abs(dz)) < 1e-16:
+            break
+    rs = theta - wt * (np.log(zz) + 1.0) - C.T @ mult
+    if np.max(np.abs(rs)) > 1e-8 or np.max(np.abs(C @ zz - d)) > 1e-12:
+        return None
+    if na and mult[1:].min() < -1e-9:
+        return None
+    if (G[~act] @ zz - h[~act]).max(initial=-1.0) > 1e-10:
+        return None
+    if np.max(np.abs(zz - z)) > 1e-5:
+        return None
+    return zz
+
+
+# --------------------------------------------------------------------------
+# Our project (declarative) and the solver kernel
+# --------------------------------------------------------------------------
+def import_declarative():
+    import declarative as dl  # noqa: F401  (ImportError -> "missing")
+
+    return dl
+
+
+def layer_iterations(layer) -> Optional[torch.Tensor]:
+    info = getattr(layer, "info", None)
+    it = getattr(info, "iterations", None) if info is not None else None
+    if it is None:
+        return None
+    return torch.as_tensor(it)
+
+
+def layer_status(layer) -> Optional[List[str]]:
+    info = getattr(layer, "info", None)
+    st = getattr(info, "status", None) if info is not None else None
+    if st is None:
+        return None
+    return list(st) if not isinstance(st, str) else [st]
+
+
+def solver_info(layer) -> Dict[str, object]:
+    """Iterations and statuses reported by our layer after a forward."""
+    it = layer_iterations(layer)
+    st = layer_status(layer)
+    out: Dict[str, object] = {}
+    if it is not None:
+        out["iters_max"] = int(it.max())
+        out["iters_median"] = float(it.float().median())
+    if st is not None:
+        bad = [s for s in st if str(s).lower() not in ("solved", "optimal", "converged")]
+        out["n_not_solved"] = len(bad)
+        if bad:
+            out["status_example"] = str(bad[0])
+    return out
+
+
+def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int = 1):
+    """Time the per-iteration linear algebra of our QP path on random data of the
+    same size: ``solvers.interior_point.constraint_space_kernel``, one Cholesky
+    factorization of W + diag(D) (B, m, m) plus the predictor's and corrector's
+    triangular solves. (n and p only enter the once-per-call setup, not the floor.)"""
+    from solvers.interior_point import constraint_space_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=DTYPE)
+    F = torch.randn(B, m, m, **kw)
+    W = F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
+    D = torch.rand(B, m, **kw) + 0.01
+    rhs = torch.randn(B, m, **kw)
+    with torch.no_grad():
+        t = bench(lambda: constraint_space_kernel(W, D, rhs), budget, max_repeats=200, min_repeats=5)
+    return t, "solvers.interior_point.constraint_space_kernel"
+
+
+# --------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def write_results_section(name: str, body: str, path: Path = RESULTS_MD) -> None:
+    """Replace (or append) the section delimited by markers for ``name`` in
+    RESULTS.md, and refresh the machine header at the top of the file."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        if not text.strip():
+            text = "# Benchmark results\n\n<!-- BEGIN header -->\n<!-- END header -->\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
+    hb, he = "<!-- BEGIN header -->", "<!-- END header -->"
+    header = (f"{hb}\nGenerated by the scripts in `benchmarks/` (see `benchmarks/README.md`).\n"
+              f"Each section below records the machine it was measured on.\n{he}")
+    if hb in text and he in text:
+        pre, rest = text.split(hb, 1)
+        _, post = rest.split(he, 1)
+        text = pre + header + post
+    path.write_text(text)
+
+
+def section_header(title: str, argv: Sequence[str]) -> str:
+    return (f"## {title}\n\nCommand: `python {' '.join(argv)}`\n\n"
+            f"Machine:\n\n{machine_info_md()}\n")

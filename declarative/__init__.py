@@ -34,6 +34,7 @@ from .expressions import (
     sum,
     sum_squares,
 )
+from .cvxpy_import import from_cvxpy
 from .implicit_diff import Linearization, implicit_solution
 from .implicit_layers import (
     DENSE_THRESHOLD,
@@ -56,7 +57,7 @@ __all__ = [
     "Problem", "OptimizationLayer", "SolveInfo", "CompileError",
     "sum", "quad_form", "sum_squares", "exp", "log", "entropy", "square", "power", "sqrt",
     "softplus", "sigmoid", "abs", "pos", "maximum", "norm1", "norm_inf",
-    "Linearization", "implicit_solution",
+    "Linearization", "implicit_solution", "from_cvxpy",
     "ImplicitLayer", "FixedPointLayer", "newton", "ImplicitInfo", "FixedPointInfo",
     "ConvergenceWarning", "NonContractiveWarning", "SingularJacobianWarning", "DENSE_THRESHOLD",
 ]

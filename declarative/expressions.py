@@ -276,10 +276,12 @@ def sum_squares(x) -> Expression:
 
 
 def exp(x) -> Expression:
+    """Elementwise exp(x)."""
     return _apply(ELEMENTWISE_ATOMS["exp"], x)
 
 
 def log(x) -> Expression:
+    """Elementwise log(x); needs x > 0 (the solver keeps iterates inside)."""
     return _apply(ELEMENTWISE_ATOMS["log"], x)
 
 
@@ -289,10 +291,12 @@ def entropy(x) -> Expression:
 
 
 def square(x) -> Expression:
+    """Elementwise x**2."""
     return _apply(ELEMENTWISE_ATOMS["square"], x)
 
 
 def sqrt(x) -> Expression:
+    """Elementwise sqrt(x); needs x > 0."""
     return _apply(ELEMENTWISE_ATOMS["sqrt"], x)
 
 
@@ -302,6 +306,7 @@ def softplus(x) -> Expression:
 
 
 def sigmoid(x) -> Expression:
+    """Elementwise 1 / (1 + exp(-x))."""
     return _apply(ELEMENTWISE_ATOMS["sigmoid"], x)
 
 
@@ -315,7 +320,7 @@ def power(x, k) -> Expression:
 # nonsmooth atoms: kept as sympy Abs/Max until the canonicalizer rewrites them
 
 def abs(x) -> Expression:  # noqa: A001 - mirrors numpy
-    """Elementwise |x| (nonsmooth: rewritten in epigraph form)."""
+    """Elementwise ``|x|`` (nonsmooth: rewritten in epigraph form)."""
     x = as_expression(x)
     return _derived(ir.elementwise(sympy.Lambda((_U,), sympy.Abs(_U)), (x.node,)), x)
 

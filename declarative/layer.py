@@ -31,10 +31,17 @@ SOLVERS = ("ipm",)
 class SolveInfo:
     """Report of the last forward call, per batch instance.
 
-    status : list of str, one of 'optimal', 'infeasible', 'max_iter', 'numerical_error',
-        'unbounded' (NaN inputs give 'numerical_error')
-    status_code, iterations : (B,) int64 tensors
-    primal_residual, dual_residual, complementarity : (B,) final residuals
+    Attributes
+    ----------
+    status : list of str
+        One of 'optimal', 'infeasible', 'max_iter', 'numerical_error', 'unbounded' per
+        instance (NaN inputs give 'numerical_error').
+    status_code, iterations : torch.Tensor
+        ``(B,)`` int64.
+    primal_residual, dual_residual, complementarity : torch.Tensor
+        ``(B,)`` final residuals.
+    problem_class : str
+        'LP', 'QP' or 'NLP'.
     """
 
     status: List[str]
@@ -129,10 +136,12 @@ class OptimizationLayer(torch.nn.Module):
 
     @property
     def kkt(self):
+        """The derived KKT system (``print(layer.kkt)`` shows it)."""
         return self.compiled.kkt
 
     @property
     def problem_class(self) -> str:
+        """'LP', 'QP' or 'NLP', as the compiler classified the problem."""
         return self.compiled.kkt.problem_class
 
     def extra_repr(self):
@@ -142,6 +151,7 @@ class OptimizationLayer(torch.nn.Module):
 
     # ---- forward --------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        """Solve for a batch of parameter values; see the class docstring."""
         tensors = self._bind(args, kwargs)
         batch, dtype, device, batched = self._check(tensors)
         params = [t.to(dtype) if t.shape[:1] == (batch,) and b else t.to(dtype).unsqueeze(0)

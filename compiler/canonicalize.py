@@ -363,7 +363,7 @@ def _positive_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int], ...]:
     by_name = {v.node.attrs[0]: (off, v.node.shape[0]) for v, off in zip(sf.variables, offsets)}
     ranges = set()
     for node in ir.topological(roots):
-        if node.op == "elementwise" and domain_of(node.attrs.expr) == "positive":
+        if node.op == "elementwise" and domain_of(node.attrs.expr) in ("positive", "nonzero"):
             for arg in node.args:
                 for name in arg.free:
                     if name in by_name:

@@ -24,7 +24,7 @@ STATUS_NAMES = ipm.STATUS_NAMES
 
 #: forward solvers by name: the interior point serves every problem class; OSQP (CPU,
 #: sparse) serves LPs and QPs
-SOLVERS = ("ipm",)
+SOLVERS = ("ipm", "osqp")
 
 
 @dataclass
@@ -87,6 +87,11 @@ class OptimizationLayer(torch.nn.Module):
         max_iter: interior-point iteration limit (default 100)
         return_duals: also return the constraint duals (default False)
         warn: warn when instances fail (default True)
+        solver: 'ipm' (default: batched interior point, any problem, CPU or GPU) or
+            'osqp' (LPs and QPs: OSQP per instance on the CPU with sparse matrices, warm
+            started from the previous call; for large sparse problems; ``tol`` becomes
+            its eps_abs = eps_rel, ``max_iter`` does not apply). Both share the implicit
+            backward.
     """
 
     def __init__(self, problem, parameters=None, variables=None, *, tol: Optional[float] = None,
@@ -114,7 +119,13 @@ class OptimizationLayer(torch.nn.Module):
         stacked = self.compiled.problem
         offsets = {v.node: off for v, off in zip(stacked.variables, stacked.variable_offsets)}
         self._var_slices = [(offsets[v.flat], v.flat.shape[0], v.shape) for v in self.variables_out]
+        if solver == "osqp" and self.problem_class not in (LP, QP):
+            raise ValueError(
+                f"solver='osqp' solves LPs and QPs; this problem is {self.problem_class} "
+                "(use the default interior point)"
+            )
         self._const_cache: Dict[Tuple[torch.dtype, torch.device], tuple] = {}
+        self._osqp_cache = None  # sparsity pattern, OSQP objects and warm starts
         self.info: Optional[SolveInfo] = None
 
     # ---- pickling: generated functions are rebuilt, not pickled ----------------------
@@ -122,6 +133,7 @@ class OptimizationLayer(torch.nn.Module):
         state = super().__getstate__().copy()
         state.pop("compiled", None)
         state["_const_cache"] = {}
+        state["_osqp_cache"] = None
         return state
 
     def __setstate__(self, state):
@@ -254,7 +266,13 @@ class OptimizationLayer(torch.nn.Module):
         if self.problem_class in (LP, QP):
             Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
             qp = (full(Q, (n, n)), full(c, (n,)), full(G, (m, n)), full(hv, (m,)), full(A, (p, n)), full(b, (p,)))
-            result = ipm.solve_qp(*qp, tol=tol, max_iter=self.max_iter, skip=bad)
+            if self.solver == "osqp":
+                from solvers.osqp_backend import solve_qp_osqp
+
+                eps = {} if self.tol is None else dict(eps_abs=self.tol, eps_rel=self.tol)
+                result, self._osqp_cache = solve_qp_osqp(*qp, skip=bad, cache=self._osqp_cache, **eps)
+            else:
+                result = ipm.solve_qp(*qp, tol=tol, max_iter=self.max_iter, skip=bad)
             derivatives = None
         else:
             def derivatives(z, lam, nu):

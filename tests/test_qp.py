@@ -202,3 +202,34 @@ def test_gradcheck_lp():
     np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
     inputs = tuple(t.clone().requires_grad_() for t in (c_t, G_t, h_t))
     assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_osqp_forward_shares_the_implicit_backward():
+    pytest.importorskip("osqp")
+    n, m, p, B = 8, 6, 2, 3
+    prob = qp_problem(n, m, p)
+    data = random_qp(B, n, m, p, seed=12)
+    a = [t.clone().requires_grad_() for t in data]
+    b = [t.clone().requires_grad_() for t in data]
+    osqp_layer = prob.to_torch(solver="osqp")
+    x_osqp = osqp_layer(*a)
+    assert osqp_layer.info.status == ["optimal"] * B
+    for i in range(B):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x_osqp[i].detach().numpy(), xr, atol=1e-6)
+    x_ipm = prob.to_torch()(*b)
+    w = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (w * x_osqp).sum().backward()
+    (w * x_ipm).sum().backward()
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u.grad, v.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_osqp_refuses_nonlinear_problems():
+    z = dl.Variable(3, name="z")
+    theta = dl.Parameter(3, name="theta")
+    prob = dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1])
+    with pytest.raises(ValueError, match="osqp.*NLP"):
+        prob.to_torch(solver="osqp")
+    with pytest.raises(ValueError, match="unknown solver"):
+        prob.to_torch(solver="gurobi")

@@ -125,21 +125,19 @@ def bench(fn: Callable[[], object], budget: float, max_repeats: int = 25,
     """Warm up once (unless ``warmup=False``: the caller already warmed the
     code path up), then take the median of R repeats.
 
-    R is chosen from the first timed call so that the repeats take about
-    ``budget`` seconds (clamped to [min_repeats, max_repeats]).
+    Repeats continue while less than ``budget`` seconds have been spent
+    (at least ``min_repeats``, at most ``max_repeats``).
     """
     warm = 0.0
     if warmup:
         t0 = time.perf_counter()
         fn()
         warm = time.perf_counter() - t0
-    # first timed repeat also serves as the estimate of the per-call cost
-    t0 = time.perf_counter()
-    fn()
-    times = [time.perf_counter() - t0]
-    reps = int(budget / max(times[0], 1e-6))
-    reps = max(min_repeats, min(max_repeats, reps))
-    for _ in range(reps - 1):
+    # repeat until the budget is spent (at least min_repeats, at most max_repeats)
+    times = []
+    t_begin = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats
+                                        or time.perf_counter() - t_begin < budget):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -205,7 +203,13 @@ class CellResult:
         return str(self.fwdbwd) if self.fwdbwd else "-"
 
     def err_str(self) -> str:
-        return fmt_err(self.err) if self.ok else self.status.split(":")[0]
+        if not self.ok:
+            return self.status.split(":")[0]
+        if "nan_rows" in self.extra:
+            rest = self.extra.get("err_finite")
+            return (f"NaN in {self.extra['nan_rows']} rows"
+                    + (f"; {fmt_err(rest)} on the rest" if rest is not None else ""))
+        return fmt_err(self.err)
 
 
 def run_cell(tool: str, make_layer: Callable[[], Callable[..., torch.Tensor]],
@@ -239,8 +243,16 @@ def run_cell(tool: str, make_layer: Callable[[], Callable[..., torch.Tensor]],
             first = time.perf_counter() - t0
         x = _first_output(x)
         xn = x.detach().cpu().numpy().reshape(ref.shape)
-        err = float(np.max(np.abs(xn - ref))) if np.all(np.isfinite(xn)) else float("nan")
-        res.err = err
+        finite = np.all(np.isfinite(xn.reshape(xn.shape[0], -1)), axis=1) if xn.ndim > 1 \
+            else np.isfinite(xn)
+        if np.all(finite):
+            res.err = float(np.max(np.abs(xn - ref)))
+        else:
+            # keep the NaN visible, but also report the error on the other rows
+            res.err = float("nan")
+            res.extra["nan_rows"] = int((~finite).sum())
+            if finite.any():
+                res.extra["err_finite"] = float(np.max(np.abs(xn[finite] - ref[finite])))
         if post_forward is not None:
             res.extra.update(post_forward(layer) or {})
         if timeout_hint is not None and first > timeout_hint:
@@ -301,6 +313,8 @@ def grad_discrepancy(a: CellResult, b: CellResult) -> Optional[float]:
     for x, y in zip(ga, gb):
         if x is None or y is None or x.shape != y.shape:
             return None
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            return float("nan")
         scale = max(float(y.abs().max()), 1.0)
         worst = max(worst, float((x - y).abs().max()) / scale)
     return worst
@@ -592,6 +606,28 @@ def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int =
     with torch.no_grad():
         t = bench(lambda: constraint_space_kernel(W, D, rhs), budget, max_repeats=200, min_repeats=5)
     return t, "solvers.interior_point.constraint_space_kernel"
+
+
+def time_nlp_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int = 1):
+    """Time the per-iteration linear algebra of the general (NLP) loop used for
+    the entropy problems: ``solvers.interior_point.reduced_kkt_kernel``, one
+    Cholesky factorization of H + Jg' diag(sigma) Jg (B, n, n), one of the
+    (p, p) Schur complement, and the solve."""
+    from solvers.interior_point import reduced_kkt_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=DTYPE)
+    L = torch.randn(B, n, n, **kw)
+    H = L @ L.transpose(-1, -2) / n + 0.1 * torch.eye(n, dtype=DTYPE)
+    Jg = torch.randn(B, m, n, **kw)
+    Jh = torch.randn(B, p, n, **kw)
+    sigma = torch.rand(B, m, **kw) + 0.01
+    r1 = torch.randn(B, n, **kw)
+    r2 = torch.randn(B, p, **kw)
+    with torch.no_grad():
+        t = bench(lambda: reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2), budget,
+                  max_repeats=200, min_repeats=5)
+    return t, "solvers.interior_point.reduced_kkt_kernel"
 
 
 # --------------------------------------------------------------------------

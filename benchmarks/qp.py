@@ -1,0 +1,440 @@
+"""Batched dense QP benchmark: declarative vs qpth vs cvxpylayers.
+
+    python benchmarks/qp.py                 # full table + floor + scaling plot
+    python benchmarks/qp.py --quick         # smaller budgets, no B=512 / n=500
+    python benchmarks/qp.py --shapes 32,10,10,2 128,50,50,10 --no-scaling
+
+Problem family (float64, every instance strictly feasible):
+
+    minimize 1/2 x'Qx + q'x  s.t.  Gx <= h,  Ax == b
+    Q = L L'/n + 0.1 I;  q, G, A Gaussian;  h = G x0 + s0 (s0 > 0);  b = A x0
+
+For every shape (B, n, m, p) and tool we report the median wall time of the
+forward pass (under ``torch.no_grad``) and of forward+backward of a random
+linear functional sum(w * x*) w.r.t. *all* parameters (Q, q, G, h, A, b),
+after one warm-up call, plus the max abs error of x* against a CVXPY/Clarabel
+reference (tight tolerance, then polished on the active set).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+
+SHAPES = [(1, 10, 10, 2), (32, 10, 10, 2), (512, 20, 20, 5), (128, 50, 50, 10),
+          (32, 100, 100, 20), (8, 200, 100, 20), (4, 500, 250, 50)]
+QUICK_SHAPES = [(1, 10, 10, 2), (32, 10, 10, 2), (128, 50, 50, 10), (8, 200, 100, 20)]
+TOOLS = ("ours", "qpth", "cvxpylayers")
+PARAM_ORDER = ("Q", "q", "G", "h", "A", "b")
+
+# Settings of the peers (chosen for their best accuracy; see README.md).
+QPTH_KW = dict(eps=1e-12, maxIter=50, notImprovedLim=3, verbose=-1)
+CVXPYLAYERS_SOLVER_ARGS = {
+    # interior point, predictable time; ~1e-5 error on the SOC form (default)
+    "Clarabel": dict(solve_method="Clarabel", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10),
+    # ADMM: ~1e-9 error up to n = 200, but a single n = 500 forward takes > 160 s
+    "SCS": dict(solve_method="SCS", eps_abs=1e-10, eps_rel=1e-10, max_iters=100_000),
+}
+CVXPYLAYERS_ARGS = dict(CVXPYLAYERS_SOLVER_ARGS["Clarabel"])
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+def make_ours(n, m, p, tol=1e-9, max_iter=100):
+    def build():
+        dl = C.import_declarative()
+        x = dl.Variable(n, name="x")
+        Q = dl.Parameter((n, n), name="Q")
+        q = dl.Parameter(n, name="q")
+        G = dl.Parameter((m, n), name="G")
+        h = dl.Parameter(m, name="h")
+        A = dl.Parameter((p, n), name="A")
+        b = dl.Parameter(p, name="b")
+        prob = dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
+        return prob.to_torch(tol=tol, max_iter=max_iter)
+    return build
+
+
+def make_qpth(n, m, p):
+    def build():
+        from qpth.qp import QPFunction
+
+        def layer(Q, q, G, h, A, b):
+            return QPFunction(**QPTH_KW)(Q, q, G, h, A, b)
+        return layer
+    return build
+
+
+def make_cvxpylayers(n, m, p):
+    """DPP formulation: 0.5 * sum_squares(F' x) + q'x with F = chol(Q) a
+    parameter.  chol(Q) is computed inside the timed call with torch, so the
+    gradient is w.r.t. Q like the other tools."""
+    def build():
+        import cvxpy as cp
+        from cvxpylayers.torch import CvxpyLayer
+
+        F = cp.Parameter((n, n))
+        q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+        A, b = cp.Parameter((p, n)), cp.Parameter(p)
+        x = cp.Variable(n)
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F.T @ x) + q @ x), [G @ x <= h, A @ x == b])
+        assert prob.is_dpp()
+        lay = CvxpyLayer(prob, parameters=[F, q, G, h, A, b], variables=[x])
+
+        def layer(Qt, qt, Gt, ht, At, bt):
+            Ft = torch.linalg.cholesky(Qt)
+            return lay(Ft, qt, Gt, ht, At, bt, solver_args=CVXPYLAYERS_ARGS)[0]
+        return layer
+    return build
+
+
+BUILDERS = {"ours": make_ours, "qpth": make_qpth, "cvxpylayers": make_cvxpylayers}
+
+
+ours_post_forward = C.solver_info
+
+
+# --------------------------------------------------------------------------
+# One shape
+# --------------------------------------------------------------------------
+def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
+    B, n, m, p = shape
+    d = C.make_qp(B, n, m, p, seed=seed)
+    params = [d[k] for k in PARAM_ORDER]
+    ref = None
+    if with_ref:
+        ref = C.qp_reference(d)
+        xref = ref["x"]
+    else:
+        xref = np.zeros((B, n))
+    cells = {}
+    for tool in tools:
+        kw = {}
+        post = None
+        if tool == "ours":
+            kw = dict(tol=args.tol, max_iter=args.max_iter)
+            post = ours_post_forward
+        build = BUILDERS[tool](n, m, p, **kw)
+        # slow peers: fewer repeats, bounded by the per-cell budget
+        t0 = time.perf_counter()
+        cells[tool] = C.run_cell(tool, build, params, xref, d["w"], budget,
+                                 max_repeats=args.max_repeats, post_forward=post,
+                                 timeout_hint=args.cold_limit)
+        cells[tool].extra["cell_seconds"] = time.perf_counter() - t0
+        if not with_ref:
+            cells[tool].err = None
+    floor = None
+    o = cells.get("ours")
+    if args.floor and o is not None and o.ok and "iters_max" in o.extra:
+        try:
+            kt, desc = C.time_kernel(B, n, m, p)
+            floor = dict(kernel=kt.median, iters=o.extra["iters_max"],
+                         floor=kt.median * o.extra["iters_max"], desc=desc)
+        except Exception as e:  # noqa: BLE001
+            floor = dict(error=C.short_reason(e))
+    return dict(shape=shape, ref=ref, cells=cells, floor=floor)
+
+
+def ratio(peer, ours, which):
+    if not (peer.ok and ours.ok):
+        return None
+    a = peer.fwd if which == "fwd" else peer.fwdbwd
+    b = ours.fwd if which == "fwd" else ours.fwdbwd
+    if which == "fb" and (peer.fb_status != "ok" or ours.fb_status != "ok"):
+        return None
+    if a is None or b is None:
+        return None
+    return a.median / b.median
+
+
+def results_table(results, tools):
+    hdr = ["B, n, m, p"]
+    for t in tools:
+        hdr += [f"{t} fwd", f"{t} fwd+bwd", f"{t} err"]
+    for t in tools:
+        if t != "ours" and "ours" in tools:
+            hdr += [f"{t}/ours fwd", f"{t}/ours fwd+bwd"]
+    rows = []
+    for r in results:
+        row = [", ".join(map(str, r["shape"]))]
+        cells = r["cells"]
+        for t in tools:
+            c = cells[t]
+            row += [c.time_str("fwd"), c.time_str("fb"), c.err_str()]
+        for t in tools:
+            if t != "ours" and "ours" in tools:
+                row += [C.fmt_ratio(ratio(cells[t], cells["ours"], "fwd")),
+                        C.fmt_ratio(ratio(cells[t], cells["ours"], "fb"))]
+        rows.append(row)
+    return C.md_table(hdr, rows)
+
+
+def floor_table(results):
+    hdr = ["B, n, m, p", "iterations (max / median)", "kernel (1 fact.+solve)",
+           "floor = kernel x iters", "ours fwd", "ours fwd / floor"]
+    rows = []
+    desc = None
+    for r in results:
+        o = r["cells"].get("ours")
+        f = r["floor"]
+        shape = ", ".join(map(str, r["shape"]))
+        if o is None or not o.ok:
+            rows.append([shape, "-", "-", "-", o.status if o else "-", "-"])
+            continue
+        its = f"{o.extra.get('iters_max', '-')} / {o.extra.get('iters_median', '-')}"
+        if not f or "error" in (f or {}):
+            rows.append([shape, its, (f or {}).get("error", "-"), "-", str(o.fwd), "-"])
+            continue
+        desc = f["desc"]
+        rows.append([shape, its, C.fmt_time(f["kernel"]), C.fmt_time(f["floor"]), str(o.fwd),
+                     C.fmt_ratio(o.fwd.median / f["floor"])])
+    return C.md_table(hdr, rows), desc
+
+
+def target_check(results):
+    lines = []
+    for r in results:
+        cells = r["cells"]
+        o = cells.get("ours")
+        if o is None:
+            continue
+        shape = ", ".join(map(str, r["shape"]))
+        if not o.ok or o.fb_status != "ok":
+            lines.append(f"- {shape}: ours did not run ({o.status if not o.ok else o.fb_status})")
+            continue
+        msgs = []
+        if o.err is not None and not (o.err <= 1e-7):
+            msgs.append(f"error {C.fmt_err(o.err)} > 1e-7")
+        for peer, tgt in (("qpth", 3.0), ("cvxpylayers", 30.0)):
+            if peer in cells:
+                rr = ratio(cells[peer], o, "fb")
+                if rr is not None and rr < tgt:
+                    msgs.append(f"{peer}/ours fwd+bwd = {rr:.2f}x < {tgt:g}x")
+        if o.extra.get("n_not_solved"):
+            msgs.append(f"{o.extra['n_not_solved']} instances not solved ({o.extra.get('status_example')})")
+        lines.append(f"- {shape}: " + ("MISSES target: " + "; ".join(msgs) if msgs else "meets targets"))
+    return "\n".join(lines)
+
+
+def notes_block(results):
+    lines = []
+    for r in results:
+        shape = ", ".join(map(str, r["shape"]))
+        ref = r["ref"]
+        if ref:
+            lines.append(f"- {shape}: reference {ref['polished']}/{ref['B']} instances polished, "
+                         f"max polish correction {C.fmt_err(ref['polish_delta'])}, "
+                         f"{ref['seconds']:.1f} s")
+        for t, c in r["cells"].items():
+            if c.ok and c.fwd is not None:
+                lines.append(f"  - {t}: repeats fwd {c.fwd.repeats}, fwd+bwd "
+                             f"{c.fwdbwd.repeats if c.fwdbwd else '-'}"
+                             + (f", {c.extra['grad_note']}" if c.extra.get("grad_note") else "")
+                             + (", forward timed cold only" if c.extra.get("fwd_cold_only") else ""))
+            elif not c.ok:
+                lines.append(f"  - {t}: {c.status}")
+    return "\n".join(lines)
+
+
+def grad_check_block(results):
+    lines = []
+    for r in results:
+        o = r["cells"].get("ours")
+        if o is None:
+            continue
+        for t in ("qpth", "cvxpylayers"):
+            c = r["cells"].get(t)
+            if c is None:
+                continue
+            g = C.grad_discrepancy(c, o)
+            if g is not None:
+                lines.append(f"- {', '.join(map(str, r['shape']))}: max |grad_{t} - grad_ours| / max(|grad_ours|, 1) = {g:.1e}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Scaling
+# --------------------------------------------------------------------------
+def scaling(args, tools):
+    sweeps = {
+        "B": [(B, 20, 20, 5) for B in ((1, 8, 64, 256) if args.quick else (1, 8, 32, 128, 512))],
+        "n": [(32, n, n, max(1, n // 5)) for n in ((10, 50, 100) if args.quick else (10, 25, 50, 100, 200))],
+    }
+    data = {}
+    for key, shapes in sweeps.items():
+        for shp in shapes:
+            print(f"  scaling {key}: {shp}", flush=True)
+            r = run_shape(shp, tools, args.scaling_budget, args, with_ref=False, seed=1)
+            data[(key, shp)] = {t: (c.fwdbwd.median if c.ok and c.fb_status == "ok" and c.fwdbwd else None)
+                                for t, c in r["cells"].items()}
+    return sweeps, data
+
+
+def plot_scaling(sweeps, data, tools, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the scaling plot")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, xlabel in ((axes[0], "B", "batch size B  (n=m=20, p=5)"),
+                            (axes[1], "n", "variables n  (B=32, m=n, p=n/5)")):
+        for t in tools:
+            xs, ys = [], []
+            for shp in sweeps[key]:
+                v = data[(key, shp)].get(t)
+                if v is not None:
+                    xs.append(shp[0] if key == "B" else shp[1])
+                    ys.append(v)
+            if xs:
+                ax.loglog(xs, ys, "o-", label=t)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("forward+backward time [s]")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"QP scaling, float64, {C.cpu_model()}, torch {torch.__version__}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scaling_table(sweeps, data, tools):
+    rows = []
+    for key in ("B", "n"):
+        for shp in sweeps[key]:
+            row = [key, ", ".join(map(str, shp))]
+            for t in tools:
+                v = data[(key, shp)].get(t)
+                row.append(C.fmt_time(v) if v is not None else "failed/missing")
+            rows.append(row)
+    txt = C.md_table(["sweep", "B, n, m, p"] + [f"{t} fwd+bwd" for t in tools], rows)
+    # log-log slope in B for each tool
+    slopes = []
+    for t in tools:
+        pts = [(shp[0], data[("B", shp)].get(t)) for shp in sweeps["B"]]
+        pts = [(x, y) for x, y in pts if y is not None and x >= 8]
+        if len(pts) >= 2:
+            xs, ys = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+            slopes.append(f"{t}: {np.polyfit(xs, ys, 1)[0]:.2f}")
+    if slopes:
+        txt += "\n\nLog-log slope of time vs B (B >= 8; 1.0 = linear): " + ", ".join(slopes)
+    return txt
+
+
+# --------------------------------------------------------------------------
+def parse_shape(s):
+    parts = tuple(int(v) for v in s.replace("(", "").replace(")", "").split(","))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError("shape must be B,n,m,p")
+    return parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller budgets and shapes")
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, help="shapes B,n,m,p")
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per cell")
+    ap.add_argument("--max-repeats", type=int, default=25)
+    ap.add_argument("--cold-limit", type=float, default=60.0,
+                    help="a forward slower than this (s) is reported from its single call")
+    ap.add_argument("--cvxpylayers-solver", choices=sorted(CVXPYLAYERS_SOLVER_ARGS), default="Clarabel",
+                    help="diffcp solve_method for cvxpylayers (see README.md)")
+    ap.add_argument("--tol", type=float, default=1e-9)
+    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--no-floor", dest="floor", action="store_false")
+    ap.add_argument("--no-scaling", dest="scaling", action="store_false")
+    ap.add_argument("--scaling-budget", type=float, default=None)
+    ap.add_argument("--plot", default=str(C.BENCH_DIR / "scaling.png"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: leave torch's default)")
+    ap.add_argument("--no-write", dest="write", action="store_false", help="don't touch RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.budget is None:
+        args.budget = 0.5 if args.quick else 2.0
+    if args.scaling_budget is None:
+        args.scaling_budget = 0.2 if args.quick else 0.5
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    CVXPYLAYERS_ARGS.clear()
+    CVXPYLAYERS_ARGS.update(CVXPYLAYERS_SOLVER_ARGS[args.cvxpylayers_solver])
+    tools = args.tools
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    t_start = time.perf_counter()
+    print(C.machine_info_md(), flush=True)
+    results = []
+    for shp in shapes:
+        print(f"shape B,n,m,p = {shp}", flush=True)
+        r = run_shape(shp, tools, args.budget, args)
+        for t, c in r["cells"].items():
+            print(f"  {t:12s} fwd {c.time_str('fwd'):>12s}  fwd+bwd {c.time_str('fb'):>12s}  "
+                  f"err {c.err_str()}  ({c.extra.get('cell_seconds', 0):.1f} s)", flush=True)
+        results.append(r)
+
+    table = results_table(results, tools)
+    body = [C.section_header("Batched QP (benchmarks/qp.py)", ["benchmarks/qp.py"] + (argv if argv is not None else sys.argv[1:])),
+            "Times: median wall time after one warm-up; `fwd` under `torch.no_grad()`, "
+            "`fwd+bwd` = forward + backward of sum(w * x*) w.r.t. Q, q, G, h, A, b. "
+            "`err` = max |x - x_ref| over the batch; reference = CVXPY + Clarabel "
+            "(tol 1e-12, polished on the active set). Ratios > 1 mean ours is faster.\n",
+            f"Settings: ours `to_torch(tol={args.tol:g}, max_iter={args.max_iter})`; "
+            f"qpth `QPFunction({', '.join(f'{k}={v}' for k, v in QPTH_KW.items())})`; "
+            f"cvxpylayers `CvxpyLayer` (diffcp) with solver_args `{CVXPYLAYERS_ARGS}`, "
+            "objective 0.5*sum_squares(chol(Q)' x) + q'x.\n",
+            table, ""]
+    if "ours" in tools and args.floor:
+        ft, desc = floor_table(results)
+        body += ["### Linear-algebra floor", "",
+                 f"Kernel: `{desc}` timed on random data of the same size; floor = kernel time x "
+                 "max iterations over the batch.", "", ft, ""]
+    if "ours" in tools:
+        body += ["### Targets (fwd+bwd >= 3x qpth, >= 30x cvxpylayers, err <= 1e-7)", "",
+                 target_check(results), ""]
+        gc = grad_check_block(results)
+        if gc:
+            body += ["### Gradient agreement", "", gc, ""]
+    body += ["### Notes per shape", "", notes_block(results), ""]
+
+    if args.scaling:
+        print("scaling sweeps ...", flush=True)
+        sweeps, data = scaling(args, tools)
+        st = scaling_table(sweeps, data, tools)
+        png = plot_scaling(sweeps, data, tools, args.plot)
+        body += ["### Scaling (forward+backward)", "", st, ""]
+        if png:
+            rel = Path(png).resolve()
+            try:
+                rel = rel.relative_to(C.BENCH_DIR)
+            except ValueError:
+                pass
+            body += [f"![scaling]({rel})", ""]
+        else:
+            body += ["(plot skipped: matplotlib not installed)", ""]
+    body.append(f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()} (other busy processes invalidate the timings, see README)")
+    md = "\n".join(body)
+    print()
+    print(md)
+    if args.write:
+        C.write_results_section("qp", md)
+        print(f"\nwritten to {C.RESULTS_MD}")
+
+
+if __name__ == "__main__":
+    main()

@@ -83,15 +83,21 @@ class OptimizationLayer(torch.nn.Module):
     constraint follow, in the order of the constraints.
 
     Options (keyword-only):
-        tol: stopping tolerance (default 1e-8 in float64, 1e-5 in float32)
-        max_iter: interior-point iteration limit (default 100)
-        return_duals: also return the constraint duals (default False)
-        warn: warn when instances fail (default True)
-        solver: 'ipm' (default: batched interior point, any problem, CPU or GPU) or
-            'osqp' (LPs and QPs: OSQP per instance on the CPU with sparse matrices, warm
-            started from the previous call; for large sparse problems; ``tol`` becomes
-            its eps_abs = eps_rel, ``max_iter`` does not apply). Both share the implicit
-            backward.
+
+    tol
+        stopping tolerance (default 1e-8 in float64, 1e-5 in float32)
+    max_iter
+        interior-point iteration limit (default 100)
+    return_duals
+        also return the constraint duals (default False)
+    warn
+        warn when instances fail (default True)
+    solver
+        ``'ipm'`` (default: the batched interior point, any problem, CPU or GPU) or
+        ``'osqp'`` (LPs and QPs: OSQP per instance on the CPU with sparse matrices,
+        warm started from the previous call, for large sparse problems; ``tol`` becomes
+        its eps_abs = eps_rel, ``max_iter`` does not apply). Both share the implicit
+        backward.
     """
 
     def __init__(self, problem, parameters=None, variables=None, *, tol: Optional[float] = None,

@@ -60,8 +60,10 @@ except ImportError:
 # 4. gradients through the argmin (implicit function theorem, nothing unrolled)
 loss = x_star.square().sum()
 loss.backward()
-print("\nd loss / d q[0]:", q_t.grad[0].numpy().round(4))
-print("d loss / d h[0]:", h_t.grad[0].numpy().round(4))
+# h only matters through the active constraints: show the instance with the most
+i = int((h_t.grad.abs() > 1e-12).sum(-1).argmax())
+print(f"\nd loss / d q[{i}]:", q_t.grad[i].numpy().round(4))
+print(f"d loss / d h[{i}]:", h_t.grad[i].numpy().round(4), "(zero on inactive constraints)")
 
 # 5. the generated code is plain torch
 print("\nfirst lines of the generated stationarity code:")

@@ -123,6 +123,7 @@ def train(backward: str, *, epochs: int, batch_size: int, lr: float, hidden: int
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     epoch_times: List[float] = []
+    epoch_losses: List[float] = []
     iterations: List[float] = []
     bar = tqdm(range(epochs), desc=f"{backward:>4}", disable=not progress, leave=True)
     for _ in bar:
@@ -137,6 +138,7 @@ def train(backward: str, *, epochs: int, batch_size: int, lr: float, hidden: int
             optimizer.step()
             iterations.append(float(model.equilibrium.info.iterations.float().mean()))
         epoch_times.append(time.perf_counter() - start)
+        epoch_losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", fp_iters=f"{iterations[-1]:.1f}")
     model.eval()
     with torch.no_grad():
@@ -149,7 +151,32 @@ def train(backward: str, *, epochs: int, batch_size: int, lr: float, hidden: int
         "peak_memory_bytes": memory,
         "mean_forward_iterations": sum(iterations) / len(iterations),
         "max_contraction": float(contraction.max()) if contraction is not None else float("nan"),
+        "epoch_losses": epoch_losses,
     }
+
+
+def save_loss_plot(results: Dict[str, Dict[str, float]], path: str) -> None:
+    """Training loss per epoch for each backward mode, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode, r in results.items():
+        ax.plot(range(1, len(r["epoch_losses"]) + 1), r["epoch_losses"],
+                label=f"{mode} (test acc {r['accuracy']:.3f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (last batch)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"loss curves written to {path}")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
@@ -165,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--plot", default="deq_digits.png", help="PNG of the loss curves ('' for none)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -179,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
         print(f"{mode:>8} {r['accuracy']:>9.3f} {r['seconds_per_epoch']:>8.2f} "
               f"{r['peak_memory_bytes'] / 2 ** 20:>9.2f} {r['mean_forward_iterations']:>9.1f} "
               f"{r['max_contraction']:>8.3f}")
+    if args.plot:
+        save_loss_plot(results, args.plot)
     return results
 
 

@@ -327,13 +327,15 @@ def test_bad_T_and_bad_options_raise():
 
 # --- the digits example ------------------------------------------------------------------
 
-def test_deq_digits_example_learns():
+def test_deq_digits_example_learns(tmp_path):
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "deq_digits.py"
     spec = importlib.util.spec_from_file_location("deq_digits_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    plot = tmp_path / "curves.png"
     results = example.main(["--epochs", "5", "--train-subset", "1000", "--hidden", "64", "--no-progress",
-                            "--device", "cpu"])
+                            "--device", "cpu", "--plot", str(plot)])
+    assert plot.stat().st_size > 0  # the figure is saved as PNG
     for mode in ("jfb", "ift"):
         assert results[mode]["accuracy"] > 0.85, results   # chance is 0.1
         assert results[mode]["peak_memory_bytes"] > 0

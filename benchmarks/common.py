@@ -558,6 +558,20 @@ def import_declarative():
     return dl
 
 
+def qp_problem(n: int, m: int, p: int):
+    """The benchmark QP in the DSL: min 1/2 x'Qx + q'x s.t. Gx <= h, Ax = b, every
+    matrix and vector a parameter (in the order Q, q, G, h, A, b)."""
+    dl = import_declarative()
+    x = dl.Variable(n, name="x")
+    Q = dl.Parameter((n, n), name="Q")
+    q = dl.Parameter(n, name="q")
+    G = dl.Parameter((m, n), name="G")
+    h = dl.Parameter(m, name="h")
+    A = dl.Parameter((p, n), name="A")
+    b = dl.Parameter(p, name="b")
+    return dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
+
+
 def layer_iterations(layer) -> Optional[torch.Tensor]:
     info = getattr(layer, "info", None)
     it = getattr(info, "iterations", None) if info is not None else None

@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     fmt_time,
     machine_info_md,
     make_qp,
+    qp_problem,
     md_table,
     qp_reference,
 )
@@ -135,14 +136,7 @@ def large_sparse(n: int, B: int, seed: int = 0):
 
 
 def small_dense(B: int, n: int, m: int, p: int, seed: int = 0):
-    x = dl.Variable(n, name="x")
-    Q = dl.Parameter((n, n), name="Q")
-    q = dl.Parameter(n, name="q")
-    G = dl.Parameter((m, n), name="G")
-    h = dl.Parameter(m, name="h")
-    A = dl.Parameter((p, n), name="A")
-    b = dl.Parameter(p, name="b")
-    prob = dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
+    prob = qp_problem(n, m, p)
     d = make_qp(B, n, m, p, seed=seed)
     inputs = {k: d[k] for k in ("Q", "q", "G", "h", "A", "b")}
     qp = tuple(d[k] for k in ("Q", "q", "G", "h", "A", "b"))

@@ -53,16 +53,7 @@ CVXPYLAYERS_ARGS = dict(CVXPYLAYERS_SOLVER_ARGS["Clarabel"])
 # --------------------------------------------------------------------------
 def make_ours(n, m, p, tol=1e-9, max_iter=100):
     def build():
-        dl = C.import_declarative()
-        x = dl.Variable(n, name="x")
-        Q = dl.Parameter((n, n), name="Q")
-        q = dl.Parameter(n, name="q")
-        G = dl.Parameter((m, n), name="G")
-        h = dl.Parameter(m, name="h")
-        A = dl.Parameter((p, n), name="A")
-        b = dl.Parameter(p, name="b")
-        prob = dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
-        return prob.to_torch(tol=tol, max_iter=max_iter)
+        return C.qp_problem(n, m, p).to_torch(tol=tol, max_iter=max_iter)
     return build
 
 

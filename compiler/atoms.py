@@ -1,12 +1,12 @@
 """The atom table: one entry per atom, in one place.
 
-An elementwise atom is a scalar sympy function applied entrywise. Its entry says what
-the compiler needs to know: the definition (sympy derives the scalar derivatives from
-it), the domain the argument must stay in (the interior-point line search keeps
-iterates inside it), the monotonicity (used to check that an epigraph rewrite of a
-nonsmooth atom nested inside it stays exact) and whether it is smooth. Nonsmooth atoms
-are rewritten by :mod:`compiler.canonicalize` into epigraph form before any derivative
-is taken.
+An elementwise atom is a scalar sympy function applied entrywise; its definition is all
+the compiler needs. From it sympy derives the scalar derivatives, :func:`domain_of`
+reads the domain the argument must stay in (the solver starts such variables inside it
+and its line search keeps them there), and the sign of the derivative tells whether an
+epigraph rewrite nested inside the atom stays exact. Nonsmooth atoms (abs, pos,
+maximum, norm1, norm_inf) are rewritten by :mod:`compiler.canonicalize` into epigraph
+form before any derivative is taken.
 
 Adding an atom touches this file only (plus a one-line wrapper in the DSL).
 """
@@ -49,10 +49,6 @@ class sigmoid(sympy.Function):
 class ElementwiseAtom:
     name: str
     definition: Callable[[sympy.Symbol], sympy.Expr]
-    #: 'real' or 'positive': the argument must stay > 0 for the function to be defined
-    domain: str = "real"
-    #: +1 nondecreasing, -1 nonincreasing, 0 neither (over the domain)
-    monotonicity: int = 0
     description: str = ""
 
 
@@ -61,40 +57,20 @@ def _atoms(*atoms):
 
 
 ELEMENTWISE_ATOMS: Dict[str, ElementwiseAtom] = _atoms(
-    ElementwiseAtom("exp", sympy.exp, monotonicity=1, description="exp(x)"),
-    ElementwiseAtom("log", sympy.log, domain="positive", monotonicity=1, description="log(x), x > 0"),
-    ElementwiseAtom("entropy", lambda u: -u * sympy.log(u), domain="positive",
-                    description="-x log(x), x > 0"),
+    ElementwiseAtom("exp", sympy.exp, description="exp(x)"),
+    ElementwiseAtom("log", sympy.log, description="log(x), x > 0"),
+    ElementwiseAtom("entropy", lambda u: -u * sympy.log(u), description="-x log(x), x > 0"),
     ElementwiseAtom("square", lambda u: u**2, description="x^2"),
-    ElementwiseAtom("sqrt", sympy.sqrt, domain="positive", monotonicity=1, description="sqrt(x), x > 0"),
-    ElementwiseAtom("softplus", softplus, monotonicity=1, description="log(1 + exp(x))"),
-    ElementwiseAtom("sigmoid", sigmoid, monotonicity=1, description="1 / (1 + exp(-x))"),
+    ElementwiseAtom("sqrt", sympy.sqrt, description="sqrt(x), x > 0"),
+    ElementwiseAtom("softplus", softplus, description="log(1 + exp(x))"),
+    ElementwiseAtom("sigmoid", sigmoid, description="1 / (1 + exp(-x))"),
 )
 
 
 def power_atom(k: float) -> ElementwiseAtom:
-    """x**k; a non-integer power needs x > 0."""
+    """x**k; a non-integer power needs x > 0 (read off the definition by domain_of)."""
     k_sym = sympy.Integer(int(k)) if float(k).is_integer() else sympy.Float(k)
-    integer = float(k).is_integer()
-    mono = 0
-    if not integer:
-        mono = 1 if k > 0 else -1
-    elif int(k) % 2 == 1:
-        mono = 1
-    return ElementwiseAtom(
-        f"power({k:g})", lambda u: u**k_sym, domain="real" if integer and k >= 0 else "positive",
-        monotonicity=mono, description=f"x^{k:g}",
-    )
-
-
-#: Nonsmooth atoms and the epigraph rewrite the canonicalizer applies to each.
-NONSMOOTH_ATOMS: Dict[str, str] = {
-    "abs": "|x| -> t with x <= t, -x <= t",
-    "pos": "max(x, 0) -> t with x <= t, 0 <= t",
-    "maximum": "max(a, b, ...) -> t with a <= t, b <= t, ...",
-    "norm1": "sum|x| -> sum(t) with x <= t, -x <= t",
-    "norm_inf": "max|x| -> t (scalar) with x <= t, -x <= t",
-}
+    return ElementwiseAtom(f"power({k:g})", lambda u: u**k_sym, description=f"x^{k:g}")
 
 
 def domain_of(expr: sympy.Expr) -> Optional[str]:

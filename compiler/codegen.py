@@ -22,7 +22,7 @@ import hashlib
 import keyword
 import linecache
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import sympy

@@ -188,7 +188,6 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
             keep.append((sym, a))
     if subs:
         expr = expr.xreplace(subs)
-    expr = _tidy(expr)
     free = expr.free_symbols
     keep = [(s, a) for s, a in keep if s in free]
     if not keep:
@@ -203,7 +202,7 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
     # zeros that remain symbolic (non-scalar): substitute 0 and retry
     zero_syms = {s: 0 for s, a in keep if a.op == "zeros"}
     if zero_syms:
-        expr = _tidy(expr.xreplace(zero_syms))
+        expr = expr.xreplace(zero_syms)
         keep = [(s, a) for s, a in keep if s not in zero_syms and s in expr.free_symbols]
         if not keep:
             return _full(shape, float(expr))
@@ -248,12 +247,6 @@ def _compose_unary(fn: sympy.Lambda, args):
     expr = expr.xreplace(subs)
     syms = tuple(symbol_of[a] for a in new_args)
     return sympy.Lambda(syms, expr), tuple(new_args)
-
-
-def _tidy(expr):
-    # sympy already canonicalizes sums and products as it builds them; a full
-    # simplify() per node would cost far more than it saves in generated code.
-    return expr
 
 
 def _full(shape: Shape, value: float) -> Node:

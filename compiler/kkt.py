@@ -14,7 +14,7 @@ the constraint Jacobians, the Hessian of the Lagrangian, and the parameter-side 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
 from . import ir
 from .canonicalize import StackedProblem

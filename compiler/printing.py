@@ -6,7 +6,6 @@ from typing import Dict
 import numpy as np
 import sympy
 
-from . import ir
 from .ir import Node
 
 # einsum specs (letters renamed in order of appearance) and how to read them

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import sympy

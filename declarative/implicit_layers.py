@@ -571,7 +571,7 @@ class ImplicitLayer(nn.Module):
                     raise ValueError(f"input {k} is marked batched but is a scalar; give it shape (B, ...)")
                 sizes[k] = x.shape[0]
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"batched inputs disagree on the batch size: "
+            raise ValueError("batched inputs disagree on the batch size: "
                              + ", ".join(f"input {k} has {s}" for k, s in sizes.items()))
         return next(iter(sizes.values()), None)
 

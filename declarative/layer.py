@@ -7,8 +7,8 @@ through :mod:`declarative.implicit_diff`. All symbolic work happened in ``to_tor
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 

@@ -10,9 +10,7 @@ from compiler import (
     ParameterSpec,
     ProblemSpec,
     VariableSpec,
-    canonicalize,
     compile_problem,
-    derive_kkt,
 )
 from compiler import ir
 

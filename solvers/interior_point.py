@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -110,7 +110,6 @@ class ReducedKKT:
         # solution, and a delta that grew with it would spoil the step directions.
         diag_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0).expand(B)  # (B,)
         delta = _regularization(H.dtype) * diag_scale
-        self.failed = torch.zeros(B, dtype=torch.bool, device=H.device)
         L, info = torch.linalg.cholesky_ex(M + delta[:, None, None] * eye)
         bad = info > 0
         # Inertia correction (nonconvex NLP) and rank-deficient LPs: grow delta only for
@@ -224,7 +223,6 @@ class QPFactor:
         ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(Q.dtype).tiny)) ** 2
         floor = 1e-10 if Q.dtype == torch.float64 else 1e-5
         self.usable = (info == 0) & (ratio > floor)
-        B = Q.shape[0]
         eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
         self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
         self.Y = _chol_solve(_mT(G), self.L_Q)  # Q^-1 G' (B, n, m)
@@ -253,7 +251,6 @@ class QPFactor:
         ``G_a z = h_a``, ``A z = b``. Returns z (B, n), lam (B, m) (zero off the active
         set), nu (B, p) and a (B,) mask of failed factorizations."""
         a = active.to(self.W.dtype)
-        m = a.shape[-1]
         M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2)) + torch.diag_embed(1.0 - a + self.delta[:, None])
         L, info = torch.linalg.cholesky_ex(M)
         q1 = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
@@ -459,7 +456,7 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     runs the general loop with the n-space reduction.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
-    B, n, m, p = Q.shape[0], Q.shape[-1], G.shape[-2], A.shape[-2]
+    B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
     Gt, At = _mT(G), _mT(A)
     scale_dual = 1.0 + _inf_norm(c)
     scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
@@ -749,7 +746,7 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
     w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
     """
-    m, p = Jg.shape[-2], Jh.shape[-2]
+    m = Jg.shape[-2]
     sigma = lam / s
     active = sigma > 1.0
     sigma_in = torch.where(active, torch.zeros_like(sigma), sigma)

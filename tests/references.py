@@ -2,7 +2,6 @@
 import warnings
 
 import cvxpy as cp
-import numpy as np
 
 TIGHT = dict(tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9, max_iter=500)
 

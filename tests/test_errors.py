@@ -63,7 +63,6 @@ def test_unknown_option_and_bad_option_values():
         prob.to_torch(tol=-1)
     with pytest.raises(ValueError, match="max_iter"):
         prob.to_torch(max_iter=0)
-    x = prob.variables()[0]
     with pytest.raises(ValueError, match="do not appear"):
         prob.to_torch(variables=[dl.Variable(3, name="other")])
     with pytest.raises(ValueError, match="missing"):

@@ -125,7 +125,7 @@ def test_gradcheck_qp_with_duals():
     prob = qp_problem(n, m, p)
     layer = prob.to_torch(tol=1e-13, return_duals=True)
     data = random_qp(2, n, m, p, seed=7)
-    # make one constraint clearly active: gradcheck needs strict complementarity
+    # gradcheck needs strict complementarity; this seed has no degenerate constraint
     inputs = tuple(t.clone().requires_grad_() for t in data)
     assert torch.autograd.gradcheck(lambda *a: layer(*a), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 

@@ -24,6 +24,7 @@ iteration is that check. Statuses are per instance (:data:`STATUS_NAMES`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -40,6 +41,9 @@ _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
 _STALL = 1e-12  # a step shorter than this makes no progress
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
+# a QP instance tries its active set when complementarity falls below this (relative to
+# the data), then at each further factor of it: a success ends the solve exactly
+_CROSSOVER = 1e-3
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -62,6 +66,8 @@ class InteriorPointResult:
     complementarity: torch.Tensor
     #: the constant factorization of a QP solved in constraint space (the backward reuses it)
     qp_factor: Optional["QPFactor"] = None
+    #: (B,) bool: the solution is the exact solution of an active set (see ``_polish``)
+    polished: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -80,7 +86,14 @@ def _chol_solve(b, L):
 
 
 def _mv(A, x):
-    return (A @ x.unsqueeze(-1)).squeeze(-1)
+    """Batched matrix-vector product A (B, k, n) x (B, n). A broadcast multiply and sum:
+    on the CPU, bmm with one column is about 2x slower for the sizes layers see."""
+    return (A * x.unsqueeze(-2)).sum(-1)
+
+
+def _mtv(A, y):
+    """Batched transposed product A' y for A (B, k, n), y (B, k)."""
+    return (A * y.unsqueeze(-1)).sum(-2)
 
 
 def _regularization(dtype) -> float:
@@ -158,7 +171,7 @@ class ReducedKKT:
             res1 = r1 - _mv(self.M, dz)
             res2 = r2
             if self.p:
-                res1 = res1 - _mv(_mT(self.Jh), dnu)
+                res1 = res1 - _mtv(self.Jh, dnu)
                 res2 = r2 - _mv(self.Jh, dz)
                 if self.schur_diagonal is not None:
                     res2 = res2 + self.schur_diagonal * dnu
@@ -198,7 +211,7 @@ class ReducedNewton:
         H dz + Jg'dlam + Jh'dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re."""
         Jg, lam, s = self.Jg, self.lam, self.s
         m = Jg.shape[-2]
-        r1 = -rd - _mv(_mT(Jg), (lam * rp - rc) / s) if m else -rd
+        r1 = -rd - _mtv(Jg, (lam * rp - rc) / s) if m else -rd
         dz, dnu = self.kkt.solve(r1, -re, refine=0)
         ds = -rp - _mv(Jg, dz) if m else -rp
         dlam = (-rc - lam * ds) / s
@@ -212,11 +225,16 @@ class QPFactor:
     ``D = s/lam`` the only part that changes. Eliminating dz and then dnu leaves
     ``(W + D) dlam = ...`` with the constant ``W = G P G'``, ``P = Q^-1 - Q^-1 A'(A Q^-1 A')^-1 A Q^-1``:
     per iteration one Cholesky factorization of an (m, m) matrix. Shapes: Q (B, n, n),
-    G (B, m, n), A (B, p, n).
+    c (B, n), G (B, m, n), A (B, p, n).
+
+    With ``Q = L L'`` the blocks come from the half-solves ``L^-1 G'`` and ``L^-1 A'``
+    (``G Q^-1 G' = (L^-1 G')'(L^-1 G')``); products ``Q^-1 (G'y + A'nu)`` are taken as one
+    matrix-vector product and one triangular solve (:meth:`back_substitute`) instead of
+    storing the (n, m) matrix ``Q^-1 G'``.
     """
 
-    def __init__(self, Q, G, A):
-        self.Q, self.G, self.A = Q, G, A
+    def __init__(self, Q, c, G, A):
+        self.Q, self.c, self.G, self.A = Q, c, G, A
         self.L_Q, info = torch.linalg.cholesky_ex(Q)
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
         # Q must be safely positive definite for Q^-1 to be usable
@@ -225,47 +243,79 @@ class QPFactor:
         self.usable = (info == 0) & (ratio > floor)
         eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
         self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
-        self.Y = _chol_solve(_mT(G), self.L_Q)  # Q^-1 G' (B, n, m)
-        self.GY = G @ self.Y
+        self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
+        self.GY = _mT(self.G_half) @ self.G_half  # G Q^-1 G'
+        # the unconstrained minimizer -Q^-1 c and its images: the start of every solve
+        self.qc = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
+        self.G_qc = _mv(G, self.qc)
         W = self.GY
         self.p = A.shape[-2]
         if self.p:
-            self.Z = _chol_solve(_mT(A), self.L_Q)  # Q^-1 A' (B, n, p)
-            K22 = A @ self.Z
+            self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
+            self.K22 = K22 = _mT(self.A_half) @ self.A_half  # A Q^-1 A'
             scale = K22.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
             eye_p = torch.eye(self.p, dtype=Q.dtype, device=Q.device)
             self.L22, info22 = torch.linalg.cholesky_ex(K22 + (_regularization(Q.dtype) * scale)[:, None, None] * eye_p)
             self.usable = self.usable & (info22 == 0)
             self.L22 = torch.where((info22 == 0)[:, None, None], self.L22, eye_p.expand_as(self.L22))
-            self.K12 = G @ self.Z  # (B, m, p)
+            self.K12 = _mT(self.G_half) @ self.A_half  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
+            self.A_qc = _mv(A, self.qc)
+            # Cholesky reads one triangle only, so W needs no symmetrization
             W = W - self.K12 @ self.T
-        self.W = 0.5 * (W + _mT(W))
+        else:
+            self.A_qc = Q.new_zeros(Q.shape[0], 0)
+        self.W = W
         # static regularization of W + D, scaled by W alone: D = s/lam reaches 1e15 on
         # inactive rows, and a delta that grew with it would spoil the active ones
         self.delta = _regularization(Q.dtype) * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
 
-    def solve_active_set(self, c, h, b, active):
+    def back_substitute(self, y, nu=None):
+        """Q^-1 (G'y + A'nu) for y (B, m), nu (B, p)."""
+        r = _mv(self.G_half, y)
+        if self.p and nu is not None:
+            r = r + _mv(self.A_half, nu)
+        return torch.linalg.solve_triangular(_mT(self.L_Q), r.unsqueeze(-1), upper=True).squeeze(-1)
+
+    #: the blocks that live in constraint space (no n-sized dimension)
+    CONSTRAINT_SPACE = ("W", "GY", "delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
+
+    def select(self, rows):
+        """The constraint-space blocks of the instances ``rows`` (an index tensor): enough
+        for :meth:`solve_active_set`; the n-space blocks are left out (None), since
+        copying them would cost as much as using them."""
+        sub = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(sub, name, value.index_select(0, rows) if name in self.CONSTRAINT_SPACE else None)
+        return sub
+
+    def solve_active_set(self, h, b, active):
         """Solve the equality-constrained QP where ``active`` (B, m) constraints hold with
         equality and the others are dropped: ``Q z + c + G_a' lam_a + A' nu = 0``,
-        ``G_a z = h_a``, ``A z = b``. Returns z (B, n), lam (B, m) (zero off the active
-        set), nu (B, p) and a (B,) mask of failed factorizations."""
+        ``G_a z = h_a``, ``A z = b``, in constraint space.
+
+        Returns lam (B, m) (zero off the active set), nu (B, p), the constraint values
+        ``G z - h`` (B, m) and ``A z - b`` (B, p), and a (B,) mask of failed
+        factorizations; z itself is ``qc - back_substitute(lam, nu)``. Stationarity holds
+        by construction of z."""
         a = active.to(self.W.dtype)
-        M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2)) + torch.diag_embed(1.0 - a + self.delta[:, None])
+        M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2))
+        M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + self.delta[:, None])
         L, info = torch.linalg.cholesky_ex(M)
-        q1 = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
-        rhs = _mv(self.G, q1) - h
+        rhs = self.G_qc - h
         if self.p:
-            c2 = _mv(self.A, q1) - b
-            rhs = rhs - _mv(_mT(self.T), c2)
+            c2 = self.A_qc - b
+            rhs = rhs - _mtv(self.T, c2)
         lam = _chol_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
-        z = q1 - _mv(self.Y, lam)
+        g = self.G_qc - _mv(self.GY, lam) - h  # G z - h with G z = G qc - G Q^-1 (G'lam + A'nu)
         if self.p:
-            nu = _chol_solve((c2 - _mv(_mT(self.K12), lam)).unsqueeze(-1), self.L22).squeeze(-1)
-            z = z - _mv(self.Z, nu)
+            nu = _chol_solve((c2 - _mtv(self.K12, lam)).unsqueeze(-1), self.L22).squeeze(-1)
+            g = g - _mv(self.K12, nu)
+            e = c2 - _mtv(self.K12, lam) - _mv(self.K22, nu)
         else:
-            nu = b.new_zeros(b.shape)
-        return z, lam, nu, info > 0
+            nu = e = b.new_zeros(b.shape)
+        return lam, nu, g, e, info > 0
 
 
 # ------------------------------------------------------------------------------------
@@ -394,7 +444,7 @@ def primal_dual(
             # residuals involve only moderate numbers) restores them.
             dz, ds, dlam, dnu = newton.step(rd, rc, rp, h)
             for _ in range(2):
-                e_d = rd + _mv(H, dz) + (_mv(_mT(Jg), dlam) if m else 0) + (_mv(_mT(Jh), dnu) if p else 0)
+                e_d = rd + _mv(H, dz) + (_mtv(Jg, dlam) if m else 0) + (_mtv(Jh, dnu) if p else 0)
                 e_c = rc + lam * ds + s * dlam
                 e_p = rp + (_mv(Jg, dz) if m else 0) + ds
                 e_e = h + _mv(Jh, dz) if p else h
@@ -457,25 +507,24 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     """
     tol = default_tol(Q.dtype) if tol is None else tol
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
-    Gt, At = _mT(G), _mT(A)
     scale_dual = 1.0 + _inf_norm(c)
     scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
 
     def residuals(z, lam, nu):
         rd = _mv(Q, z) + c
         if m:
-            rd = rd + _mv(Gt, lam)
+            rd = rd + _mtv(G, lam)
         if p:
-            rd = rd + _mv(At, nu)
+            rd = rd + _mtv(A, nu)
         return rd, _mv(G, z) - hv, _mv(A, z) - b
 
     if m:
-        factor = QPFactor(Q, G, A)
+        factor = QPFactor(Q, c, G, A)
         if bool(factor.usable.all()):
             result = _constraint_space_ipm(factor, c, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                            tol=tol, max_iter=max_iter, skip=skip)
+            result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
             result = _verify(result, residuals, scale_dual, scale_primal, tol)
-            result = _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip)
             return _certify_infeasible(result, G, hv, A, b, skip)
 
     def derivatives(z, lam, nu):
@@ -485,7 +534,7 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     # start: minimize z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, then push s, lam inside
     ones = Q.new_ones(B, m)
     kkt = ReducedKKT(Q, G, A, ones)
-    r1 = -c + _mv(Gt, hv) if m else -c
+    r1 = -c + _mtv(G, hv) if m else -c
     z0, _ = kkt.solve(r1, b)
     s0 = (hv - _mv(G, z0)).clamp(min=1.0) if m else ones
     skip = kkt.failed if skip is None else (skip | kkt.failed)
@@ -497,12 +546,14 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
 
 
 def _verify(result, residuals, scale_dual, scale_primal, tol):
-    """Recompute the residuals the constraint-space loop only tracked as a scale factor.
+    """Recompute the true residuals of the final points, which the constraint-space loop
+    only tracked as a scale factor and the active-set solutions only checked in
+    constraint space.
 
     The tracking is exact for exact Newton solves; when the solves degrade (duals
     running off to infinity on an infeasible instance) it is not, so a claimed optimum
     whose true residuals miss the tolerance (with a margin for rounding) is demoted
-    and left to polishing and the infeasibility certificate."""
+    and left to the infeasibility certificate."""
     rd, g, h = residuals(result.z, result.lam, result.nu)
     rd_n = _inf_norm(rd)
     rp_n = torch.maximum(_inf_norm(g + result.s), _inf_norm(h))
@@ -522,7 +573,7 @@ def _certify_infeasible(result, G, hv, A, b, skip):
         return result
     lam, nu = result.lam, result.nu
     size = lam.abs().sum(-1) + nu.abs().sum(-1)
-    ray = _mv(_mT(G), lam) + (_mv(_mT(A), nu) if nu.shape[-1] else 0)
+    ray = _mtv(G, lam) + (_mtv(A, nu) if nu.shape[-1] else 0)
     data = torch.maximum(_inf_norm(G.flatten(1)), _inf_norm(A.flatten(1))).clamp(min=1.0)
     gap = (hv * lam).sum(-1) + (b * nu).sum(-1)
     certified = unsolved & (_inf_norm(ray) <= 1e-6 * data * size) & (gap < -1e-9 * size)
@@ -555,19 +606,19 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
 
     def solve_dual(L, r_ineq, r_eq):
         """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY)."""
-        rhs = r_ineq - _mv(_mT(f.T), r_eq) if p else r_ineq
+        rhs = r_ineq - _mtv(f.T, r_eq) if p else r_ineq
         dlam = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         if not p:
             return dlam, r_eq.new_zeros(B, 0)
-        dnu = _chol_solve((r_eq - _mv(_mT(f.K12), dlam)).unsqueeze(-1), f.L22).squeeze(-1)
+        dnu = _chol_solve((r_eq - _mtv(f.K12, dlam)).unsqueeze(-1), f.L22).squeeze(-1)
         return dlam, dnu
 
     # start: the Newton system with D = I, i.e. min z'Qz/2 + c'z + |Gz - hv|^2/2, Az = b
-    qc = _chol_solve(-c.unsqueeze(-1), f.L_Q).squeeze(-1)  # -Q^-1 c
-    G_qc, A_qc = _mv(G, qc), _mv(A, qc)
+    qc, G_qc = f.qc, f.G_qc  # -Q^-1 c, G (-Q^-1 c)
+    A_qc = f.A_qc
     L1, failed = factor_w(torch.ones_like(hv))
     y, nu = solve_dual(L1, G_qc - hv, A_qc - b)
-    z0 = qc - _mv(f.Y, y) - (_mv(f.Z, nu) if p else 0)
+    z0 = qc - f.back_substitute(y, nu)
     G_z0 = G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if p else 0)
     # CVXOPT's shift: the least-squares slack and its multiplier estimate (-slack),
     # each moved just inside the positive orthant
@@ -577,13 +628,13 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     skip = failed if skip is None else (skip | failed)
 
     # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Y lam - Z nu
-    q1 = qc - z0 - _mv(f.Y, lam) - (_mv(f.Z, nu) if p else 0)
+    q1 = qc - z0 - f.back_substitute(lam, nu)
     rd0_n = _inf_norm(_mv(Q, q1))  # |rd| = |Q q1|
     rp0 = G_z0 - hv + s
     re0 = _mv(A, z0) - b
     u = _mv(G, q1) + rp0           # G q1 + rp: the constraint-space right-hand side
     v_eq = _mv(A, q1) + re0 if p else re0
-    u_schur = u - _mv(_mT(f.T), v_eq) if p else u
+    u_schur = u - _mtv(f.T, v_eq) if p else u
     rp0_n = torch.maximum(_inf_norm(rp0), _inf_norm(re0))
 
     status, active = _start_status(B, skip, device)
@@ -595,6 +646,10 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     limit_lam = _DUAL_DIVERGENCE * scale_dual
     stalled = torch.zeros_like(active)
+    # crossover: the complementarity at which each instance next tries its active set
+    crossover = torch.full((B,), max(_CROSSOVER, tol), dtype=dtype, device=device) * scale_dual
+    polished = torch.zeros_like(active)
+    exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished)  # overwritten where polished
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         mu = (s * lam).sum(-1) / m
@@ -607,7 +662,24 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         status, active = _classify(status, active, (
             (~torch.isfinite(mu) | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
             (lam.amax(-1) > limit_lam, NUMERICAL_ERROR)))
-        if it == max_iter or not bool(active.any()):  # the one host synchronization
+        # every iteration factors the whole batch, so the crossover waits until all
+        # unfinished instances are ready and then tries them together
+        attempt = active & (mu <= crossover)
+        any_active, all_ready = torch.stack([active.any(), (attempt == active).all()]).tolist()  # the host sync
+        if any_active and all_ready:
+            # The active set is usually settled long before mu reaches tol: an instance
+            # whose active-set solution is a KKT point within tol is solved, exactly.
+            rows, sub, h_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
+                f, attempt, hv, b, scale_dual, scale_primal, lam, s)
+            sol = _active_set_solution(sub, h_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
+            done = attempt & torch.zeros_like(active).index_copy(0, rows, sol.kkt)
+            exact = _scatter(exact, done, rows, sol)
+            polished = polished | done
+            status = torch.where(done, OPTIMAL, status)
+            active = active & ~done
+            crossover = torch.where(attempt, crossover * _CROSSOVER, crossover)
+            any_active = bool(active.any())
+        if it == max_iter or not any_active:
             break
         D = s / lam
         L, failed = factor_w(D)
@@ -638,14 +710,81 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     s, lam, acc_lam = v[:, :m], v[:, m:], acc_v[:, m:]
     if p:
         acc_nu = _chol_solve(
-            (acc_q[:, None] * v_eq - _mv(_mT(f.K12), acc_lam)).unsqueeze(-1), f.L22).squeeze(-1)
+            (acc_q[:, None] * v_eq - _mtv(f.K12, acc_lam)).unsqueeze(-1), f.L22).squeeze(-1)
         nu = nu + acc_nu
-    z = z0 + acc_q[:, None] * q1 - _mv(f.Y, acc_lam) - (_mv(f.Z, acc_nu) if p else 0)
-    return InteriorPointResult(z, s, lam, nu, status, iterations, shrink * rp0_n, shrink * rd0_n,
-                               (s * lam).sum(-1) / m, qp_factor=f)
+    z = z0 + acc_q[:, None] * q1 - f.back_substitute(acc_lam, acc_nu if p else None)
+    result = InteriorPointResult(z, s, lam, nu, status, iterations, shrink * rp0_n, shrink * rd0_n,
+                                 (s * lam).sum(-1) / m, qp_factor=f)
+    return _take_polished(result, f, polished, torch.arange(B, device=device), exact)
 
 
-def _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, skip):
+@dataclass
+class ActiveSetSolution:
+    """The solution of the equality QP of a guessed active set (:func:`_active_set_solution`).
+
+    s, lam (B, m), nu (B, p) with exact zeros kept at eps^2 (see below); z is
+    ``qc - back_substitute(lam, nu)``, stationary by construction. rp_n is the primal
+    residual; ``ok`` (B,) a usable solve (factorization succeeded, finite, lam >= -tol);
+    ``kkt`` (B,) ``ok`` and primal feasible within the tolerance, i.e. a KKT point.
+    """
+
+    s: torch.Tensor
+    lam: torch.Tensor
+    nu: torch.Tensor
+    rp_n: torch.Tensor
+    ok: torch.Tensor
+    kkt: torch.Tensor
+
+
+def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
+    """Solve the equality QP where the constraints ``active`` (B, m) hold with equality.
+
+    A guess from an interior-point iterate can be wrong on near-degenerate constraints:
+    violated constraints are added and those with negative multipliers dropped, and
+    the instances concerned (only those) are solved again, a few rounds at most.
+    """
+    lam, nu, g, h, failed = f.solve_active_set(hv, b, active)
+    for _ in range(_POLISH_ROUNDS - 1):
+        violated = ~active & (g > tol * scale_primal[:, None])
+        negative = active & (lam < -tol * scale_dual[:, None])
+        wrong = (violated | negative).any(-1)
+        if not bool(wrong.any()):
+            break
+        rows = wrong.nonzero().squeeze(-1)
+        retry = ((active | violated) & ~negative).index_select(0, rows)
+        sub = f.select(rows)
+        h_r, b_r = hv.index_select(0, rows), b.index_select(0, rows)
+        lam_r, nu_r, g_r, e_r, failed_r = sub.solve_active_set(h_r, b_r, retry)
+        active = active.index_copy(0, rows, retry)
+        lam, nu = lam.index_copy(0, rows, lam_r), nu.index_copy(0, rows, nu_r)
+        g, h = g.index_copy(0, rows, g_r), h.index_copy(0, rows, e_r)
+        failed = failed.index_copy(0, rows, failed_r)
+    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(h))
+    ok = ~failed & (lam >= -tol * scale_dual[:, None]).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
+    kkt = ok & (rp_n <= tol * scale_primal)
+    # The polished point has exact zeros (s on the active set, lam off it). They stay
+    # strictly positive for the backward, which divides by them, but far below every
+    # other scale (eps^2), so the implicit derivative is the exact one of the active set
+    # rather than that of a nearby central-path point.
+    zero = torch.finfo(lam.dtype).eps ** 2
+    s = torch.where(active, zero, (-g).clamp(min=zero))
+    lam = torch.where(active, lam.clamp(min=zero), zero)
+    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt)
+
+
+def _select_rows(f, mask, *tensors):
+    """The instances ``mask`` (B,) of the factor and of ``tensors``: ``(rows, f, *tensors)``.
+
+    Copying a factor costs about as much as using it, so when most instances are wanted
+    the whole batch is kept (``rows`` is then every index) and the caller masks."""
+    B = mask.shape[0]
+    rows = mask.nonzero().squeeze(-1)
+    if 2 * rows.numel() > B:
+        return (torch.arange(B, device=mask.device), f, *tensors)
+    return (rows, f.select(rows), *(t.index_select(0, rows) for t in tensors))
+
+
+def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
     """Solve the equality QP of the active set the interior point found.
 
     An interior-point iterate stops at complementarity ~tol, which on a degenerate
@@ -653,50 +792,49 @@ def _polish(result, factor, residuals, c, hv, b, scale_dual, scale_primal, tol, 
     The active set is usually right long before that: solving the equality-constrained
     QP on it gives the solution to rounding error. The polished point replaces the
     iterate only where it is a KKT point within the tolerance (lam_a >= 0, G z <= h)
-    and no worse than the iterate.
+    and no worse than the iterate. Instances the loop already polished are left alone.
     """
-    active = result.lam > result.s
-    for _ in range(_POLISH_ROUNDS):
-        z, lam, nu, failed = factor.solve_active_set(c, hv, b, active)
-        rd, g, h = residuals(z, lam, nu)
-        # a near-degenerate constraint can be guessed wrong: add the violated ones, drop
-        # those with negative multipliers, and solve again
-        violated = ~active & (g > tol * scale_primal[:, None])
-        negative = active & (lam < -tol * scale_dual[:, None])
-        if not bool((violated | negative).any()):
-            break
-        active = (active | violated) & ~negative
-    rd_n = _inf_norm(rd)
-    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(h))
-    dual_ok = (lam >= -tol * scale_dual[:, None]).all(-1)
-    better = (rd_n <= torch.maximum(result.dual_residual, tol * scale_dual)) & (
-        rp_n <= torch.maximum(result.primal_residual, tol * scale_primal))
-    within_tol = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal)
-    solved = (result.status == OPTIMAL) & better
-    rescued = ((result.status == NUMERICAL_ERROR) | (result.status == MAX_ITER)) & within_tol
-    take = (solved | rescued) & ~failed & dual_ok & torch.isfinite(rd_n)
+    todo = ~result.polished if result.polished is not None else torch.ones_like(result.status, dtype=torch.bool)
     if skip is not None:
-        take = take & ~skip
-    keep = take[:, None]
-    # The polished point has exact zeros (s on the active set, lam off it). They stay
-    # strictly positive for the backward, which divides by them, but far below every
-    # other scale (eps^2), so the implicit derivative is the exact one of the active set
-    # rather than that of a nearby central-path point.
-    zero = torch.finfo(z.dtype).eps ** 2
-    s_new = torch.where(active, zero, (-g).clamp(min=zero))
-    lam_new = torch.where(active, lam.clamp(min=zero), zero)
-    status = torch.where(take, torch.full_like(result.status, OPTIMAL), result.status)
-    return InteriorPointResult(
-        z=torch.where(keep, z, result.z),
-        s=torch.where(keep, s_new, result.s),
-        lam=torch.where(keep, lam_new, result.lam),
-        nu=torch.where(keep, nu, result.nu),
-        status=status,
-        iterations=result.iterations,
-        primal_residual=torch.where(take, rp_n, result.primal_residual),
-        dual_residual=torch.where(take, rd_n, result.dual_residual),
-        complementarity=torch.where(take, torch.zeros_like(rd_n), result.complementarity),
-        qp_factor=result.qp_factor,
+        todo = todo & ~skip
+    if not bool(todo.any()):
+        return result
+    rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
+        factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
+    sol = _active_set_solution(sub, hv_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
+    status_r = result.status.index_select(0, rows)
+    better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
+    solved = (status_r == OPTIMAL) & better & sol.ok
+    rescued = ((status_r == NUMERICAL_ERROR) | (status_r == MAX_ITER)) & sol.kkt
+    take = todo & torch.zeros_like(todo).index_copy(0, rows, solved | rescued)
+    return _take_polished(result, factor, take, rows, sol)
+
+
+def _put(old, take, rows, new):
+    """``old`` (B, ...) with the instances ``take`` (B,) bool replaced by ``new``, which
+    holds the instances ``rows``."""
+    full = old.index_copy(0, rows, new)
+    return torch.where(take.reshape(take.shape + (1,) * (old.dim() - 1)), full, old)
+
+
+def _scatter(full: ActiveSetSolution, take, rows, sol: ActiveSetSolution) -> ActiveSetSolution:
+    return ActiveSetSolution(*(_put(getattr(full, k.name), take, rows, getattr(sol, k.name))
+                               for k in dataclasses.fields(ActiveSetSolution)))
+
+
+def _take_polished(result, f, take, rows, sol):
+    """``result`` with the instances ``take`` (B,) replaced by the active-set solution
+    ``sol``, which holds the instances ``rows``; ``f`` is the whole batch's factor."""
+    polished = result.polished if result.polished is not None else torch.zeros_like(take)
+    lam, nu = _put(result.lam, take, rows, sol.lam), _put(result.nu, take, rows, sol.nu)
+    z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
+    return dataclasses.replace(
+        result,
+        z=torch.where(take[:, None], z_exact, result.z), s=_put(result.s, take, rows, sol.s), lam=lam, nu=nu,
+        status=torch.where(take, OPTIMAL, result.status),
+        primal_residual=_put(result.primal_residual, take, rows, sol.rp_n),
+        complementarity=torch.where(take, 0.0, result.complementarity),
+        polished=polished | take,
     )
 
 
@@ -750,7 +888,7 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     sigma = lam / s
     active = sigma > 1.0
     sigma_in = torch.where(active, torch.zeros_like(sigma), sigma)
-    r1 = w_z + _mv(_mT(Jg), sigma_in * w_lam) if m else w_z
+    r1 = w_z + _mtv(Jg, sigma_in * w_lam) if m else w_z
     rows = torch.cat([Jg * active.unsqueeze(-1).to(Jg.dtype), Jh], -2)
     diag = torch.cat([torch.where(active, 1.0 / sigma, torch.ones_like(sigma)), w_nu.new_zeros(w_nu.shape)], -1)
     r2 = torch.cat([torch.where(active, w_lam, torch.zeros_like(w_lam)), w_nu], -1)
@@ -781,15 +919,14 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu):
     rhs = Gqw - w_lam
     if p:
         r_eq = _mv(f.A, qw) - w_nu
-        rhs = rhs - _mv(_mT(f.T), r_eq)
+        rhs = rhs - _mtv(f.T, r_eq)
     y = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    u_z = qw - _mv(f.Y, y)
     G_uz = Gqw - _mv(f.GY, y)
     if p:
-        u_nu = _chol_solve((r_eq - _mv(_mT(f.K12), y)).unsqueeze(-1), f.L22).squeeze(-1)
-        u_z = u_z - _mv(f.Z, u_nu)
+        u_nu = _chol_solve((r_eq - _mtv(f.K12, y)).unsqueeze(-1), f.L22).squeeze(-1)
         G_uz = G_uz - _mv(f.K12, u_nu)
     else:
         u_nu = w_nu
+    u_z = qw - f.back_substitute(y, u_nu)
     u_lam = torch.where(lam > s, y / lam, (G_uz - w_lam) / s)
     return u_z, u_lam, u_nu, failed

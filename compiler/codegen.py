@@ -291,6 +291,19 @@ def generate(kkt: KKTSystem) -> GeneratedCode:
     ]
     if kkt.problem_class in (LP, QP):
         routines.append(_qp_routine(kkt, param_names, param_bindings))
+    if kkt.structure is not None:
+        k = kkt.structure.k
+        routines.append(Routine(
+            "derivatives_diagonal", base_args, base_bindings,
+            (stationarity, g, h,
+             Output("Jacobian of the general rows of g (the others are bounds)",
+                    tuple(kkt.structure.general_jacobian), (k, n)),
+             jh,
+             Output("diagonal of the Hessian of the Lagrangian (it has no other entries)",
+                    tuple(kkt.structure.hessian_diagonal), (n,))),
+            f"stationarity (B, n), g (B, m), h (B, p), Jg of the {k} general rows (B, k, n), "
+            "Jh (B, p, n), diag H (B, n)",
+        ))
 
     constants: Dict[Node, int] = {}
     all_nodes = []

@@ -14,12 +14,13 @@ the constraint Jacobians, the Hessian of the Lagrangian, and the parameter-side 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from . import ir
 from .canonicalize import StackedProblem
 from .derivatives import gradient, vjp
 from .ir import Node
+from .structure import NLPStructure, nlp_structure
 
 LP, QP, NLP = "LP", "QP", "NLP"
 
@@ -51,6 +52,8 @@ class KKTSystem:
     seed_nu: Node
     parameter_vjp: Tuple[Node, ...]
     problem_class: str
+    #: for an NLP with a diagonal Hessian: what the solver's structured step needs
+    structure: Optional[NLPStructure] = None
 
     def __str__(self):
         from .printing import format_kkt
@@ -85,6 +88,7 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
         (),
     )
     param_grads = gradient(phi, params) if params else {}
+    problem_class = _classify(variables, lam, nu, jac_g, jac_h, hessian)
 
     return KKTSystem(
         problem=problem,
@@ -103,7 +107,8 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
         seed_lam=seed_lam,
         seed_nu=seed_nu,
         parameter_vjp=tuple(param_grads.get(p, ir.zeros(p.shape)) for p in params),
-        problem_class=_classify(variables, lam, nu, jac_g, jac_h, hessian),
+        problem_class=problem_class,
+        structure=nlp_structure(problem, hessian) if problem_class == NLP else None,
     )
 
 

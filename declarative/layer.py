@@ -249,6 +249,46 @@ class OptimizationLayer(torch.nn.Module):
             )
         return self._const_cache[key]
 
+    def _structured(self) -> bool:
+        """Use the compiler's structure (diagonal Hessian, bound rows) for Newton steps:
+        when there is one and its system (general rows + equalities) is smaller than n."""
+        structure = self.compiled.kkt.structure
+        stacked = self.compiled.problem
+        return structure is not None and structure.k + stacked.p <= stacked.n
+
+    def _bound_indices(self, dtype, device):
+        key = ("bounds", dtype, device)
+        if key not in self._const_cache:
+            s = self.compiled.kkt.structure
+            as_index = lambda a: torch.as_tensor(a, dtype=torch.int64, device=device)  # noqa: E731
+            self._const_cache[key] = (as_index(s.bound_rows), as_index(s.bound_cols),
+                                      torch.as_tensor(s.bound_signs, dtype=dtype, device=device),
+                                      as_index(s.general_rows))
+        return self._const_cache[key]
+
+    def _derivatives(self, code, consts, params, full, dtype, device):
+        """The solver's oracle: stationarity, g, h, Jg, Jh and the Hessian at (z, lam, nu),
+        the last two structured (:class:`~solvers.interior_point.BoundedJacobian`,
+        :class:`~solvers.interior_point.DiagonalMatrix`) when :meth:`_structured`."""
+        stacked = self.compiled.problem
+        n, m, p = stacked.n, stacked.m, stacked.p
+        if self._structured():
+            bounds = self._bound_indices(dtype, device)
+            k = bounds[-1].shape[0]
+
+            def derivatives(z, lam, nu):
+                rd, g, h, Jg_general, Jh, H_diag = code["derivatives_diagonal"](z, lam, nu, consts, *params)
+                Jg = ipm.BoundedJacobian(full(Jg_general, (k, n)), m, *bounds)
+                return (full(rd, (n,)), full(g, (m,)), full(h, (p,)), Jg, full(Jh, (p, n)),
+                        ipm.DiagonalMatrix(full(H_diag, (n,))))
+            return derivatives
+
+        def derivatives(z, lam, nu):
+            out = code["derivatives"](z, lam, nu, consts, *params)
+            shapes = [(n,), (m,), (p,), (m, n), (p, n), (n, n)]
+            return tuple(full(o, s) for o, s in zip(out, shapes))
+        return derivatives
+
     def _solve(self, params, batched, batch, dtype, device):
         stacked = self.compiled.problem
         code = self.compiled.code
@@ -281,10 +321,7 @@ class OptimizationLayer(torch.nn.Module):
                 result = ipm.solve_qp(*qp, tol=tol, max_iter=self.max_iter, skip=bad)
             derivatives = None
         else:
-            def derivatives(z, lam, nu):
-                out = code["derivatives"](z, lam, nu, consts, *params)
-                shapes = [(n,), (m,), (p,), (m, n), (p, n), (n, n)]
-                return tuple(full(o, s) for o, s in zip(out, shapes))
+            derivatives = self._derivatives(code, consts, params, full, dtype, device)
 
             def residuals(z, lam, nu):
                 _, rd, g, h = code["residuals"](z, lam, nu, consts, *params)

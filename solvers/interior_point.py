@@ -218,6 +218,199 @@ class ReducedNewton:
         return dz, ds, dlam, dnu
 
 
+# ------------------------------------------------------------------------------------
+# structured Newton systems: diagonal Hessian, bound rows (NLPs, compiler-detected)
+# ------------------------------------------------------------------------------------
+
+class DiagonalMatrix:
+    """A batch of diagonal (n, n) matrices, stored as their diagonals d (B, n)."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def mv(self, x):
+        return self.d * x
+
+    def dense(self):
+        return torch.diag_embed(self.d)
+
+
+class BoundedJacobian:
+    """The Jacobian of g (B, m, n) when some rows are simple bounds: row ``bound_rows[i]``
+    is ``bound_signs[i]`` times the unit vector of entry ``bound_cols[i]``; the rows
+    ``general_rows`` have the dense Jacobian ``general`` (B, k, n). Index tensors are
+    int64, the signs of z's dtype."""
+
+    def __init__(self, general, m, bound_rows, bound_cols, bound_signs, general_rows):
+        self.general, self.m = general, m
+        self.bound_rows, self.bound_cols, self.bound_signs = bound_rows, bound_cols, bound_signs
+        self.general_rows = general_rows
+        self.shape = general.shape[:-2] + (m, general.shape[-1])
+
+    def mv(self, x):
+        """Jg x: (B, n) -> (B, m)."""
+        out = x.new_empty(x.shape[0], self.m)
+        out[:, self.bound_rows] = self.bound_signs * x[:, self.bound_cols]
+        out[:, self.general_rows] = _mv(self.general, x)
+        return out
+
+    def mtv(self, y):
+        """Jg' y: (B, m) -> (B, n)."""
+        out = _mtv(self.general, y[:, self.general_rows])
+        return out.index_add(1, self.bound_cols, self.bound_signs * y[:, self.bound_rows])
+
+    def bound_diagonal(self, weights):
+        """diag(Jg_b' diag(weights_b) Jg_b) (B, n) for weights (B, m): the bound rows'
+        share of Jg' diag(weights) Jg, which is diagonal."""
+        zeros = weights.new_zeros(weights.shape[0], self.shape[-1])
+        return zeros.index_add(1, self.bound_cols, weights[:, self.bound_rows])
+
+    def dense(self):
+        B, n = self.general.shape[0], self.shape[-1]
+        out = self.general.new_zeros(B, self.m, n)
+        out[:, self.bound_rows, self.bound_cols] = self.bound_signs
+        out[:, self.general_rows] = self.general
+        return out
+
+
+def _apply(M, x):
+    """M x for a dense batch (B, r, n) or a structured matrix."""
+    return _mv(M, x) if isinstance(M, torch.Tensor) else M.mv(x)
+
+
+def _apply_t(M, y):
+    """M' y for a dense batch (B, r, n) or a :class:`BoundedJacobian`."""
+    return _mtv(M, y) if isinstance(M, torch.Tensor) else M.mtv(y)
+
+
+def _dense(M):
+    return M if isinstance(M, torch.Tensor) else M.dense()
+
+
+def _regularized_cholesky(S, E):
+    """Cholesky of S + diag(E) for S (B, r, r) PSD and E (B, r) >= 0 (zero on equality
+    rows): a small static shift keeps redundant equalities factorizable, and a larger
+    one is tried where that fails. The shift scales with S alone: E = s/lam reaches 1e15
+    on inactive rows, and a shift that grew with it would spoil the others. Returns L
+    and the (B,) failed mask."""
+    r = S.shape[-1]
+    eye = torch.eye(r, dtype=S.dtype, device=S.device)
+    scale = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
+    S = S.clone()
+    S.diagonal(dim1=-2, dim2=-1).add_(E)
+    L, info = torch.linalg.cholesky_ex(S + (_regularization(S.dtype) * scale)[:, None, None] * eye)
+    bad = info > 0
+    if bool(bad.any()):
+        L2, info2 = torch.linalg.cholesky_ex(S + (1e-8 * scale)[:, None, None] * eye)
+        L = torch.where(bad[:, None, None], L2, L)
+        bad = bad & (info2 > 0)
+    return torch.where(bad[:, None, None], eye.expand_as(L), L), bad
+
+
+class DiagonalNewton:
+    """Newton steps for a diagonal Hessian and a :class:`BoundedJacobian`, in the space of
+    the general inequality rows and the equalities.
+
+    With D = diag(H) + (lam/s on the bound rows' entries), K = [Jg_general; Jh] and
+    E = diag(s/lam on the general rows, 0 on the equalities), the reduced system
+    ``[[D + Jg_R' Sigma_R Jg_R, Jh'], [Jh, 0]]`` becomes ``(K D^-1 K' + E) w = ...`` of size
+    k + p: no (n, n) matrix is formed. Needs D > 0 (:attr:`usable`); callers fall back to
+    :class:`ReducedNewton` otherwise (nonconvex or flat directions without bounds).
+    """
+
+    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s):
+        self.Jg, self.lam, self.s = Jg, lam, s
+        sigma = lam / s
+        D = H.d + Jg.bound_diagonal(sigma)
+        floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
+        self.usable = bool((D > floor).all())
+        self.D_inv = 1.0 / D
+        rows = Jg.general_rows
+        self.K = torch.cat([Jg.general, Jh], -2)
+        self.k, self.p = Jg.general.shape[-2], Jh.shape[-2]
+        S = (self.K * self.D_inv.unsqueeze(-2)) @ _mT(self.K)
+        E = torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], self.p)], -1)
+        self.L, self.failed = _regularized_cholesky(S, E)
+
+    def step(self, rd, rc, rp, re):
+        """The same Newton equations as :meth:`ReducedNewton.step`.
+
+        Only the bound rows are folded into the right-hand side; the general rows keep
+        dlam as an unknown (w = [dlam_R; dnu]). Folding them too would put
+        rc/s ~ 1e12 on active rows into the right-hand side and cancel it again in dz."""
+        Jg, lam, s = self.Jg, self.lam, self.s
+        b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
+        fold = (lam[:, b_rows] * rp[:, b_rows] - rc[:, b_rows]) / s[:, b_rows]
+        r1 = (-rd).index_add(1, b_cols, -signs * fold)
+        rhs = _mv(self.K, self.D_inv * r1)
+        rhs = rhs + torch.cat([rp[:, rows] - rc[:, rows] / lam[:, rows], re], -1)
+        w = _chol_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
+        dz = self.D_inv * (r1 - _mtv(self.K, w))
+        dlam_R, dnu = w[:, :self.k], w[:, self.k:]
+        ds = torch.empty_like(s)
+        dlam = torch.empty_like(lam)
+        # general rows: ds from complementarity, accurate relative to s where s is tiny
+        ds[:, rows] = -(rc[:, rows] + s[:, rows] * dlam_R) / lam[:, rows]
+        dlam[:, rows] = dlam_R
+        ds_b = -rp[:, b_rows] - signs * dz[:, b_cols]
+        ds[:, b_rows] = ds_b
+        dlam[:, b_rows] = (-rc[:, b_rows] - lam[:, b_rows] * ds_b) / s[:, b_rows]
+        return dz, ds, dlam, dnu
+
+
+def _newton_system(H, Jg, Jh, lam, s):
+    """The Newton solver for this iteration: structured when the problem is and its
+    diagonal is safely positive, else the n-space reduction."""
+    if isinstance(H, DiagonalMatrix):
+        newton = DiagonalNewton(H, Jg, Jh, lam, s)
+        if newton.usable:
+            return newton
+    return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s)
+
+
+def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
+    """:func:`kkt_adjoint` for a diagonal Hessian and bound rows, in the space of the
+    general rows and equalities; returns None when diag(H) plus the bounds' lam/s is not
+    safely positive.
+
+    Bound rows are eliminated through y_b = lam_b u_lam_b = (lam_b/s_b)(+-u_c - w_lam_b);
+    on an active bound lam_b/s_b is huge and that formula would cancel, so there y_b is
+    read from the stationarity row of its entry c instead, where every term is moderate.
+    The general rows stay explicit as in :func:`kkt_adjoint` (y = lam * u_lam).
+    """
+    sigma = lam / s
+    D = H.d + Jg.bound_diagonal(sigma)
+    floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
+    if not bool((D > floor).all()):
+        return None
+    D_inv = 1.0 / D
+    b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
+    k, p = Jg.general.shape[-2], Jh.shape[-2]
+    r1 = w_z.index_add(1, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
+    K = torch.cat([Jg.general, Jh], -2)
+    S = (K * D_inv.unsqueeze(-2)) @ _mT(K)
+    L, failed = _regularized_cholesky(S, torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], p)], -1))
+    rhs = _mv(K, D_inv * r1) - torch.cat([w_lam[:, rows], w_nu], -1)
+    w = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    Kw = _mtv(K, w)
+    u_z = D_inv * (r1 - Kw)
+    y_R, u_nu = w[:, :k], w[:, k:]
+    u_lam = torch.empty_like(lam)
+    # general rows: y/lam where active, the constraint row where inactive (lam ~ 0)
+    active_R = sigma[:, rows] > 1.0
+    u_lam[:, rows] = torch.where(active_R, y_R / lam[:, rows], (_mv(Jg.general, u_z) - w_lam[:, rows]) / s[:, rows])
+    # bound rows: inactive ones from their constraint row; active ones from stationarity
+    u_c = u_z[:, b_cols]
+    inactive_b = sigma[:, b_rows] <= 1.0
+    y_inactive = torch.where(inactive_b, sigma[:, b_rows] * (signs * u_c - w_lam[:, b_rows]), 0.0)
+    total = w_z - H.d * u_z - Kw  # = sum over bound rows q on each entry of sign_q y_q
+    others = torch.zeros_like(u_z).index_add(1, b_cols, signs * y_inactive)
+    y_active = signs * (total - others)[:, b_cols]
+    u_lam[:, b_rows] = torch.where(inactive_b, (signs * u_c - w_lam[:, b_rows]) / s[:, b_rows],
+                                   y_active / lam[:, b_rows])
+    return u_z, u_lam, u_nu, failed
+
+
 class QPFactor:
     """What stays constant over a QP solve with positive definite Q, factored once.
 
@@ -434,7 +627,7 @@ def primal_dual(
         if it == max_iter or not bool(active.any()):
             break
 
-        newton = ReducedNewton(H, Jg, Jh, lam, s)
+        newton = _newton_system(H, Jg, Jh, lam, s)
         status, active = _classify(status, active, ((newton.failed, NUMERICAL_ERROR),))
         p = Jh.shape[-2]
 
@@ -444,9 +637,9 @@ def primal_dual(
             # residuals involve only moderate numbers) restores them.
             dz, ds, dlam, dnu = newton.step(rd, rc, rp, h)
             for _ in range(2):
-                e_d = rd + _mv(H, dz) + (_mtv(Jg, dlam) if m else 0) + (_mtv(Jh, dnu) if p else 0)
+                e_d = rd + _apply(H, dz) + (_apply_t(Jg, dlam) if m else 0) + (_mtv(Jh, dnu) if p else 0)
                 e_c = rc + lam * ds + s * dlam
-                e_p = rp + (_mv(Jg, dz) if m else 0) + ds
+                e_p = rp + (_apply(Jg, dz) if m else 0) + ds
                 e_e = h + _mv(Jh, dz) if p else h
                 cz, cs, clam, cnu = newton.step(e_d, e_c, e_p, e_e)
                 dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
@@ -883,7 +1076,14 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
 
     Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
     w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
+    H and Jg may be a :class:`DiagonalMatrix` and a :class:`BoundedJacobian`
+    (:func:`_diagonal_kkt_adjoint`).
     """
+    if isinstance(H, DiagonalMatrix):
+        solution = _diagonal_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu)
+        if solution is not None:
+            return solution
+        H, Jg = H.dense(), _dense(Jg)
     m = Jg.shape[-2]
     sigma = lam / s
     active = sigma > 1.0

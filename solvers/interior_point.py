@@ -41,9 +41,11 @@ _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
 _STALL = 1e-12  # a step shorter than this makes no progress
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
-# a QP instance tries its active set when complementarity falls below this (relative to
-# the data), then at each further factor of it: a success ends the solve exactly
+# a QP instance tries its active set when complementarity falls below _CROSSOVER
+# (relative to the data), and after a failure again each time it has fallen by
+# _CROSSOVER_RETRY: a success ends the solve exactly
 _CROSSOVER = 1e-3
+_CROSSOVER_RETRY = 1e-3
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -850,7 +852,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     shrink = torch.ones(B, dtype=dtype, device=device)  # residual_k = shrink_k * residual_0
     acc_q = torch.zeros(B, dtype=dtype, device=device)
     v = torch.cat([s, lam], -1)  # [s, lam]: one tensor, so steps and bounds are one op each
-    acc_v = torch.zeros_like(v)
+    v_start = v
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     limit_lam = _DUAL_DIVERGENCE * scale_dual
     stalled = torch.zeros_like(active)
@@ -885,7 +887,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
             polished = polished | done
             status = torch.where(done, OPTIMAL, status)
             active = active & ~done
-            crossover = torch.where(attempt, crossover * _CROSSOVER, crossover)
+            crossover = torch.where(attempt, crossover * _CROSSOVER_RETRY, crossover)
             any_active = bool(active.any())
         if it == max_iter or not any_active:
             break
@@ -911,11 +913,11 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         # dz = shrink q1 - Y dlam - Z dnu and dnu = K22^-1 (shrink v - K21 dlam) are linear
         # in (shrink, dlam): accumulate those and touch the n-space once at the end
         acc_q = acc_q + step * shrink
-        acc_v = acc_v + step[:, None] * dv
         shrink = shrink * (1.0 - step)
         iterations = iterations + (step > 0)
 
-    s, lam, acc_lam = v[:, :m], v[:, m:], acc_v[:, m:]
+    s, lam = v[:, :m], v[:, m:]
+    acc_lam = lam - v_start[:, m:]  # the sum of the steps in lam
     if p:
         acc_nu = _chol_solve(
             (acc_q[:, None] * v_eq - _mtv(f.K12, acc_lam)).unsqueeze(-1), f.L22).squeeze(-1)

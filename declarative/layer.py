@@ -380,6 +380,7 @@ class OptimizationLayer(torch.nn.Module):
         lin = _KKTLinearization(
             layer=self, params=params, batched=batched, consts=consts, z=z, s=s, lam=lam, nu=nu,
             qp=qp, derivatives=derivatives, valid=valid, qp_factor=result.qp_factor,
+            active_set=_active_set_of(result),
         )
         return tuple(outputs), lin
 
@@ -387,10 +388,12 @@ class OptimizationLayer(torch.nn.Module):
 class _KKTLinearization(Linearization):
     """The KKT residual F = [grad_z L; lam * g; h] at the solution."""
 
-    def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid, qp_factor=None):
+    def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid, qp_factor=None,
+                 active_set=(None, None)):
         self.layer, self.params, self.consts = layer, params, consts
         self.z, self.s, self.lam, self.nu = z, s, lam, nu
         self.qp, self.derivatives, self.qp_factor = qp, derivatives, qp_factor
+        self.active_set = active_set
         self.valid = valid
         self.parameter_batched = tuple(batched)
 
@@ -417,7 +420,8 @@ class _KKTLinearization(Linearization):
                 target = w_lam if kind == "ineq" else w_nu
                 target[:, off:off + size] += g.reshape(B, size)
         if self.qp_factor is not None:  # reuse the forward's constraint-space factorization
-            u_z, u_lam, u_nu, failed = ipm.qp_adjoint(self.qp_factor, self.s, self.lam, w_z, w_lam, w_nu)
+            u_z, u_lam, u_nu, failed = ipm.qp_adjoint(self.qp_factor, self.s, self.lam, w_z, w_lam, w_nu,
+                                                      *self.active_set)
         else:
             if self.qp is not None:
                 Q, _, G, _, A, _ = self.qp
@@ -444,6 +448,14 @@ class _KKTLinearization(Linearization):
                 g = g.sum(0, keepdim=True) if g.shape[0] != 1 else g
             out.append(g)
         return tuple(out)
+
+
+def _active_set_of(result):
+    """(active set, its factor) when every instance's solution is an exact active-set
+    solution whose factorization the backward can reuse, else (None, None)."""
+    if result.polished is None or result.active_factor is None or not bool(result.polished.all()):
+        return (None, None)
+    return (result.active_set, result.active_factor)
 
 
 def _choose(available, chosen, what, kind, subset=False):

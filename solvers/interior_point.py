@@ -70,6 +70,9 @@ class InteriorPointResult:
     qp_factor: Optional["QPFactor"] = None
     #: (B,) bool: the solution is the exact solution of an active set (see ``_polish``)
     polished: Optional[torch.Tensor] = None
+    #: for polished instances, their active set (B, m) and its factor (B, m, m)
+    active_set: Optional[torch.Tensor] = None
+    active_factor: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -507,7 +510,8 @@ class QPFactor:
         Returns lam (B, m) (zero off the active set), nu (B, p), the constraint values
         ``G z - h`` (B, m) and ``A z - b`` (B, p), and a (B,) mask of failed
         factorizations; z itself is ``qc - back_substitute(lam, nu)``. Stationarity holds
-        by construction of z."""
+        by construction of z. The last output is the Cholesky factor of the active set's
+        matrix (the backward pass reuses it)."""
         a = active.to(self.W.dtype)
         M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2))
         M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + self.delta[:, None])
@@ -524,7 +528,7 @@ class QPFactor:
             e = c2 - _mtv(self.K12, lam) - _mv(self.K22, nu)
         else:
             nu = e = b.new_zeros(b.shape)
-        return lam, nu, g, e, info > 0
+        return lam, nu, g, e, info > 0, L
 
 
 # ------------------------------------------------------------------------------------
@@ -859,7 +863,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     # crossover: the complementarity at which each instance next tries its active set
     crossover = torch.full((B,), max(_CROSSOVER, tol), dtype=dtype, device=device) * scale_dual
     polished = torch.zeros_like(active)
-    exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished)  # overwritten where polished
+    exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W)  # overwritten where polished
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         mu = (s * lam).sum(-1) / m
@@ -944,6 +948,9 @@ class ActiveSetSolution:
     rp_n: torch.Tensor
     ok: torch.Tensor
     kkt: torch.Tensor
+    #: the active set (B, m) and the Cholesky factor of its matrix (B, m, m)
+    active: torch.Tensor
+    L: torch.Tensor
 
 
 def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
@@ -953,7 +960,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
     violated constraints are added and those with negative multipliers dropped, and
     the instances concerned (only those) are solved again, a few rounds at most.
     """
-    lam, nu, g, h, failed = f.solve_active_set(hv, b, active)
+    lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
     for _ in range(_POLISH_ROUNDS - 1):
         violated = ~active & (g > tol * scale_primal[:, None])
         negative = active & (lam < -tol * scale_dual[:, None])
@@ -964,8 +971,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
         retry = ((active | violated) & ~negative).index_select(0, rows)
         sub = f.select(rows)
         h_r, b_r = hv.index_select(0, rows), b.index_select(0, rows)
-        lam_r, nu_r, g_r, e_r, failed_r = sub.solve_active_set(h_r, b_r, retry)
-        active = active.index_copy(0, rows, retry)
+        lam_r, nu_r, g_r, e_r, failed_r, L_r = sub.solve_active_set(h_r, b_r, retry)
+        active, L = active.index_copy(0, rows, retry), L.index_copy(0, rows, L_r)
         lam, nu = lam.index_copy(0, rows, lam_r), nu.index_copy(0, rows, nu_r)
         g, h = g.index_copy(0, rows, g_r), h.index_copy(0, rows, e_r)
         failed = failed.index_copy(0, rows, failed_r)
@@ -979,7 +986,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
     zero = torch.finfo(lam.dtype).eps ** 2
     s = torch.where(active, zero, (-g).clamp(min=zero))
     lam = torch.where(active, lam.clamp(min=zero), zero)
-    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt)
+    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L)
 
 
 def _select_rows(f, mask, *tensors):
@@ -1037,6 +1044,10 @@ def _take_polished(result, f, take, rows, sol):
     ``sol``, which holds the instances ``rows``; ``f`` is the whole batch's factor."""
     polished = result.polished if result.polished is not None else torch.zeros_like(take)
     lam, nu = _put(result.lam, take, rows, sol.lam), _put(result.nu, take, rows, sol.nu)
+    if result.active_set is None:
+        active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape + lam.shape[-1:])
+    else:
+        active_set, factor = result.active_set, result.active_factor
     z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
     return dataclasses.replace(
         result,
@@ -1045,6 +1056,8 @@ def _take_polished(result, f, take, rows, sol):
         primal_residual=_put(result.primal_residual, take, rows, sol.rp_n),
         complementarity=torch.where(take, 0.0, result.complementarity),
         polished=polished | take,
+        active_set=_put(active_set, take, rows, sol.active),
+        active_factor=_put(factor, take, rows, sol.L),
     )
 
 
@@ -1117,7 +1130,7 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     return u_z, u_lam, u_nu, kkt.failed
 
 
-def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu):
+def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu, active_set=None, active_factor=None):
     """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
 
     With y = lam * u_lam the transposed system is the forward's Newton matrix
@@ -1127,17 +1140,28 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu):
     constraint row on inactive ones (where lam ~ 0 would make y/lam inaccurate).
     """
     m, p = lam.shape[-1], w_nu.shape[-1]
-    eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
-    L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(s / lam + f.delta[:, None]))
-    failed = info > 0
-    L = torch.where(failed[:, None, None], eye.expand_as(L), L)
+    if active_factor is None:
+        eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
+        L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(s / lam + f.delta[:, None]))
+        failed = info > 0
+        L = torch.where(failed[:, None, None], eye.expand_as(L), L)
+        a = None
+    else:
+        # at a polished solution D = s/lam is eps^2/lam on the active set and s/eps^2
+        # off it: (W + D) y = r is the active set's system with y = 0 elsewhere, which
+        # the forward pass has factored already
+        L, a = active_factor, active_set.to(lam.dtype)
+        failed = torch.zeros_like(lam[:, 0], dtype=torch.bool)
     qw = _chol_solve(w_z.unsqueeze(-1), f.L_Q).squeeze(-1)  # Q^-1 w_z
     Gqw = _mv(f.G, qw)
     rhs = Gqw - w_lam
     if p:
         r_eq = _mv(f.A, qw) - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
-    y = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    if a is None:
+        y = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    else:
+        y = _chol_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
     G_uz = Gqw - _mv(f.GY, y)
     if p:
         u_nu = _chol_solve((r_eq - _mtv(f.K12, y)).unsqueeze(-1), f.L22).squeeze(-1)

@@ -404,7 +404,7 @@ def qp_reference(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
 
     Q, q, G, h, A, b = (d[k].numpy() for k in ("Q", "q", "G", "h", "A", "b"))
     B, n = q.shape
-    m, p = G.shape[1], A.shape[1]
+    p = A.shape[1]
     X = np.empty((B, n))
     delta, polished = 0.0, 0
     t0 = time.perf_counter()
@@ -622,26 +622,26 @@ def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int =
     return t, "solvers.interior_point.constraint_space_kernel"
 
 
-def time_nlp_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int = 1):
-    """Time the per-iteration linear algebra of the general (NLP) loop used for
-    the entropy problems: ``solvers.interior_point.reduced_kkt_kernel``, one
-    Cholesky factorization of H + Jg' diag(sigma) Jg (B, n, n), one of the
-    (p, p) Schur complement, and the solve."""
-    from solvers.interior_point import reduced_kkt_kernel
+def time_structured_nlp_kernel(B: int, n: int, k: int, p: int, budget: float = 0.5, seed: int = 1):
+    """Time the per-iteration linear algebra of the structured NLP step the entropy
+    problems take (diagonal Hessian, z >= 0 as bound rows, k general rows, p equalities):
+    ``solvers.interior_point.diagonal_kkt_kernel``, one (k + p) Cholesky factorization
+    and the solve."""
+    from solvers.interior_point import BoundedJacobian, DiagonalMatrix, diagonal_kkt_kernel
 
     g = torch.Generator().manual_seed(seed)
     kw = dict(generator=g, dtype=DTYPE)
-    L = torch.randn(B, n, n, **kw)
-    H = L @ L.transpose(-1, -2) / n + 0.1 * torch.eye(n, dtype=DTYPE)
-    Jg = torch.randn(B, m, n, **kw)
+    m = n + k
+    H = DiagonalMatrix(torch.rand(B, n, **kw) + 0.1)
+    idx = torch.arange(n)
+    Jg = BoundedJacobian(torch.randn(B, k, n, **kw), m, idx, idx, -torch.ones(n, dtype=DTYPE), n + torch.arange(k))
     Jh = torch.randn(B, p, n, **kw)
-    sigma = torch.rand(B, m, **kw) + 0.01
-    r1 = torch.randn(B, n, **kw)
-    r2 = torch.randn(B, p, **kw)
+    lam, s = torch.rand(B, m, **kw) + 0.01, torch.rand(B, m, **kw) + 0.01
+    rd, rc, rp, re = (torch.randn(B, d, **kw) for d in (n, m, m, p))
     with torch.no_grad():
-        t = bench(lambda: reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2), budget,
+        t = bench(lambda: diagonal_kkt_kernel(H, Jg, Jh, lam, s, rd, rc, rp, re), budget,
                   max_repeats=200, min_repeats=5)
-    return t, "solvers.interior_point.reduced_kkt_kernel"
+    return t, "solvers.interior_point.diagonal_kkt_kernel"
 
 
 # --------------------------------------------------------------------------

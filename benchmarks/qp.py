@@ -18,7 +18,6 @@ reference (tight tolerance, then polished on the active set).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings

@@ -192,10 +192,11 @@ class ReducedKKT:
         return dz, dnu
 
 
-def reduced_kkt_kernel(H, Jg, Jh, sigma, r1, r2):
-    """One factorization and solve of the n-space reduced system: the per-iteration
-    linear algebra of the general loop (NLPs, LPs; used by benchmarks as a floor)."""
-    return ReducedKKT(H, Jg, Jh, sigma).solve(r1, r2)
+def diagonal_kkt_kernel(H: "DiagonalMatrix", Jg: "BoundedJacobian", Jh, lam, s, rd, rc, rp, re):
+    """One factorization and solve of the structured Newton system (diagonal Hessian,
+    bound rows; :class:`DiagonalNewton`): the per-iteration linear algebra of NLPs the
+    compiler found that structure in (used by benchmarks as a floor)."""
+    return DiagonalNewton(H, Jg, Jh, lam, s).step(rd, rc, rp, re)
 
 
 def constraint_space_kernel(W, D, rhs):

@@ -14,7 +14,9 @@ parameters, each ``(B or 1, *shape)``):
 ``derivatives(z, lam, nu, consts, *params)`` -> stationarity, g, h, Jg (B, m, n), Jh (B, p, n), H (B, n, n)
 ``qp_data(ref, consts, *params)``            -> Q, c, G, hv, A, b of min z'Qz/2 + c'z, Gz <= hv, Az = b
                                                 (LP and QP only)
-``parameter_vjp(z, lam, nu, u_z, u_lam, u_nu, consts, *params)`` -> one gradient per parameter
+``parameter_vjp(z, lam, nu, u_z, u_lam, u_nu, consts, *params)`` -> one gradient per parameter,
+                                                (minus the parameter-side product: the sign of the
+                                                implicit function theorem is folded in)
 """
 from __future__ import annotations
 
@@ -186,6 +188,12 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
     if expr.is_Number:
         return repr(float(expr))
     if expr.is_Add:
+        # a coefficient shared by every term is applied once: c*(a + b) reads each tensor
+        # once and writes one temporary fewer than c*a + c*b
+        coeffs = {a.as_coeff_Mul()[0] for a in expr.args}
+        if len(coeffs) == 1 and (c := coeffs.pop()) != 1:
+            inner = "(" + " + ".join(p(a.as_coeff_Mul()[1]) for a in expr.args) + ")"
+            return f"(-{inner})" if c == -1 else f"({float(c)!r} * {inner})"
         return "(" + " + ".join(p(a) for a in expr.args) + ")"
     if expr.is_Mul:
         coeff, rest = expr.as_coeff_Mul()
@@ -284,7 +292,7 @@ def generate(kkt: KKTSystem) -> GeneratedCode:
             "parameter_vjp",
             ("z", "lam", "nu", "u_z", "u_lam", "u_nu", "consts") + tuple(param_names),
             base_bindings + tuple(seed_bindings + seeds),
-            tuple(Output(f"d/d{name} [u_z'grad_z L + (lam*u_lam)'g + u_nu'h]", (node,), node.shape)
+            tuple(Output(f"-d/d{name} [u_z'grad_z L + (lam*u_lam)'g + u_nu'h]", (node,), node.shape)
                   for name, node in zip(param_names, kkt.parameter_vjp)),
             "one (B or 1, *shape) tensor per parameter",
         ),

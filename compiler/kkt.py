@@ -46,7 +46,7 @@ class KKTSystem:
     ineq_jacobian: Tuple[Node, ...]
     eq_jacobian: Tuple[Node, ...]
     hessian: Tuple[Tuple[Node, ...], ...]
-    #: seeds of the backward pass and the parameter-side products they give
+    #: seeds of the backward pass and minus the parameter-side products they give
     seed_z: Tuple[Node, ...]
     seed_lam: Node
     seed_nu: Node
@@ -87,7 +87,9 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
         + [ir.dot(ir.mul(lam, seed_lam), g), ir.dot(seed_nu, h)],
         (),
     )
-    param_grads = gradient(phi, params) if params else {}
+    # minus the product: the sign of the implicit function theorem, folded into the
+    # generated code's constants instead of costing a pass over every gradient
+    param_grads = gradient(ir.neg(phi), params) if params else {}
     problem_class = _classify(variables, lam, nu, jac_g, jac_h, hessian)
 
     return KKTSystem(

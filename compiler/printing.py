@@ -150,4 +150,9 @@ def format_kkt(kkt) -> str:
         lines.append("  lam * g = 0,  lam >= 0")
     else:
         lines.append("  (no inequalities)")
+    if kkt.structure is not None:
+        st = kkt.structure
+        lines.append("")
+        lines.append(f"Structure: the Hessian of L is diagonal; {len(st.bound_rows)} rows of g are simple bounds, "
+                     f"so a Newton system has size {st.k} + {prob.p} (other rows + equalities) instead of {prob.n}")
     return "\n".join(lines)

@@ -441,7 +441,6 @@ class _KKTLinearization(Linearization):
         grads = code["parameter_vjp"](self.z, self.lam, self.nu, u_z, u_lam, u_nu, self.consts, *self.params)
         out = []
         for g, p, b in zip(grads, self.params, self.parameter_batched):
-            g = -g
             if b:
                 g = g.expand_as(p)
             else:

@@ -915,8 +915,8 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         stalled = failed | (alpha < _STALL)
         step = torch.where(active & ~stalled, alpha, 0.0)
         v = v + step[:, None] * dv
-        # dz = shrink q1 - Y dlam - Z dnu and dnu = K22^-1 (shrink v - K21 dlam) are linear
-        # in (shrink, dlam): accumulate those and touch the n-space once at the end
+        # dz = shrink q1 - Q^-1 (G'dlam + A'dnu) and dnu = K22^-1 (shrink v - K21 dlam) are
+        # linear in (shrink, dlam): accumulate those and touch the n-space once at the end
         acc_q = acc_q + step * shrink
         shrink = shrink * (1.0 - step)
         iterations = iterations + (step > 0)

@@ -95,7 +95,7 @@ def test_generated_derivatives_match_torch_autograd():
     jac = torch.autograd.functional.jacobian(gh, z)[0, :, 0, :]
     torch.testing.assert_close(torch.cat([Jg.expand(1, m, n), Jh.expand(1, p, n)], -2)[0], jac)
 
-    # parameter side: d/dtheta [u_z' grad_z L + (lam*u_lam)' g + u_nu' h]
+    # parameter side: -d/dtheta [u_z' grad_z L + (lam*u_lam)' g + u_nu' h]
     u_z, u_lam, u_nu = torch.randn(1, n, dtype=torch.float64), torch.randn(1, m, dtype=torch.float64), torch.randn(1, p, dtype=torch.float64)
     ps = [t.clone().requires_grad_() for t in params]
     rd_, g_, h_ = [o for o in code["residuals"](z, lam, nu, consts, *ps)[1:]]
@@ -103,7 +103,7 @@ def test_generated_derivatives_match_torch_autograd():
     expected = torch.autograd.grad(phi, ps)
     got = code["parameter_vjp"](z, lam, nu, u_z, u_lam, u_nu, consts, *params)
     for e, gt in zip(expected, got):
-        torch.testing.assert_close(gt.expand_as(e), e)
+        torch.testing.assert_close(gt.expand_as(e), -e)
 
 
 def test_generated_source_is_valid_python_with_readable_tracebacks():

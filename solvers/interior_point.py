@@ -454,8 +454,9 @@ class QPFactor:
         ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(Q.dtype).tiny)) ** 2
         floor = 1e-10 if Q.dtype == torch.float64 else 1e-5
         self.usable = (info == 0) & (ratio > floor)
-        eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
+        if not bool(self.usable.all()):  # (the caller syncs on this anyway)
+            eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+            self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
         self.GY = _mT(self.G_half) @ self.G_half  # G Q^-1 G'
         # the unconstrained minimizer -Q^-1 c and its images: the start of every solve

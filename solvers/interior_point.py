@@ -812,10 +812,16 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
     dtype, device = Q.dtype, Q.device
 
+    # one matrix and one factor buffer for every iteration: fresh (B, m, m) tensors per
+    # iteration cost page faults that showed as much as the factorization itself
+    M_buf = torch.empty_like(f.W)
+    L_buf = torch.empty_like(f.W).transpose(-1, -2)  # LAPACK's column-major layout
+    info_buf = torch.empty(B, dtype=torch.int32, device=device)
+
     def factor_w(D):
-        M = f.W.clone()
+        M = M_buf.copy_(f.W)
         M.diagonal(dim1=-2, dim2=-1).add_(D + f.delta[:, None])
-        L, info = torch.linalg.cholesky_ex(M)
+        L, info = torch.linalg.cholesky_ex(M, out=(L_buf, info_buf))
         # a failed instance keeps its partial factor: batched LAPACK treats instances
         # independently, so only that instance's (retired) values go bad
         return L, info > 0

@@ -153,19 +153,9 @@ class ReducedKKT:
         self.p = Jh.shape[-2]
         if self.p:
             Y = _chol_solve(_mT(Jh), self.L)  # (B, n, p)
-            S = Jh @ Y
-            if schur_diagonal is not None:
-                S = S + torch.diag_embed(schur_diagonal)
-            s_scale = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-            eye_p = torch.eye(self.p, dtype=H.dtype, device=H.device)
-            Ls, info_s = torch.linalg.cholesky_ex(S + (_regularization(H.dtype) * s_scale)[:, None, None] * eye_p)
-            bad_s = info_s > 0
-            if bool(bad_s.any()):
-                Ls2, info2 = torch.linalg.cholesky_ex(S + (1e-8 * s_scale)[:, None, None] * eye_p)
-                Ls = torch.where(bad_s[:, None, None], Ls2, Ls)
-                bad_s = bad_s & (info2 > 0)
+            E = schur_diagonal if schur_diagonal is not None else H.new_zeros(B, self.p)
+            self.Ls, bad_s = _regularized_cholesky(Jh @ Y, E)
             self.failed = self.failed | bad_s
-            self.Ls = torch.where(bad_s[:, None, None], eye_p.expand_as(Ls), Ls)
 
     def _solve_once(self, r1, r2):
         y = _chol_solve(r1.unsqueeze(-1), self.L)
@@ -307,7 +297,7 @@ def _regularized_cholesky(S, E):
     rows): a small static shift keeps redundant equalities factorizable, and a larger
     one is tried where that fails. The shift scales with S alone: E = s/lam reaches 1e15
     on inactive rows, and a shift that grew with it would spoil the others. Returns L
-    and the (B,) failed mask."""
+    (the identity where the factorization failed) and the (B,) failed mask."""
     r = S.shape[-1]
     eye = torch.eye(r, dtype=S.dtype, device=S.device)
     scale = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
@@ -398,20 +388,15 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     read from the stationarity row of its entry c instead, where every term is moderate.
     The general rows stay explicit as in :func:`kkt_adjoint` (y = lam * u_lam).
     """
-    sigma = lam / s
-    D = H.d + Jg.bound_diagonal(sigma)
-    floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
-    if not bool((D > floor).all()):
+    # the transposed system has the forward's matrix: the same elimination and factor
+    newton = DiagonalNewton(H, Jg, Jh, lam, s)
+    if not newton.usable:
         return None
-    D_inv = 1.0 / D
+    sigma, D_inv, K, k = lam / s, newton.D_inv, newton.K, newton.k
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
-    k, p = Jg.general.shape[-2], Jh.shape[-2]
     r1 = w_z.index_add(1, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
-    K = torch.cat([Jg.general, Jh], -2)
-    S = (K * D_inv.unsqueeze(-2)) @ _mT(K)
-    L, failed = _regularized_cholesky(S, torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], p)], -1))
     rhs = _mv(K, D_inv * r1) - torch.cat([w_lam[:, rows], w_nu], -1)
-    w = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    w = _chol_solve(rhs.unsqueeze(-1), newton.L).squeeze(-1)
     Kw = _mtv(K, w)
     u_z = D_inv * (r1 - Kw)
     y_R, u_nu = w[:, :k], w[:, k:]
@@ -428,7 +413,7 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     y_active = signs * (total - others)[:, b_cols]
     u_lam[:, b_rows] = torch.where(inactive_b, (signs * u_c - w_lam[:, b_rows]) / s[:, b_rows],
                                    y_active / lam[:, b_rows])
-    return u_z, u_lam, u_nu, failed
+    return u_z, u_lam, u_nu, newton.failed
 
 
 class QPFactor:

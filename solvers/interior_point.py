@@ -905,7 +905,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         # a failed factorization, or rounding that leaves a direction hitting the
         # boundary at once: retire those instances next round rather than spin
         stalled = failed | (alpha < _STALL)
-        step = torch.where(active & ~stalled, alpha, 0.0)
+        step = alpha.masked_fill(stalled | ~active, 0.0)
         v = v + step[:, None] * dv
         # dz = shrink q1 - Q^-1 (G'dlam + A'dnu) and dnu = K22^-1 (shrink v - K21 dlam) are
         # linear in (shrink, dlam): accumulate those and touch the n-space once at the end

@@ -233,3 +233,53 @@ def test_osqp_refuses_nonlinear_problems():
         prob.to_torch(solver="osqp")
     with pytest.raises(ValueError, match="unknown solver"):
         prob.to_torch(solver="gurobi")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-7), (torch.float32, 1e-3)])
+def test_degenerate_and_redundant_constraints_match_the_closed_form(dtype, atol):
+    # projection onto a box with every upper bound written twice (redundant active rows:
+    # their multipliers are not unique) and some points exactly on a face (active with a
+    # zero multiplier): x* = clamp(c, l, u). The crossover's first active-set guesses are
+    # singular or wrong here; the solver must still get the exact answer.
+    n, B = 6, 16
+    x = dl.Variable(n, name="x")
+    c, l, u = (dl.Parameter(n, name=k) for k in "clu")
+    prob = dl.Problem(dl.Minimize(0.5 * dl.sum_squares(x - c)), [x <= u, x >= l, 2 * x <= 2 * u])
+    layer = prob.to_torch()
+    gen = torch.Generator().manual_seed(21)
+    c_t = 2.0 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+    l_t = -torch.rand(B, n, generator=gen, dtype=torch.float64)
+    u_t = torch.rand(B, n, generator=gen, dtype=torch.float64)
+    on_face = torch.rand(B, n, generator=gen, dtype=torch.float64) < 0.3
+    c_t = torch.where(on_face, u_t, c_t)  # exactly on the upper face: degenerate
+    out = layer(c=c_t.to(dtype), l=l_t.to(dtype), u=u_t.to(dtype))
+    assert bool(layer.info.ok.all()), layer.info.status
+    torch.testing.assert_close(out, torch.minimum(torch.maximum(c_t, l_t), u_t).to(dtype), atol=atol, rtol=0)
+
+
+def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
+    # Force the crossover at the first iterations, when most active-set guesses are
+    # wrong: failed attempts must leave their instances to the interior point (and to
+    # later attempts), and every answer must still match the reference.
+    import solvers.interior_point as ipm
+
+    attempts = []
+    original = ipm._active_set_solution
+
+    def spy(*args, **kwargs):
+        sol = original(*args, **kwargs)
+        attempts.append((int(sol.kkt.numel()), int(sol.kkt.sum())))
+        return sol
+
+    monkeypatch.setattr(ipm, "_CROSSOVER", 1e3)
+    monkeypatch.setattr(ipm, "_CROSSOVER_RETRY", 0.1)
+    monkeypatch.setattr(ipm, "_active_set_solution", spy)
+    n, m, p, B = 8, 12, 2, 12
+    data = random_qp(B, n, m, p, seed=5)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    assert any(done < tried for tried, done in attempts), "no attempt failed: the test lost its point"
+    for i in range(B):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)

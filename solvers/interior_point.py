@@ -312,9 +312,6 @@ def _regularized_cholesky(S, E):
     return torch.where(bad[:, None, None], eye.expand_as(L), L), bad
 
 
-REFINE_DIAG = 0
-
-
 class DiagonalNewton:
     """Newton steps for a diagonal Hessian and a :class:`BoundedJacobian`, in the space of
     the general inequality rows and the equalities.
@@ -326,7 +323,9 @@ class DiagonalNewton:
     :class:`ReducedNewton` otherwise (nonconvex or flat directions without bounds).
     """
 
-    refinement_rounds = REFINE_DIAG
+    # the (k + p) system is well conditioned: refinement changed neither iterates nor
+    # iteration counts on the entropy family and cost a third of the time
+    refinement_rounds = 0
 
     def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s):
         self.Jg, self.lam, self.s = Jg, lam, s

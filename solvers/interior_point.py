@@ -675,17 +675,33 @@ def _merit(rd, rp, h, s, lam, target):
     return (rd * rd).sum(-1) + (rp * rp).sum(-1) + (h * h).sum(-1) + (comp * comp).sum(-1)
 
 
+# the line search also takes a step that cuts the primal and complementarity residuals
+# tenfold while the stationarity residual grows at most this much (squared, relative to
+# the whole merit): a two-measure (filter-like) acceptance
+_FILTER_DUAL_GROWTH = 100.0
+
+
 def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active):
     """Backtrack until the KKT residual decreases (Armijo) at a point where every
-    function is finite (inside the domain of log, entropy, sqrt ...), per instance."""
+    function is finite (inside the domain of log, entropy, sqrt ...), per instance.
+
+    A step that cuts the primal and complementarity residuals tenfold is also taken when
+    the stationarity residual grows by a bounded factor: Newton on log-type terms far
+    from a tiny solution entry overshoots stationarity while making the other residuals
+    collapse, and requiring the sum to fall halved nearly every step (entropy layers
+    took 21-41 iterations instead of 13-20)."""
     phi0 = _merit(rd, rp, h, s, lam, target)
+    theta0 = phi0 - (rd * rd).sum(-1)
     pending = active.clone()
     for _ in range(40):
         a = alpha[:, None]
         z_t, s_t, lam_t, nu_t = z + a * dz, s + a * ds, lam + a * dlam, nu + a * dnu
         rd_t, g_t, h_t = oracle.residuals(z_t, lam_t, nu_t)
         phi = _merit(rd_t, g_t + s_t, h_t, s_t, lam_t, target)
-        ok = torch.isfinite(phi) & (phi <= (1.0 - 1e-4 * alpha) * phi0)
+        dual_t = (rd_t * rd_t).sum(-1)
+        theta = phi - dual_t
+        ok = torch.isfinite(phi) & ((phi <= (1.0 - 1e-4 * alpha) * phi0)
+                                    | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):
             break

@@ -120,10 +120,10 @@ def _worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_optimization_layer_trains_under_ddp(tmp_path):
+def _run_workers(out_dir):
     port = _free_port()
     start = time.monotonic()
-    ctx = mp.spawn(_worker, args=(WORLD_SIZE, port, str(tmp_path)), nprocs=WORLD_SIZE, join=False)
+    ctx = mp.spawn(_worker, args=(WORLD_SIZE, port, out_dir), nprocs=WORLD_SIZE, join=False)
     try:
         while not ctx.join(timeout=1.0):  # raises ProcessRaisedException if a worker failed
             if time.monotonic() - start > TIMEOUT_S:
@@ -133,6 +133,20 @@ def test_optimization_layer_trains_under_ddp(tmp_path):
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
+
+
+def test_optimization_layer_trains_under_ddp(tmp_path):
+    # A worker killed by a signal is the transport's failure (gloo aborted the process,
+    # about once in 40 runs here, e.g. when the free port was taken between probe and
+    # bind), not a result: run again with a fresh port, a few times at most. A Python
+    # exception in a worker (a failed check) is never retried.
+    for attempt in range(3):
+        try:
+            _run_workers(str(tmp_path))
+            break
+        except mp.ProcessExitedException as err:
+            if err.signal_name is None or attempt == 2:
+                raise
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 

@@ -329,8 +329,8 @@ class DiagonalNewton:
 
     def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s):
         self.Jg, self.lam, self.s = Jg, lam, s
-        sigma = lam / s
-        D = H.d + Jg.bound_diagonal(sigma)
+        self.sigma = lam / s
+        D = H.d + Jg.bound_diagonal(self.sigma)
         floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
         self.usable = bool((D > floor).all())
         self.D_inv = 1.0 / D
@@ -391,7 +391,7 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     newton = DiagonalNewton(H, Jg, Jh, lam, s)
     if not newton.usable:
         return None
-    sigma, D_inv, K, k = lam / s, newton.D_inv, newton.K, newton.k
+    sigma, D_inv, K, k = newton.sigma, newton.D_inv, newton.K, newton.k
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
     r1 = w_z.index_add(1, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
     rhs = _mv(K, D_inv * r1) - torch.cat([w_lam[:, rows], w_nu], -1)
@@ -431,7 +431,7 @@ class QPFactor:
     """
 
     def __init__(self, Q, c, G, A):
-        self.Q, self.c, self.G, self.A = Q, c, G, A
+        self.Q, self.G, self.A = Q, G, A
         self.L_Q, info = torch.linalg.cholesky_ex(Q)
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
         # Q must be safely positive definite for Q^-1 to be usable
@@ -509,9 +509,10 @@ class QPFactor:
         lam = _chol_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
         g = self.G_qc - _mv(self.GY, lam) - h  # G z - h with G z = G qc - G Q^-1 (G'lam + A'nu)
         if self.p:
-            nu = _chol_solve((c2 - _mtv(self.K12, lam)).unsqueeze(-1), self.L22).squeeze(-1)
+            c2_lam = c2 - _mtv(self.K12, lam)
+            nu = _chol_solve(c2_lam.unsqueeze(-1), self.L22).squeeze(-1)
             g = g - _mv(self.K12, nu)
-            e = c2 - _mtv(self.K12, lam) - _mv(self.K22, nu)
+            e = c2_lam - _mv(self.K22, nu)
         else:
             nu = e = b.new_zeros(b.shape)
         return lam, nu, g, e, info > 0, L
@@ -849,7 +850,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
     skip = failed if skip is None else (skip | failed)
 
-    # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Y lam - Z nu
+    # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Q^-1 (G'lam + A'nu)
     q1 = qc - z0 - f.back_substitute(lam, nu)
     rd0_n = _inf_norm(_mv(Q, q1))  # |rd| = |Q q1|
     rp0 = G_z0 - hv + s

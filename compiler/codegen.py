@@ -60,6 +60,16 @@ def _scatter(x, index, shape):
     out = x.new_zeros(x.shape[:1] + shape)
     out[(slice(None),) + index] = x
     return out
+
+
+def _outer_sum(pairs, scale):
+    """scale * sum_k outer(a_k, b_k) for vectors a_k (B or 1, r), b_k (B or 1, c): one
+    (B, r, K) x (B, K, c) matrix product instead of K outer products and K - 1 sums
+    over (B, r, c) temporaries."""
+    batch = max(x.shape[0] for pair in pairs for x in pair)
+    left = torch.stack([a.expand(batch, a.shape[-1]) for a, _ in pairs], -1)
+    right = torch.stack([b.expand(batch, b.shape[-1]) for _, b in pairs], -2)
+    return (left if scale == 1.0 else scale * left) @ right
 '''
 
 
@@ -115,6 +125,10 @@ class _Writer:
             return f"_eye({self.ref}, {node.shape[0]})"
         if op == "const":
             return f"consts[{self.constants[node]}]"
+        if op == "elementwise":
+            fused = self._outer_sum(node)  # before naming the args: it skips the products
+            if fused is not None:
+                return fused
         args = [self.name(a) for a in node.args]
         if op == "einsum":
             ins, out = ir._split(node.attrs)
@@ -141,6 +155,36 @@ class _Writer:
         if op == "concat":
             return f"_cat([{', '.join(args)}], -1)"
         raise NotImplementedError(f"cannot generate code for {op} nodes (nonsmooth atoms must be canonicalized)")
+
+    def _outer_sum(self, node: Node):
+        """``c * (outer(a1, b1) + outer(a2, b2) + ...)`` as one batched matrix product
+        (:func:`_outer_sum` in the prelude), or None when ``node`` is not of that form.
+        Gradients with respect to matrix parameters (dQ, dG, dA) have this form; as
+        separate outer products they cost 2K passes over (B, r, c) tensors."""
+        expr = node.attrs.expr
+        if node.ndim != 2 or not expr.is_Add:
+            return None
+        coeffs = {float(t.as_coeff_Mul()[0]) for t in expr.args}
+        if len(coeffs) != 1:
+            return None
+        by_symbol = dict(zip(node.attrs.variables, node.args))
+        pairs = []
+        for term in expr.args:
+            sym = term.as_coeff_Mul()[1]
+            arg = by_symbol.get(sym)
+            if arg is None or arg.op != "einsum" or arg.shape != node.shape or len(arg.args) != 2:
+                return None
+            ins, out = ir._split(arg.attrs)
+            if any(a.ndim != 1 for a in arg.args) or len(out) != 2 or len(set(out)) != 2:
+                return None
+            if tuple(ins) == (out[0], out[1]):
+                pairs.append(arg.args)
+            elif tuple(ins) == (out[1], out[0]):
+                pairs.append(arg.args[::-1])
+            else:
+                return None
+        text = ", ".join(f"({self.name(a)}, {self.name(b)})" for a, b in pairs)
+        return f"_outer_sum(({text},), {coeffs.pop()!r})"
 
     def output(self, out: Output) -> str:
         blocks = out.blocks
@@ -190,18 +234,20 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
     if expr.is_Add:
         # a coefficient shared by every term is applied once: c*(a + b) reads each tensor
         # once and writes one temporary fewer than c*a + c*b
-        coeffs = {a.as_coeff_Mul()[0] for a in expr.args}
-        if len(coeffs) == 1 and (c := coeffs.pop()) != 1:
+        # (scaled in place: the sum is a fresh temporary, and a second one costs a pass
+        # over memory not yet in cache)
+        coeffs = {float(a.as_coeff_Mul()[0]) for a in expr.args}
+        if len(coeffs) == 1 and (c := coeffs.pop()) != 1.0:
             inner = "(" + " + ".join(p(a.as_coeff_Mul()[1]) for a in expr.args) + ")"
-            return f"(-{inner})" if c == -1 else f"({float(c)!r} * {inner})"
+            return f"{inner}.neg_()" if c == -1.0 else f"{inner}.mul_({c!r})"
         return "(" + " + ".join(p(a) for a in expr.args) + ")"
     if expr.is_Mul:
         coeff, rest = expr.as_coeff_Mul()
         factors = [p(a) for a in sympy.Mul.make_args(rest)]
         body = " * ".join(factors)
-        if coeff == 1:
-            return f"({body})"
-        if coeff == -1:
+        if float(coeff) == 1.0:  # also sympy's Float 1.0, which is not == 1
+            return body if len(factors) == 1 else f"({body})"
+        if float(coeff) == -1.0:
             return f"(-{body})"
         return f"({float(coeff)!r} * {body})"
     if expr.is_Pow:

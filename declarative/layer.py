@@ -296,10 +296,12 @@ class OptimizationLayer(torch.nn.Module):
         # instances with NaN/inf inputs are not solved; their inputs are zeroed so that
         # nothing non-finite enters the batched linear algebra
         bad = torch.zeros(batch, dtype=torch.bool, device=device)
-        for p, b in zip(params, batched):
-            finite = torch.isfinite(p).reshape(p.shape[0], -1).all(-1)
-            bad = bad | ~(finite if b else finite.expand(batch))
-        if bool(bad.any()):
+        # one pass without temporaries: a finite sum means finite entries (a sum that
+        # overflows only sends the check below on the exact path)
+        if params and not bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            for p, b in zip(params, batched):
+                finite = torch.isfinite(p).reshape(p.shape[0], -1).all(-1)
+                bad = bad | ~(finite if b else finite.expand(batch))
             params = tuple(torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) for p in params)
         tol = ipm.default_tol(dtype) if self.tol is None else self.tol
         n, m, p = stacked.n, stacked.m, stacked.p

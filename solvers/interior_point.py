@@ -582,7 +582,10 @@ def _max_step(x, dx):
     """Largest alpha in (0, inf] with x + alpha dx >= 0, per instance. x (B, k) > 0."""
     if x.shape[-1] == 0:
         return torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
-    return torch.where(dx < 0, -x / dx, float("inf")).amin(-1)
+    # 1 / max_i(-dx_i / x_i), inf where nothing decreases (1/0): two (B, k) ops where a
+    # masked ratio took four (a where with a scalar is slow on the CPU); abs() turns a
+    # -0.0 into +0.0 so that its reciprocal is +inf
+    return (dx / x).amin(-1).clamp(max=0.0).abs().reciprocal()
 
 
 def _inf_norm(x):
@@ -1036,37 +1039,49 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
     return _take_polished(result, factor, take, rows, sol)
 
 
-def _put(old, take, rows, new):
+def _put(old, take, rows, new, whole=False):
     """``old`` (B, ...) with the instances ``take`` (B,) bool replaced by ``new``, which
-    holds the instances ``rows``."""
-    full = old.index_copy(0, rows, new)
-    return torch.where(take.reshape(take.shape + (1,) * (old.dim() - 1)), full, old)
+    holds the instances ``rows``. ``whole``: every instance is taken and ``new`` holds
+    them all (the common case), so ``new`` is the answer and ``old`` may be None."""
+    if whole:
+        return new
+    if rows.numel() != old.shape[0]:  # else rows is every index, in order
+        new = old.index_copy(0, rows, new)
+    return torch.where(take.reshape(take.shape + (1,) * (old.dim() - 1)), new, old)
+
+
+def _takes_whole(take, rows):
+    """Whether ``take`` (B,) is all true and ``rows`` every index: one host sync, which
+    saves copying (B, m, m) factors."""
+    return rows.numel() == take.shape[0] and bool(take.all())
 
 
 def _scatter(full: ActiveSetSolution, take, rows, sol: ActiveSetSolution) -> ActiveSetSolution:
-    return ActiveSetSolution(*(_put(getattr(full, k.name), take, rows, getattr(sol, k.name))
+    whole = _takes_whole(take, rows)
+    return ActiveSetSolution(*(_put(getattr(full, k.name), take, rows, getattr(sol, k.name), whole)
                                for k in dataclasses.fields(ActiveSetSolution)))
 
 
 def _take_polished(result, f, take, rows, sol):
     """``result`` with the instances ``take`` (B,) replaced by the active-set solution
     ``sol``, which holds the instances ``rows``; ``f`` is the whole batch's factor."""
+    whole = _takes_whole(take, rows)
     polished = result.polished if result.polished is not None else torch.zeros_like(take)
-    lam, nu = _put(result.lam, take, rows, sol.lam), _put(result.nu, take, rows, sol.nu)
-    if result.active_set is None:
+    lam, nu = _put(result.lam, take, rows, sol.lam, whole), _put(result.nu, take, rows, sol.nu, whole)
+    active_set, factor = result.active_set, result.active_factor
+    if active_set is None and not whole:
         active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape + lam.shape[-1:])
-    else:
-        active_set, factor = result.active_set, result.active_factor
     z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
     return dataclasses.replace(
         result,
-        z=torch.where(take[:, None], z_exact, result.z), s=_put(result.s, take, rows, sol.s), lam=lam, nu=nu,
+        z=z_exact if whole else torch.where(take[:, None], z_exact, result.z),
+        s=_put(result.s, take, rows, sol.s, whole), lam=lam, nu=nu,
         status=torch.where(take, OPTIMAL, result.status),
-        primal_residual=_put(result.primal_residual, take, rows, sol.rp_n),
+        primal_residual=_put(result.primal_residual, take, rows, sol.rp_n, whole),
         complementarity=torch.where(take, 0.0, result.complementarity),
         polished=polished | take,
-        active_set=_put(active_set, take, rows, sol.active),
-        active_factor=_put(factor, take, rows, sol.L),
+        active_set=_put(active_set, take, rows, sol.active, whole),
+        active_factor=_put(factor, take, rows, sol.L, whole),
     )
 
 

@@ -360,21 +360,27 @@ class OptimizationLayer(torch.nn.Module):
             )
         # a failed instance keeps a benign state inside; users get NaN (or the last
         # iterate for max_iter) and the backward pass skips it
-        usable = status == ipm.MAX_ITER
-        valid = ~failed
-        safe = valid[:, None]
-        z = torch.where(safe, result.z, torch.zeros_like(result.z))
-        s = torch.where(safe, result.s, torch.ones_like(result.s))
-        lam = torch.where(safe, result.lam, torch.ones_like(result.lam))
-        nu = torch.where(safe, result.nu, torch.zeros_like(result.nu))
-
-        shown = (valid | usable)[:, None]
+        if n_failed:
+            usable = status == ipm.MAX_ITER
+            valid = ~failed
+            safe = valid[:, None]
+            z = torch.where(safe, result.z, torch.zeros_like(result.z))
+            s = torch.where(safe, result.s, torch.ones_like(result.s))
+            lam = torch.where(safe, result.lam, torch.ones_like(result.lam))
+            nu = torch.where(safe, result.nu, torch.zeros_like(result.nu))
+            shown = (valid | usable)[:, None]
+        else:  # every instance solved: nothing to mask (valid None means all)
+            valid, shown = None, None
+            z, s, lam, nu = result.z, result.s, result.lam, result.nu
         nan = float("nan")
-        z_out = torch.where(shown, result.z, torch.full_like(result.z, nan))
+
+        def shown_or_nan(x):
+            return x if shown is None else torch.where(shown, x, torch.full_like(x, nan))
+
+        z_out = shown_or_nan(result.z)
         outputs = [z_out[:, off:off + size].reshape((batch,) + shape) for off, size, shape in self._var_slices]
         if self.return_duals:
-            lam_out = torch.where(shown, result.lam, torch.full_like(result.lam, nan))
-            nu_out = torch.where(shown, result.nu, torch.full_like(result.nu, nan))
+            lam_out, nu_out = shown_or_nan(result.lam), shown_or_nan(result.nu)
             for kind, off, shape in stacked.constraint_rows:
                 size = int(torch.Size(shape).numel())
                 src = lam_out if kind == "ineq" else nu_out
@@ -432,7 +438,7 @@ class _KKTLinearization(Linearization):
                 _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
             u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
         if bool(failed.any()):
-            self.valid = self.valid & ~failed
+            self.valid = ~failed if self.valid is None else self.valid & ~failed
             keep = self.valid[:, None]
             u_z, u_lam, u_nu = (torch.where(keep, u, torch.zeros_like(u)) for u in (u_z, u_lam, u_nu))
         return u_z, u_lam, u_nu

@@ -353,7 +353,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--no-write", dest="write", action="store_false", help="don't touch RESULTS.md")
+    ap.add_argument("--retain-memory", action="store_true",
+                    help="call dl.retain_cpu_memory() first (process-wide: every tool runs with it); "
+                         "recorded in its own RESULTS.md section")
     args = ap.parse_args(argv)
+    if args.retain_memory and not C.import_declarative().retain_cpu_memory():
+        ap.error("--retain-memory needs glibc (dl.retain_cpu_memory() returned False)")
     if args.budget is None:
         args.budget = 0.5 if args.quick else 2.0
     if args.scaling_budget is None:
@@ -379,7 +384,10 @@ def main(argv=None):
         results.append(r)
 
     table = results_table(results, tools)
-    body = [C.section_header("Batched QP (benchmarks/qp.py)", ["benchmarks/qp.py"] + (argv if argv is not None else sys.argv[1:])),
+    title = "Batched QP (benchmarks/qp.py)"
+    if args.retain_memory:
+        title = "Batched QP, freed memory retained (benchmarks/qp.py --retain-memory)"
+    body = [C.section_header(title, ["benchmarks/qp.py"] + (argv if argv is not None else sys.argv[1:])),
             "Times: median wall time after one warm-up; `fwd` under `torch.no_grad()`, "
             "`fwd+bwd` = forward + backward of sum(w * x*) w.r.t. Q, q, G, h, A, b. "
             "`err` = max |x - x_ref| over the batch; reference = CVXPY + Clarabel "
@@ -422,7 +430,7 @@ def main(argv=None):
     print()
     print(md)
     if args.write:
-        C.write_results_section("qp", md)
+        C.write_results_section("qp-retained" if args.retain_memory else "qp", md)
         print(f"\nwritten to {C.RESULTS_MD}")
 
 

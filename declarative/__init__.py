@@ -48,6 +48,7 @@ from .implicit_layers import (
     newton,
 )
 from .layer import OptimizationLayer, SolveInfo
+from .memory import retain_cpu_memory
 from .problem import Constraint, Maximize, Minimize, Problem
 
 __version__ = "0.1.0"
@@ -60,4 +61,5 @@ __all__ = [
     "Linearization", "implicit_solution", "from_cvxpy",
     "ImplicitLayer", "FixedPointLayer", "newton", "ImplicitInfo", "FixedPointInfo",
     "ConvergenceWarning", "NonContractiveWarning", "SingularJacobianWarning", "DENSE_THRESHOLD",
+    "retain_cpu_memory",
 ]

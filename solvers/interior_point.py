@@ -502,9 +502,13 @@ class QPFactor:
         by construction of z. The last output is the Cholesky factor of the active set's
         matrix (the backward pass reuses it)."""
         a = active.to(self.W.dtype)
-        M = self.W * (a.unsqueeze(-1) * a.unsqueeze(-2))
+        # W with the inactive rows and columns zeroed and a unit diagonal there: two
+        # passes over (B, m, m), factored in place. M is exactly symmetric (W is, and a is
+        # 0 or 1), so its transpose, LAPACK's column-major layout, is M itself
+        M = torch.mul(self.W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
         M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + self.delta[:, None])
-        L, info = torch.linalg.cholesky_ex(M)
+        M = M.transpose(-1, -2)
+        L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty_like(active[:, 0], dtype=torch.int32)))
         rhs = self.G_qc - h
         if self.p:
             c2 = self.A_qc - b
@@ -987,12 +991,20 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
         wrong = (violated | negative).any(-1)
         if not bool(wrong.any()):
             break
+        corrected = (active | violated) & ~negative
         rows = wrong.nonzero().squeeze(-1)
-        retry = ((active | violated) & ~negative).index_select(0, rows)
+        if 2 * rows.numel() > wrong.shape[0]:
+            # most are wrong: solve the whole batch again rather than copy its blocks out
+            # and back; the right ones solve the same system and get the same solution
+            active = corrected
+            lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
+            continue
+        retry = corrected.index_select(0, rows)
         sub = f.select(rows)
         h_r, b_r = hv.index_select(0, rows), b.index_select(0, rows)
         lam_r, nu_r, g_r, e_r, failed_r, L_r = sub.solve_active_set(h_r, b_r, retry)
-        active, L = active.index_copy(0, rows, retry), L.index_copy(0, rows, L_r)
+        # L is this function's own factor: patched in place, not copied whole
+        active, L = active.index_copy(0, rows, retry), L.index_copy_(0, rows, L_r)
         lam, nu = lam.index_copy(0, rows, lam_r), nu.index_copy(0, rows, nu_r)
         g, h = g.index_copy(0, rows, g_r), h.index_copy(0, rows, e_r)
         failed = failed.index_copy(0, rows, failed_r)

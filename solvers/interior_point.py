@@ -94,12 +94,14 @@ def _chol_solve(b, L):
 
 
 def _mv(A, x):
-    """Batched matrix-vector product A (B, k, n) x (B, n). On the CPU a broadcast
-    multiply-and-sum is about 2x faster than bmm with one column up to ~1e6 entries;
-    beyond that its temporary costs more than it saves."""
+    """Batched matrix-vector product A (B, k, n) x (B, n), taken as the row vector x'
+    times A' ((1, n) x (n, k) per instance): on the CPU that batched product is 2-3x
+    faster than A @ x with one column and about 2x faster than a multiply-and-sum, which
+    also writes a (B, k, n) temporary. Below ~8000 entries the multiply-and-sum's single
+    kernel is a little faster."""
     if A.numel() <= _MULSUM_LIMIT:
         return (A * x.unsqueeze(-2)).sum(-1)
-    return (A @ x.unsqueeze(-1)).squeeze(-1)
+    return (x.unsqueeze(-2) @ A.transpose(-1, -2)).squeeze(-2)
 
 
 def _mtv(A, y):
@@ -107,7 +109,7 @@ def _mtv(A, y):
     return (y.unsqueeze(-2) @ A).squeeze(-2)
 
 
-_MULSUM_LIMIT = 1 << 20
+_MULSUM_LIMIT = 1 << 13
 
 
 def _regularization(dtype) -> float:

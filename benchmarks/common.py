@@ -634,7 +634,8 @@ def time_structured_nlp_kernel(B: int, n: int, k: int, p: int, budget: float = 0
     m = n + k
     H = DiagonalMatrix(torch.rand(B, n, **kw) + 0.1)
     idx = torch.arange(n)
-    Jg = BoundedJacobian(torch.randn(B, k, n, **kw), m, idx, idx, -torch.ones(n, dtype=DTYPE), n + torch.arange(k))
+    index_sets = BoundedJacobian.index_sets(idx, idx, -torch.ones(n), n + torch.arange(k), DTYPE, "cpu")
+    Jg = BoundedJacobian(torch.randn(B, k, n, **kw), m, *index_sets)
     Jh = torch.randn(B, p, n, **kw)
     lam, s = torch.rand(B, m, **kw) + 0.01, torch.rand(B, m, **kw) + 0.01
     rd, rc, rp, re = (torch.randn(B, d, **kw) for d in (n, m, m, p))

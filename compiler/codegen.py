@@ -11,6 +11,8 @@ Generated functions (all take ``consts``, the tuple of constant tensors, and the
 parameters, each ``(B or 1, *shape)``):
 
 ``residuals(z, lam, nu, consts, *params)``  -> objective (B,), stationarity (B, n), g (B, m), h (B, p)
+``kkt_residuals(z, lam, nu, consts, *params)`` -> stationarity, g, h (what the NLP line search
+                                                evaluates at every trial point)
 ``derivatives(z, lam, nu, consts, *params)`` -> stationarity, g, h, Jg (B, m, n), Jh (B, p, n), H (B, n, n)
 ``qp_data(ref, consts, *params)``            -> Q, c, G, hv, A, b of min z'Qz/2 + c'z, Gz <= hv, Az = b
                                                 (LP and QP only)
@@ -38,12 +40,23 @@ _PRELUDE = '''\
 import torch
 
 
+# zeros and identities are made once per shape, dtype and device: generated code never
+# writes into a tensor it did not create itself
+_CONSTANTS = {}
+
+
 def _zeros(ref, shape):
-    return ref.new_zeros((1,) + shape)
+    key = ("zeros", shape, ref.dtype, ref.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = ref.new_zeros((1,) + shape)
+    return _CONSTANTS[key]
 
 
 def _eye(ref, n):
-    return torch.eye(n, dtype=ref.dtype, device=ref.device).unsqueeze(0)
+    key = ("eye", n, ref.dtype, ref.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.eye(n, dtype=ref.dtype, device=ref.device).unsqueeze(0)
+    return _CONSTANTS[key]
 
 
 def _expand(x, shape):
@@ -240,7 +253,15 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
         if len(coeffs) == 1 and (c := coeffs.pop()) != 1.0:
             inner = "(" + " + ".join(p(a.as_coeff_Mul()[1]) for a in expr.args) + ")"
             return f"{inner}.neg_()" if c == -1.0 else f"{inner}.mul_({c!r})"
-        return "(" + " + ".join(p(a) for a in expr.args) + ")"
+        # terms with coefficient -1 are subtracted: a - b is one op, a + (-b) two
+        added, subtracted = [], []
+        for a in expr.args:
+            coeff, rest = a.as_coeff_Mul()
+            if float(coeff) == -1.0:
+                subtracted.append(p(rest))
+            else:
+                added.append(p(a))
+        return "(" + " + ".join(added) + "".join(f" - {t}" for t in subtracted) + ")"
     if expr.is_Mul:
         coeff, rest = expr.as_coeff_Mul()
         factors = [p(a) for a in sympy.Mul.make_args(rest)]
@@ -332,6 +353,8 @@ def generate(kkt: KKTSystem) -> GeneratedCode:
         Routine("residuals", base_args, base_bindings,
                 (Output("objective f(z)", (kkt.objective,), ()), stationarity, g, h),
                 "objective (B,), stationarity (B, n), g (B, m), h (B, p)"),
+        Routine("kkt_residuals", base_args, base_bindings, (stationarity, g, h),
+                "stationarity (B, n), g (B, m), h (B, p)"),
         Routine("derivatives", base_args, base_bindings, (stationarity, g, h, jg, jh, hess),
                 "stationarity (B, n), g (B, m), h (B, p), Jg (B, m, n), Jh (B, p, n), H (B, n, n)"),
         Routine(

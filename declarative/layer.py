@@ -260,10 +260,8 @@ class OptimizationLayer(torch.nn.Module):
         key = ("bounds", dtype, device)
         if key not in self._const_cache:
             s = self.compiled.kkt.structure
-            as_index = lambda a: torch.as_tensor(a, dtype=torch.int64, device=device)  # noqa: E731
-            self._const_cache[key] = (as_index(s.bound_rows), as_index(s.bound_cols),
-                                      torch.as_tensor(s.bound_signs, dtype=dtype, device=device),
-                                      as_index(s.general_rows))
+            self._const_cache[key] = ipm.BoundedJacobian.index_sets(
+                s.bound_rows, s.bound_cols, s.bound_signs, s.general_rows, dtype, device)
         return self._const_cache[key]
 
     def _derivatives(self, code, consts, params, full, dtype, device):
@@ -274,7 +272,7 @@ class OptimizationLayer(torch.nn.Module):
         n, m, p = stacked.n, stacked.m, stacked.p
         if self._structured():
             bounds = self._bound_indices(dtype, device)
-            k = bounds[-1].shape[0]
+            k = self.compiled.kkt.structure.k
 
             def derivatives(z, lam, nu):
                 rd, g, h, Jg_general, Jh, H_diag = code["derivatives_diagonal"](z, lam, nu, consts, *params)
@@ -308,7 +306,7 @@ class OptimizationLayer(torch.nn.Module):
         ref = torch.empty(0, dtype=dtype, device=device)
 
         def full(x, shape):
-            return x.expand((batch,) + shape)
+            return x if x.shape[0] == batch else x.expand((batch,) + shape)
 
         if self.problem_class in (LP, QP):
             Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
@@ -325,7 +323,7 @@ class OptimizationLayer(torch.nn.Module):
             derivatives = self._derivatives(code, consts, params, full, dtype, device)
 
             def residuals(z, lam, nu):
-                _, rd, g, h = code["residuals"](z, lam, nu, consts, *params)
+                rd, g, h = code["kkt_residuals"](z, lam, nu, consts, *params)
                 return full(rd, (n,)), full(g, (m,)), full(h, (p,))
 
             z0 = torch.zeros(batch, n, dtype=dtype, device=device)

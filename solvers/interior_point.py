@@ -245,40 +245,96 @@ class DiagonalMatrix:
         return torch.diag_embed(self.d)
 
 
+def _index_set(idx, device):
+    """Rows or columns for ``x[:, idx]``: a slice where they are a contiguous increasing
+    run (indexing is then a view, not a gather, and a scatter is one slice assignment),
+    else an int64 tensor on ``device``. Read on the host, once per layer."""
+    t = torch.as_tensor(idx, dtype=torch.int64).cpu().reshape(-1)
+    k = t.numel()
+    if k == 0:
+        return slice(0, 0)
+    first = int(t[0])
+    if torch.equal(t, torch.arange(first, first + k)):
+        return slice(first, first + k)
+    return t.to(device)
+
+
+def _index_tensor(idx, device):
+    return torch.arange(idx.start, idx.stop, device=device) if isinstance(idx, slice) else idx
+
+
+def _add_at(x, idx, v):
+    """x (B, n) plus v (B, len(idx)) on the columns ``idx`` (see :func:`_index_set`), as
+    a new tensor; repeated columns accumulate."""
+    if isinstance(idx, slice):
+        if idx.start == 0 and idx.stop == x.shape[-1]:
+            return x + v
+        out = x.clone()
+        out[:, idx] += v
+        return out
+    return x.index_add(1, idx, v)
+
+
 class BoundedJacobian:
     """The Jacobian of g (B, m, n) when some rows are simple bounds: row ``bound_rows[i]``
     is ``bound_signs[i]`` times the unit vector of entry ``bound_cols[i]``; the rows
-    ``general_rows`` have the dense Jacobian ``general`` (B, k, n). Index tensors are
-    int64, the signs of z's dtype."""
+    ``general_rows`` have the dense Jacobian ``general`` (B, k, n). The index sets are
+    int64 tensors or slices, the signs a tensor of z's dtype or one float shared by
+    every bound (:meth:`index_sets` builds that compact form)."""
 
     def __init__(self, general, m, bound_rows, bound_cols, bound_signs, general_rows):
         self.general, self.m = general, m
         self.bound_rows, self.bound_cols, self.bound_signs = bound_rows, bound_cols, bound_signs
         self.general_rows = general_rows
+        self.k = general.shape[-2]
         self.shape = general.shape[:-2] + (m, general.shape[-1])
+        # every row a bound, in order: steps need no scatter into (B, m) tensors
+        self.bounds_only = self.k == 0 and isinstance(bound_rows, slice) and bound_rows == slice(0, m)
+
+    @staticmethod
+    def index_sets(bound_rows, bound_cols, bound_signs, general_rows, dtype, device):
+        """(bound_rows, bound_cols, bound_signs, general_rows) in the compact form: slices
+        for contiguous runs, one float for a shared sign."""
+        signs = torch.as_tensor(bound_signs, dtype=torch.float64).cpu().reshape(-1)
+        if signs.numel() and bool((signs == signs[0]).all()):
+            sign = float(signs[0])
+        else:
+            sign = signs.to(dtype=dtype, device=device)
+        return (_index_set(bound_rows, device), _index_set(bound_cols, device), sign,
+                _index_set(general_rows, device))
 
     def mv(self, x):
         """Jg x: (B, n) -> (B, m)."""
+        bounds = self.bound_signs * x[:, self.bound_cols]
+        if self.bounds_only:
+            return bounds
         out = x.new_empty(x.shape[0], self.m)
-        out[:, self.bound_rows] = self.bound_signs * x[:, self.bound_cols]
+        out[:, self.bound_rows] = bounds
         out[:, self.general_rows] = _mv(self.general, x)
         return out
 
     def mtv(self, y):
         """Jg' y: (B, m) -> (B, n)."""
-        out = _mtv(self.general, y[:, self.general_rows])
-        return out.index_add(1, self.bound_cols, self.bound_signs * y[:, self.bound_rows])
+        if self.k:
+            out = _mtv(self.general, y[:, self.general_rows])
+        else:
+            out = y.new_zeros(y.shape[0], self.shape[-1])
+        return _add_at(out, self.bound_cols, self.bound_signs * y[:, self.bound_rows])
 
     def bound_diagonal(self, weights):
         """diag(Jg_b' diag(weights_b) Jg_b) (B, n) for weights (B, m): the bound rows'
         share of Jg' diag(weights) Jg, which is diagonal."""
-        zeros = weights.new_zeros(weights.shape[0], self.shape[-1])
-        return zeros.index_add(1, self.bound_cols, weights[:, self.bound_rows])
+        share = weights[:, self.bound_rows]
+        cols, n = self.bound_cols, self.shape[-1]
+        if isinstance(cols, slice) and cols == slice(0, n):
+            return share
+        return _add_at(weights.new_zeros(weights.shape[0], n), cols, share)
 
     def dense(self):
         B, n = self.general.shape[0], self.shape[-1]
+        device = self.general.device
         out = self.general.new_zeros(B, self.m, n)
-        out[:, self.bound_rows, self.bound_cols] = self.bound_signs
+        out[:, _index_tensor(self.bound_rows, device), _index_tensor(self.bound_cols, device)] = self.bound_signs
         out[:, self.general_rows] = self.general
         return out
 
@@ -299,22 +355,24 @@ def _dense(M):
 
 def _regularized_cholesky(S, E):
     """Cholesky of S + diag(E) for S (B, r, r) PSD and E (B, r) >= 0 (zero on equality
-    rows): a small static shift keeps redundant equalities factorizable, and a larger
-    one is tried where that fails. The shift scales with S alone: E = s/lam reaches 1e15
-    on inactive rows, and a shift that grew with it would spoil the others. Returns L
-    (the identity where the factorization failed) and the (B,) failed mask."""
+    rows); S is overwritten. A small static shift keeps redundant equalities
+    factorizable, and a larger one is tried where that fails. The shift scales with S
+    alone: E = s/lam reaches 1e15 on inactive rows, and a shift that grew with it would
+    spoil the others. Returns L (the identity where the factorization failed) and the
+    (B,) failed mask."""
     r = S.shape[-1]
-    eye = torch.eye(r, dtype=S.dtype, device=S.device)
-    scale = S.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
-    S = S.clone()
-    S.diagonal(dim1=-2, dim2=-1).add_(E)
-    L, info = torch.linalg.cholesky_ex(S + (_regularization(S.dtype) * scale)[:, None, None] * eye)
+    diagonal = S.diagonal(dim1=-2, dim2=-1)
+    scale = diagonal.abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
+    diagonal.add_(E + (_regularization(S.dtype) * scale)[:, None])
+    L, info = torch.linalg.cholesky_ex(S)
     bad = info > 0
     if bool(bad.any()):
-        L2, info2 = torch.linalg.cholesky_ex(S + (1e-8 * scale)[:, None, None] * eye)
-        L = torch.where(bad[:, None, None], L2, L)
+        diagonal.add_(((1e-8 - _regularization(S.dtype)) * scale)[:, None])
+        L2, info2 = torch.linalg.cholesky_ex(S)
         bad = bad & (info2 > 0)
-    return torch.where(bad[:, None, None], eye.expand_as(L), L), bad
+        eye = torch.eye(r, dtype=S.dtype, device=S.device)
+        L = torch.where(bad[:, None, None], eye, torch.where((info > 0)[:, None, None], L2, L))
+    return L, bad
 
 
 class DiagonalNewton:
@@ -340,10 +398,13 @@ class DiagonalNewton:
         self.usable = bool((D > floor).all())
         self.D_inv = 1.0 / D
         rows = Jg.general_rows
-        self.K = torch.cat([Jg.general, Jh], -2)
-        self.k, self.p = Jg.general.shape[-2], Jh.shape[-2]
+        self.k, self.p = Jg.k, Jh.shape[-2]
+        self.K = torch.cat([Jg.general, Jh], -2) if self.k else Jh
         S = (self.K * self.D_inv.unsqueeze(-2)) @ _mT(self.K)
-        E = torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], self.p)], -1)
+        if self.k:
+            E = torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], self.p)], -1)
+        else:
+            E = s.new_zeros(s.shape[0], self.p)
         self.L, self.failed = _regularized_cholesky(S, E)
 
     def step(self, rd, rc, rp, re):
@@ -354,21 +415,29 @@ class DiagonalNewton:
         rc/s ~ 1e12 on active rows into the right-hand side and cancel it again in dz."""
         Jg, lam, s = self.Jg, self.lam, self.s
         b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
-        fold = (lam[:, b_rows] * rp[:, b_rows] - rc[:, b_rows]) / s[:, b_rows]
-        r1 = (-rd).index_add(1, b_cols, -signs * fold)
+        lam_b, s_b, rc_b, rp_b = lam[:, b_rows], s[:, b_rows], rc[:, b_rows], rp[:, b_rows]
+        fold = (lam_b * rp_b - rc_b) / s_b
+        r1 = _add_at(rd, b_cols, signs * fold).neg_()
         rhs = _mv(self.K, self.D_inv * r1)
-        rhs = rhs + torch.cat([rp[:, rows] - rc[:, rows] / lam[:, rows], re], -1)
+        if self.k:
+            rhs = rhs + torch.cat([rp[:, rows] - rc[:, rows] / lam[:, rows], re], -1)
+        else:
+            rhs = rhs + re
         w = _chol_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
         dz = self.D_inv * (r1 - _mtv(self.K, w))
-        dlam_R, dnu = w[:, :self.k], w[:, self.k:]
+        dnu = w[:, self.k:]
+        ds_b = (rp_b + signs * dz[:, b_cols]).neg_()
+        dlam_b = torch.addcmul(rc_b, lam_b, ds_b).div_(s_b).neg_()
+        if Jg.bounds_only:
+            return dz, ds_b, dlam_b, dnu
+        dlam_R = w[:, :self.k]
         ds = torch.empty_like(s)
         dlam = torch.empty_like(lam)
         # general rows: ds from complementarity, accurate relative to s where s is tiny
         ds[:, rows] = -(rc[:, rows] + s[:, rows] * dlam_R) / lam[:, rows]
         dlam[:, rows] = dlam_R
-        ds_b = -rp[:, b_rows] - signs * dz[:, b_cols]
         ds[:, b_rows] = ds_b
-        dlam[:, b_rows] = (-rc[:, b_rows] - lam[:, b_rows] * ds_b) / s[:, b_rows]
+        dlam[:, b_rows] = dlam_b
         return dz, ds, dlam, dnu
 
 
@@ -398,22 +467,24 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
         return None
     sigma, D_inv, K, k = newton.sigma, newton.D_inv, newton.K, newton.k
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
-    r1 = w_z.index_add(1, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
-    rhs = _mv(K, D_inv * r1) - torch.cat([w_lam[:, rows], w_nu], -1)
+    r1 = _add_at(w_z, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
+    rhs = _mv(K, D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)
     w = _chol_solve(rhs.unsqueeze(-1), newton.L).squeeze(-1)
     Kw = _mtv(K, w)
     u_z = D_inv * (r1 - Kw)
     y_R, u_nu = w[:, :k], w[:, k:]
     u_lam = torch.empty_like(lam)
-    # general rows: y/lam where active, the constraint row where inactive (lam ~ 0)
-    active_R = sigma[:, rows] > 1.0
-    u_lam[:, rows] = torch.where(active_R, y_R / lam[:, rows], (_mv(Jg.general, u_z) - w_lam[:, rows]) / s[:, rows])
+    if k:
+        # general rows: y/lam where active, the constraint row where inactive (lam ~ 0)
+        active_R = sigma[:, rows] > 1.0
+        u_lam[:, rows] = torch.where(active_R, y_R / lam[:, rows],
+                                     (_mv(Jg.general, u_z) - w_lam[:, rows]) / s[:, rows])
     # bound rows: inactive ones from their constraint row; active ones from stationarity
     u_c = u_z[:, b_cols]
     inactive_b = sigma[:, b_rows] <= 1.0
     y_inactive = torch.where(inactive_b, sigma[:, b_rows] * (signs * u_c - w_lam[:, b_rows]), 0.0)
     total = w_z - H.d * u_z - Kw  # = sum over bound rows q on each entry of sign_q y_q
-    others = torch.zeros_like(u_z).index_add(1, b_cols, signs * y_inactive)
+    others = _add_at(torch.zeros_like(u_z), b_cols, signs * y_inactive)
     y_active = signs * (total - others)[:, b_cols]
     u_lam[:, b_rows] = torch.where(inactive_b, (signs * u_c - w_lam[:, b_rows]) / s[:, b_rows],
                                    y_active / lam[:, b_rows])
@@ -547,6 +618,10 @@ class Oracle:
 def _classify(status, active, checks):
     """Give each active instance the code of the first check it meets, and retire it.
     ``checks`` is a sequence of ((B,) bool mask, status code)."""
+    if len(checks) == 1:
+        ((mask, c),) = checks
+        hit = active & mask
+        return torch.where(hit, c, status), active & ~hit
     code = torch.full_like(status, -1)
     for mask, c in reversed(checks):
         code = torch.where(mask, c, code)
@@ -600,7 +675,7 @@ def _step_to_boundary(x, dx, fraction):
 def _inf_norm(x):
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:1])
-    return x.abs().amax(-1)
+    return torch.linalg.vector_norm(x, float("inf"), dim=-1)
 
 
 def primal_dual(
@@ -628,18 +703,22 @@ def primal_dual(
     iterations = torch.zeros(B, dtype=torch.int64, device=z.device)
     mu_div = max(m, 1)
     rd_n = rp_n = mu = z.new_zeros(B)
+    tol_d, tol_p = tol * scale_dual, tol * scale_primal
+    limit_dual = _DUAL_DIVERGENCE * scale_dual
+    limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
 
     for it in range(max_iter + 1):
         rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
         rp = g + s
         rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(rp), _inf_norm(h))
-        mu = (s * lam).sum(-1) / mu_div
-        finite = torch.isfinite(rd_n) & torch.isfinite(rp_n) & torch.isfinite(mu)
-        converged = (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal) & (mu <= tol * scale_dual)
+        mu = torch.linalg.vecdot(s, lam) / mu_div
+        # NaN or inf in any of them shows in their sum
+        finite = torch.isfinite(rd_n + rp_n + mu)
+        converged = (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
         dual_size = torch.maximum(_inf_norm(lam), _inf_norm(nu))
         # duals far beyond the data while the constraints stay violated: no feasible point
-        diverged = (dual_size > _DUAL_DIVERGENCE * scale_dual) & (rp_n > tol * scale_primal)
-        unbounded = _inf_norm(z) > _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
+        diverged = (dual_size > limit_dual) & (rp_n > tol_p)
+        unbounded = _inf_norm(z) > limit_z
         status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
                                                     (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
         # the one host synchronization of the iteration
@@ -648,7 +727,6 @@ def primal_dual(
 
         newton = _newton_system(H, Jg, Jh, lam, s)
         refine = newton.refinement_rounds
-        status, active = _classify(status, active, ((newton.failed, NUMERICAL_ERROR),))
         p = Jh.shape[-2]
 
         def direction(rc):
@@ -668,24 +746,28 @@ def primal_dual(
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu)
         ds, dlam = dv[:, :m], dv[:, m:]
         if not oracle.linear:
-            alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active)
+            alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
+                                 active & ~newton.failed)
 
-        # rounding can leave a direction that hits the boundary at once; stop those
-        # instances rather than spin
-        status, active = _classify(status, active, ((alpha < _STALL, NUMERICAL_ERROR),))
-        step = torch.where(active, alpha, torch.zeros_like(alpha))[:, None]
-        z = z + step * dz
-        s = s + step * ds
-        lam = lam + step * dlam
-        nu = nu + step * dnu
-        iterations = iterations + active.to(iterations.dtype)
+        # a failed factorization, or rounding that leaves a direction hitting the boundary
+        # at once: stop those instances rather than spin
+        status, active = _classify(status, active, ((newton.failed | (alpha < _STALL), NUMERICAL_ERROR),))
+        step = alpha.masked_fill(~active, 0.0)[:, None]
+        z = torch.addcmul(z, step, dz)
+        s = torch.addcmul(s, step, ds)
+        lam = torch.addcmul(lam, step, dlam)
+        nu = torch.addcmul(nu, step, dnu)
+        iterations.add_(active)
 
     return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
 
 
-def _merit(rd, rp, h, s, lam, target):
-    comp = s * lam - target[:, None]
-    return (rd * rd).sum(-1) + (rp * rp).sum(-1) + (h * h).sum(-1) + (comp * comp).sum(-1)
+def _merit(rd, rp, h, s, lam, minus_target):
+    """The squared KKT residual in two parts: stationarity |rd|^2, and the rest
+    |rp|^2 + |h|^2 + |s lam - target|^2 (``minus_target`` (B, 1) is -target)."""
+    comp = torch.addcmul(minus_target, s, lam)
+    dot = torch.linalg.vecdot
+    return dot(rd, rd), dot(rp, rp) + dot(h, h) + dot(comp, comp)
 
 
 # the line search also takes a step that cuts the primal and complementarity residuals
@@ -703,16 +785,17 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
     from a tiny solution entry overshoots stationarity while making the other residuals
     collapse, and requiring the sum to fall halved nearly every step (entropy layers
     took 21-41 iterations instead of 13-20)."""
-    phi0 = _merit(rd, rp, h, s, lam, target)
-    theta0 = phi0 - (rd * rd).sum(-1)
+    minus_target = -target[:, None]
+    dual0, theta0 = _merit(rd, rp, h, s, lam, minus_target)
+    phi0 = dual0 + theta0
     pending = active.clone()
     for _ in range(40):
         a = alpha[:, None]
-        z_t, s_t, lam_t, nu_t = z + a * dz, s + a * ds, lam + a * dlam, nu + a * dnu
+        z_t, s_t = torch.addcmul(z, a, dz), torch.addcmul(s, a, ds)
+        lam_t, nu_t = torch.addcmul(lam, a, dlam), torch.addcmul(nu, a, dnu)
         rd_t, g_t, h_t = oracle.residuals(z_t, lam_t, nu_t)
-        phi = _merit(rd_t, g_t + s_t, h_t, s_t, lam_t, target)
-        dual_t = (rd_t * rd_t).sum(-1)
-        theta = phi - dual_t
+        dual_t, theta = _merit(rd_t, g_t + s_t, h_t, s_t, lam_t, minus_target)
+        phi = dual_t + theta
         ok = torch.isfinite(phi) & ((phi <= (1.0 - 1e-4 * alpha) * phi0)
                                     | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok

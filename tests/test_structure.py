@@ -172,3 +172,29 @@ def test_flat_directions_fall_back_to_the_dense_step(dtype):
         atol = 1e-6 if dtype == torch.float64 else 2e-3
         np.testing.assert_allclose(x_out[i].double().numpy(), xv.value, atol=atol)
         np.testing.assert_allclose(t_out[i].item(), tv.value, atol=atol)
+
+
+@pytest.mark.parametrize("rows, cols, signs", [
+    ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4),            # every entry bounded below: slices, one sign
+    ([1, 2, 3, 4], [2, 0, 2, 3], [-1.0, 1.0, 1.0, -1.0]),  # repeated and shuffled columns, mixed signs
+])
+def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs):
+    from solvers.interior_point import BoundedJacobian
+
+    n, B = 4, 3
+    general_rows = [r for r in range(6) if r not in rows][:6 - len(rows)]
+    m = len(rows) + len(general_rows)
+    general = torch.randn(B, len(general_rows), n, generator=GEN, dtype=torch.float64)
+    sets = BoundedJacobian.index_sets(rows, cols, signs, general_rows, torch.float64, "cpu")
+    Jg = BoundedJacobian(general, m, *sets)
+    dense = torch.zeros(B, m, n, dtype=torch.float64)
+    for r, c, sgn in zip(rows, cols, signs):
+        dense[:, r, c] = sgn
+    dense[:, general_rows] = general
+    assert torch.equal(Jg.dense(), dense)
+    x, y, w = _rand(B, n), _rand(B, m), _rand(B, m)
+    torch.testing.assert_close(Jg.mv(x), (dense @ x[..., None])[..., 0])
+    torch.testing.assert_close(Jg.mtv(y), (dense.mT @ y[..., None])[..., 0])
+    bound_only = dense.clone()
+    bound_only[:, general_rows] = 0.0
+    torch.testing.assert_close(Jg.bound_diagonal(w), (bound_only.mT @ (w[..., None] * bound_only)).diagonal(dim1=-2, dim2=-1))

@@ -353,18 +353,26 @@ def _dense(M):
     return M if isinstance(M, torch.Tensor) else M.dense()
 
 
-def _regularized_cholesky(S, E):
+def _regularized_cholesky(S, E, workspace=None):
     """Cholesky of S + diag(E) for S (B, r, r) PSD and E (B, r) >= 0 (zero on equality
     rows); S is overwritten. A small static shift keeps redundant equalities
     factorizable, and a larger one is tried where that fails. The shift scales with S
     alone: E = s/lam reaches 1e15 on inactive rows, and a shift that grew with it would
     spoil the others. Returns L (the identity where the factorization failed) and the
-    (B,) failed mask."""
+    (B,) failed mask; with a ``workspace`` (see :func:`_scratch`) L lives there."""
     r = S.shape[-1]
     diagonal = S.diagonal(dim1=-2, dim2=-1)
     scale = diagonal.abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
     diagonal.add_(E + (_regularization(S.dtype) * scale)[:, None])
-    L, info = torch.linalg.cholesky_ex(S)
+    # S is symmetric: its transpose is in LAPACK's column-major layout, so the factor
+    # starts from a plain copy of it rather than a transposing one
+    S = S.transpose(-1, -2)
+    if workspace is None:
+        L, info = torch.linalg.cholesky_ex(S)
+    else:
+        out = (_scratch(workspace, "L", S.shape, S.dtype, S.device).transpose(-1, -2),
+               _scratch(workspace, "info", S.shape[:1], torch.int32, S.device))
+        L, info = torch.linalg.cholesky_ex(S, out=out)
     bad = info > 0
     if bool(bad.any()):
         diagonal.add_(((1e-8 - _regularization(S.dtype)) * scale)[:, None])
@@ -390,7 +398,10 @@ class DiagonalNewton:
     # iteration counts on the entropy family and cost a third of the time
     refinement_rounds = 0
 
-    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s):
+    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s, workspace=None):
+        """``workspace``: a dict the caller keeps across iterations, for the one (B, k, n)
+        scratch tensor (fresh, it would be fresh pages at every iteration: page faults
+        cost more than the product it feeds)."""
         self.Jg, self.lam, self.s = Jg, lam, s
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
@@ -399,13 +410,35 @@ class DiagonalNewton:
         self.D_inv = 1.0 / D
         rows = Jg.general_rows
         self.k, self.p = Jg.k, Jh.shape[-2]
-        self.K = torch.cat([Jg.general, Jh], -2) if self.k else Jh
-        S = (self.K * self.D_inv.unsqueeze(-2)) @ _mT(self.K)
+        self.G, self.Jh = Jg.general, Jh
+        # S = K D^-1 K' by blocks: stacking K = [G; Jh] would copy the (B, k, n) G every
+        # iteration (the largest tensor here), and only one scaled copy is needed
+        d = self.D_inv.unsqueeze(-2)
+        S_hh = (Jh * d) @ _mT(Jh)
         if self.k:
+            GD = torch.mul(self.G, d, out=_scratch(workspace, "GD", self.G.shape, self.G.dtype, self.G.device))
+            S = GD @ _mT(self.G)
+            if self.p:
+                S_gh = GD @ _mT(Jh)
+                S = torch.cat([torch.cat([S, S_gh], -1), torch.cat([_mT(S_gh), S_hh], -1)], -2)
             E = torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], self.p)], -1)
         else:
-            E = s.new_zeros(s.shape[0], self.p)
-        self.L, self.failed = _regularized_cholesky(S, E)
+            S, E = S_hh, s.new_zeros(s.shape[0], self.p)
+        self.L, self.failed = _regularized_cholesky(S, E, workspace)
+
+    def K_mv(self, x):
+        """K x = [G x; Jh x] (B, k + p) for x (B, n)."""
+        if not self.k:
+            return _mv(self.Jh, x)
+        Gx = _mv(self.G, x)
+        return torch.cat([Gx, _mv(self.Jh, x)], -1) if self.p else Gx
+
+    def K_mtv(self, w):
+        """K' w = G' w_R + Jh' w_nu (B, n) for w (B, k + p)."""
+        if not self.k:
+            return _mtv(self.Jh, w)
+        out = _mtv(self.G, w[:, :self.k])
+        return out + _mtv(self.Jh, w[:, self.k:]) if self.p else out
 
     def step(self, rd, rc, rp, re):
         """The same Newton equations as :meth:`ReducedNewton.step`.
@@ -418,13 +451,13 @@ class DiagonalNewton:
         lam_b, s_b, rc_b, rp_b = lam[:, b_rows], s[:, b_rows], rc[:, b_rows], rp[:, b_rows]
         fold = (lam_b * rp_b - rc_b) / s_b
         r1 = _add_at(rd, b_cols, signs * fold).neg_()
-        rhs = _mv(self.K, self.D_inv * r1)
+        rhs = self.K_mv(self.D_inv * r1)
         if self.k:
             rhs = rhs + torch.cat([rp[:, rows] - rc[:, rows] / lam[:, rows], re], -1)
         else:
             rhs = rhs + re
         w = _chol_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
-        dz = self.D_inv * (r1 - _mtv(self.K, w))
+        dz = self.D_inv * (r1 - self.K_mtv(w))
         dnu = w[:, self.k:]
         ds_b = (rp_b + signs * dz[:, b_cols]).neg_()
         dlam_b = torch.addcmul(rc_b, lam_b, ds_b).div_(s_b).neg_()
@@ -441,11 +474,22 @@ class DiagonalNewton:
         return dz, ds, dlam, dnu
 
 
-def _newton_system(H, Jg, Jh, lam, s):
+def _scratch(workspace, name, shape, dtype, device):
+    """A contiguous tensor from ``workspace`` (made there on first use, or again when the
+    shape changes), or a fresh one without a workspace. Contents are undefined."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        buf = workspace[name] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def _newton_system(H, Jg, Jh, lam, s, workspace=None):
     """The Newton solver for this iteration: structured when the problem is and its
     diagonal is safely positive, else the n-space reduction."""
     if isinstance(H, DiagonalMatrix):
-        newton = DiagonalNewton(H, Jg, Jh, lam, s)
+        newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace)
         if newton.usable:
             return newton
     return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s)
@@ -465,12 +509,12 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     newton = DiagonalNewton(H, Jg, Jh, lam, s)
     if not newton.usable:
         return None
-    sigma, D_inv, K, k = newton.sigma, newton.D_inv, newton.K, newton.k
+    sigma, D_inv, k = newton.sigma, newton.D_inv, newton.k
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
     r1 = _add_at(w_z, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
-    rhs = _mv(K, D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)
+    rhs = newton.K_mv(D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)
     w = _chol_solve(rhs.unsqueeze(-1), newton.L).squeeze(-1)
-    Kw = _mtv(K, w)
+    Kw = newton.K_mtv(w)
     u_z = D_inv * (r1 - Kw)
     y_R, u_nu = w[:, :k], w[:, k:]
     u_lam = torch.empty_like(lam)
@@ -706,6 +750,7 @@ def primal_dual(
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     limit_dual = _DUAL_DIVERGENCE * scale_dual
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
+    workspace = {}  # scratch tensors reused by every iteration's Newton system
 
     for it in range(max_iter + 1):
         rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
@@ -725,7 +770,7 @@ def primal_dual(
         if it == max_iter or not bool(active.any()):
             break
 
-        newton = _newton_system(H, Jg, Jh, lam, s)
+        newton = _newton_system(H, Jg, Jh, lam, s, workspace)
         refine = newton.refinement_rounds
         p = Jh.shape[-2]
 

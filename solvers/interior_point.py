@@ -288,8 +288,31 @@ class BoundedJacobian:
         self.general_rows = general_rows
         self.k = general.shape[-2]
         self.shape = general.shape[:-2] + (m, general.shape[-1])
-        # every row a bound, in order: steps need no scatter into (B, m) tensors
-        self.bounds_only = self.k == 0 and isinstance(bound_rows, slice) and bound_rows == slice(0, m)
+        # how steps on the bound rows (b) and the general rows (R) make a (B, m) tensor:
+        # "b" every row a bound, in order; "bR" / "Rb" two contiguous runs, joined by one
+        # concatenation; None: scattered
+        self.order = None
+        if isinstance(bound_rows, slice) and isinstance(general_rows, slice):
+            if self.k == 0 and bound_rows == slice(0, m):
+                self.order = "b"
+            elif bound_rows.start == 0 and bound_rows.stop == general_rows.start and general_rows.stop == m:
+                self.order = "bR"
+            elif general_rows.start == 0 and general_rows.stop == bound_rows.start and bound_rows.stop == m:
+                self.order = "Rb"
+
+    def join_rows(self, bounds, general, like):
+        """The (B, m) tensor with ``bounds`` on the bound rows and ``general`` on the
+        general rows (``like`` gives dtype and device)."""
+        if self.order == "b":
+            return bounds
+        if self.order == "bR":
+            return torch.cat([bounds, general], -1)
+        if self.order == "Rb":
+            return torch.cat([general, bounds], -1)
+        out = like.new_empty(like.shape[0], self.m)
+        out[:, self.bound_rows] = bounds
+        out[:, self.general_rows] = general
+        return out
 
     @staticmethod
     def index_sets(bound_rows, bound_cols, bound_signs, general_rows, dtype, device):
@@ -306,12 +329,7 @@ class BoundedJacobian:
     def mv(self, x):
         """Jg x: (B, n) -> (B, m)."""
         bounds = self.bound_signs * x[:, self.bound_cols]
-        if self.bounds_only:
-            return bounds
-        out = x.new_empty(x.shape[0], self.m)
-        out[:, self.bound_rows] = bounds
-        out[:, self.general_rows] = _mv(self.general, x)
-        return out
+        return self.join_rows(bounds, _mv(self.general, x) if self.k else None, x)
 
     def mtv(self, y):
         """Jg' y: (B, m) -> (B, n)."""
@@ -403,6 +421,9 @@ class DiagonalNewton:
         scratch tensor (fresh, it would be fresh pages at every iteration: page faults
         cost more than the product it feeds)."""
         self.Jg, self.lam, self.s = Jg, lam, s
+        # both steps of an iteration read these
+        self.lam_b, self.s_b = lam[:, Jg.bound_rows], s[:, Jg.bound_rows]
+        self.lam_R, self.s_R = lam[:, Jg.general_rows], s[:, Jg.general_rows]
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
         floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
@@ -421,7 +442,7 @@ class DiagonalNewton:
             if self.p:
                 S_gh = GD @ _mT(Jh)
                 S = torch.cat([torch.cat([S, S_gh], -1), torch.cat([_mT(S_gh), S_hh], -1)], -2)
-            E = torch.cat([s[:, rows] / lam[:, rows], s.new_zeros(s.shape[0], self.p)], -1)
+            E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
         else:
             S, E = S_hh, s.new_zeros(s.shape[0], self.p)
         self.L, self.failed = _regularized_cholesky(S, E, workspace)
@@ -446,14 +467,16 @@ class DiagonalNewton:
         Only the bound rows are folded into the right-hand side; the general rows keep
         dlam as an unknown (w = [dlam_R; dnu]). Folding them too would put
         rc/s ~ 1e12 on active rows into the right-hand side and cancel it again in dz."""
-        Jg, lam, s = self.Jg, self.lam, self.s
+        Jg = self.Jg
         b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
-        lam_b, s_b, rc_b, rp_b = lam[:, b_rows], s[:, b_rows], rc[:, b_rows], rp[:, b_rows]
+        lam_b, s_b, lam_R, s_R = self.lam_b, self.s_b, self.lam_R, self.s_R
+        rc_b, rp_b = rc[:, b_rows], rp[:, b_rows]
         fold = (lam_b * rp_b - rc_b) / s_b
         r1 = _add_at(rd, b_cols, signs * fold).neg_()
         rhs = self.K_mv(self.D_inv * r1)
         if self.k:
-            rhs = rhs + torch.cat([rp[:, rows] - rc[:, rows] / lam[:, rows], re], -1)
+            rc_R = rc[:, rows]
+            rhs = rhs + torch.cat([rp[:, rows] - rc_R / lam_R, re], -1)
         else:
             rhs = rhs + re
         w = _chol_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
@@ -461,17 +484,12 @@ class DiagonalNewton:
         dnu = w[:, self.k:]
         ds_b = (rp_b + signs * dz[:, b_cols]).neg_()
         dlam_b = torch.addcmul(rc_b, lam_b, ds_b).div_(s_b).neg_()
-        if Jg.bounds_only:
-            return dz, ds_b, dlam_b, dnu
+        if not self.k:
+            return dz, Jg.join_rows(ds_b, None, rd), Jg.join_rows(dlam_b, None, rd), dnu
         dlam_R = w[:, :self.k]
-        ds = torch.empty_like(s)
-        dlam = torch.empty_like(lam)
         # general rows: ds from complementarity, accurate relative to s where s is tiny
-        ds[:, rows] = -(rc[:, rows] + s[:, rows] * dlam_R) / lam[:, rows]
-        dlam[:, rows] = dlam_R
-        ds[:, b_rows] = ds_b
-        dlam[:, b_rows] = dlam_b
-        return dz, ds, dlam, dnu
+        ds_R = torch.addcmul(rc_R, s_R, dlam_R).div_(lam_R).neg_()
+        return dz, Jg.join_rows(ds_b, ds_R, rd), Jg.join_rows(dlam_b, dlam_R, rd), dnu
 
 
 def _scratch(workspace, name, shape, dtype, device):

@@ -177,6 +177,7 @@ def test_flat_directions_fall_back_to_the_dense_step(dtype):
 @pytest.mark.parametrize("rows, cols, signs", [
     ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4),            # every entry bounded below: slices, one sign
     ([1, 2, 3, 4], [2, 0, 2, 3], [-1.0, 1.0, 1.0, -1.0]),  # repeated and shuffled columns, mixed signs
+    ([2, 3, 4, 5], [0, 1, 2, 3], [1.0] * 4),             # general rows first, then the bounds
 ])
 def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs):
     from solvers.interior_point import BoundedJacobian

@@ -4,8 +4,10 @@ A layer call allocates and frees tensors of a few MiB each (factors, right-hand 
 gradients). glibc's malloc returns such memory to the operating system when it is freed
 (``munmap`` for blocks above its mmap threshold, ``sbrk`` trimming for the top of the
 heap), so the next call gets fresh pages and pays a page fault for every 4 KiB it
-touches. On a 2-core VM that was 3000-6000 faults per forward+backward of the QP
-benchmark's mid-size shapes and 15-25 % of its time (``benchmarks/RESULTS.md``).
+touches: up to ~4000 faults per forward+backward of the QP benchmark's mid-size shapes
+on a 2-core VM, and about none with this setting (``python benchmarks/page_faults.py``;
+the time saved there was within that machine's run-to-run noise, 0-15 %, since the
+solver already reuses its largest buffers).
 
 :func:`retain_cpu_memory` asks malloc to keep freed memory for reuse instead. It changes
 the whole process (every library in it allocates through the same malloc), so it is

@@ -429,7 +429,6 @@ class DiagonalNewton:
         floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
         self.usable = bool((D > floor).all())
         self.D_inv = 1.0 / D
-        rows = Jg.general_rows
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
         # S = K D^-1 K' by blocks: stacking K = [G; Jh] would copy the (B, k, n) G every

@@ -572,6 +572,19 @@ def qp_problem(n: int, m: int, p: int):
     return dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
 
 
+def qp_layer_call(B: int, n: int, m: int, p: int, tol: float = 1e-9):
+    """The benchmark QP layer on :func:`make_qp` data and a callable that runs one
+    forward+backward of sum(w * x*) through it: ``(layer, call)``."""
+    d = make_qp(B, n, m, p)
+    layer = qp_problem(n, m, p).to_torch(tol=tol, max_iter=100)
+    args = [d[k].clone().requires_grad_() for k in ("Q", "q", "G", "h", "A", "b")]
+
+    def call():
+        (d["w"] * layer(*args)).sum().backward()
+
+    return layer, call
+
+
 def layer_iterations(layer) -> Optional[torch.Tensor]:
     info = getattr(layer, "info", None)
     it = getattr(info, "iterations", None) if info is not None else None

@@ -26,14 +26,7 @@ import common as C
 dl = C.import_declarative()
 applied = dl.retain_cpu_memory() if sys.argv[2] == "retained" else None
 torch.set_default_dtype(torch.float64)
-B, n, m, p = (int(v) for v in sys.argv[1].split(","))
-d = C.make_qp(B, n, m, p)
-layer = C.qp_problem(n, m, p).to_torch(tol=1e-9, max_iter=100)
-args = [d[k].clone().requires_grad_() for k in ("Q", "q", "G", "h", "A", "b")]
-
-def call():
-    (d["w"] * layer(*args)).sum().backward()
-
+layer, call = C.qp_layer_call(*(int(v) for v in sys.argv[1].split(",")))
 for _ in range(3):
     call()
 times = []

@@ -34,13 +34,7 @@ def _mark_phases(module):
 
 
 def profile_shape(B, n, m, p, top=8):
-    d = C.make_qp(B, n, m, p)
-    layer = C.qp_problem(n, m, p).to_torch(tol=1e-9, max_iter=100)
-    args = [d[k].clone().requires_grad_() for k in ("Q", "q", "G", "h", "A", "b")]
-
-    def call():
-        (d["w"] * layer(*args)).sum().backward()
-
+    layer, call = C.qp_layer_call(B, n, m, p)
     for _ in range(3):
         call()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

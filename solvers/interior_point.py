@@ -311,7 +311,8 @@ class BoundedJacobian:
             return torch.cat([general, bounds], -1)
         out = like.new_empty(like.shape[0], self.m)
         out[:, self.bound_rows] = bounds
-        out[:, self.general_rows] = general
+        if self.k:
+            out[:, self.general_rows] = general
         return out
 
     @staticmethod

@@ -174,16 +174,16 @@ def test_flat_directions_fall_back_to_the_dense_step(dtype):
         np.testing.assert_allclose(t_out[i].item(), tv.value, atol=atol)
 
 
-@pytest.mark.parametrize("rows, cols, signs", [
-    ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4),            # every entry bounded below: slices, one sign
-    ([1, 2, 3, 4], [2, 0, 2, 3], [-1.0, 1.0, 1.0, -1.0]),  # repeated and shuffled columns, mixed signs
-    ([2, 3, 4, 5], [0, 1, 2, 3], [1.0] * 4),             # general rows first, then the bounds
+@pytest.mark.parametrize("rows, cols, signs, general_rows", [
+    ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4, [4, 5]),               # bounds first: slices, one sign
+    ([1, 2, 3, 4], [2, 0, 2, 3], [-1.0, 1.0, 1.0, -1.0], [0, 5]),   # repeated/shuffled columns, mixed signs
+    ([2, 3, 4, 5], [0, 1, 2, 3], [1.0] * 4, [0, 1]),                # general rows first, then the bounds
+    ([2, 0, 1], [0, 1, 2], [-1.0] * 3, []),                         # every row a bound, rows shuffled
 ])
-def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs):
+def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs, general_rows):
     from solvers.interior_point import BoundedJacobian
 
     n, B = 4, 3
-    general_rows = [r for r in range(6) if r not in rows][:6 - len(rows)]
     m = len(rows) + len(general_rows)
     general = torch.randn(B, len(general_rows), n, generator=GEN, dtype=torch.float64)
     sets = BoundedJacobian.index_sets(rows, cols, signs, general_rows, torch.float64, "cpu")

@@ -102,6 +102,21 @@ def machine_info() -> Dict[str, str]:
     }
 
 
+def start_run(threads: Optional[int] = None) -> float:
+    """What every benchmark script does before its first cell: torch's thread count
+    (when asked), the peers' deprecation chatter silenced, the machine printed. Returns
+    the start time (``time.perf_counter()``)."""
+    import warnings
+
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    t_start = time.perf_counter()
+    print(machine_info_md(), flush=True)
+    return t_start
+
+
 def machine_info_md(info: Optional[Dict[str, str]] = None) -> str:
     info = info or machine_info()
     return "\n".join(f"- {k}: {v}" for k, v in info.items())

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 
 import common as C  # noqa: E402
 
@@ -129,12 +127,7 @@ def main(argv=None):
         args.budget = 0.5 if args.quick else 1.5
     sizes = ([tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes
              else (QUICK_SIZES if args.quick else SIZES))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    t_start = time.perf_counter()
-    print(C.machine_info_md(), flush=True)
+    t_start = C.start_run(args.threads)
 
     rows, notes, floors = [], [], []
     kdesc = "solvers.interior_point.diagonal_kkt_kernel"

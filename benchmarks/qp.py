@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -367,13 +366,7 @@ def main(argv=None):
     CVXPYLAYERS_ARGS.clear()
     CVXPYLAYERS_ARGS.update(CVXPYLAYERS_SOLVER_ARGS[args.cvxpylayers_solver])
     tools = args.tools
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-    t_start = time.perf_counter()
-    print(C.machine_info_md(), flush=True)
+    t_start = C.start_run(args.threads)
     results = []
     for shp in shapes:
         print(f"shape B,n,m,p = {shp}", flush=True)

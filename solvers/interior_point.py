@@ -421,7 +421,7 @@ class DiagonalNewton:
         """``workspace``: a dict the caller keeps across iterations, for the one (B, k, n)
         scratch tensor (fresh, it would be fresh pages at every iteration: page faults
         cost more than the product it feeds)."""
-        self.Jg, self.lam, self.s = Jg, lam, s
+        self.Jg = Jg
         # both steps of an iteration read these
         self.lam_b, self.s_b = lam[:, Jg.bound_rows], s[:, Jg.bound_rows]
         self.lam_R, self.s_R = lam[:, Jg.general_rows], s[:, Jg.general_rows]

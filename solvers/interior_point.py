@@ -94,22 +94,25 @@ def _chol_solve(b, L):
 
 
 def _mv(A, x):
-    """Batched matrix-vector product A (B, k, n) x (B, n), taken as the row vector x'
-    times A' ((1, n) x (n, k) per instance): on the CPU that batched product is 2-3x
-    faster than A @ x with one column and about 2x faster than a multiply-and-sum, which
-    also writes a (B, k, n) temporary. Below ~8000 entries the multiply-and-sum's single
-    kernel is a little faster."""
-    if A.numel() <= _MULSUM_LIMIT:
-        return (A * x.unsqueeze(-2)).sum(-1)
-    return (x.unsqueeze(-2) @ A.transpose(-1, -2)).squeeze(-2)
+    """Batched matrix-vector product A (B, k, n) x (B, n). Above ~8000 entries it is
+    taken as the row vector x' times A' ((1, n) x (n, k) per instance): on the CPU that
+    batched product is 2-3x faster than A x with one column and about 2x faster than a
+    multiply-and-sum. Below, the column product is the cheapest call. ``torch.bmm``
+    rather than ``@``: matmul's shape dispatch costs ~2 us per call, which on small
+    problems is as much as the product."""
+    if A.numel() <= _ROW_PRODUCT_LIMIT:
+        return torch.bmm(A, x.unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(x.unsqueeze(-2), A.transpose(-1, -2)).squeeze(-2)
 
 
 def _mtv(A, y):
     """Batched transposed product A' y for A (B, k, n), y (B, k)."""
-    return (y.unsqueeze(-2) @ A).squeeze(-2)
+    return torch.bmm(y.unsqueeze(-2), A).squeeze(-2)
 
 
-_MULSUM_LIMIT = 1 << 13
+_ROW_PRODUCT_LIMIT = 1 << 13
+# (B, m, m) blocks up to this many entries are cheaper to re-solve whole than to subset
+_SMALL_BLOCKS = 1 << 14
 
 
 def _regularization(dtype) -> float:
@@ -580,7 +583,7 @@ class QPFactor:
             eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
             self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
-        self.GY = _mT(self.G_half) @ self.G_half  # G Q^-1 G'
+        self.GY = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
         # the unconstrained minimizer -Q^-1 c and its images: the start of every solve
         self.qc = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
         self.G_qc = _mv(G, self.qc)
@@ -588,16 +591,16 @@ class QPFactor:
         self.p = A.shape[-2]
         if self.p:
             self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
-            self.K22 = K22 = _mT(self.A_half) @ self.A_half  # A Q^-1 A'
+            self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
             scale = K22.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
             eye_p = torch.eye(self.p, dtype=Q.dtype, device=Q.device)
             self.L22, info22 = torch.linalg.cholesky_ex(K22 + (_regularization(Q.dtype) * scale)[:, None, None] * eye_p)
             self.usable = self.usable & (info22 == 0)
             self.L22 = torch.where((info22 == 0)[:, None, None], self.L22, eye_p.expand_as(self.L22))
-            self.K12 = _mT(self.G_half) @ self.A_half  # G Q^-1 A' (B, m, p)
+            self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
             self.A_qc = _mv(A, self.qc)
-            W = W - self.K12 @ self.T
+            W = torch.baddbmm(W, self.K12, self.T, alpha=-1.0)
         else:
             self.A_qc = Q.new_zeros(Q.shape[0], 0)
         # exactly symmetric, so that either triangle (or the transpose) may be copied
@@ -1141,9 +1144,10 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
             break
         corrected = (active | violated) & ~negative
         rows = wrong.nonzero().squeeze(-1)
-        if 2 * rows.numel() > wrong.shape[0]:
-            # most are wrong: solve the whole batch again rather than copy its blocks out
-            # and back; the right ones solve the same system and get the same solution
+        if 2 * rows.numel() > wrong.shape[0] or f.W.numel() <= _SMALL_BLOCKS:
+            # most are wrong, or the blocks are small: solve the whole batch again rather
+            # than copy its blocks out and back (some 20 calls, more than a small solve
+            # costs); the right ones solve the same system and get the same solution
             active = corrected
             lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
             continue
@@ -1173,8 +1177,11 @@ def _select_rows(f, mask, *tensors):
     """The instances ``mask`` (B,) of the factor and of ``tensors``: ``(rows, f, *tensors)``.
 
     Copying a factor costs about as much as using it, so when most instances are wanted
-    the whole batch is kept (``rows`` is then every index) and the caller masks."""
+    the whole batch is kept (``rows`` is then every index) and the caller masks; so
+    too when the blocks are small."""
     B = mask.shape[0]
+    if f.W.numel() <= _SMALL_BLOCKS:
+        return (torch.arange(B, device=mask.device), f, *tensors)
     rows = mask.nonzero().squeeze(-1)
     if 2 * rows.numel() > B:
         return (torch.arange(B, device=mask.device), f, *tensors)

@@ -145,6 +145,9 @@ class _Writer:
         args = [self.name(a) for a in node.args]
         if op == "einsum":
             ins, out = ir._split(node.attrs)
+            lowered = einsum_text(ins, out, args)
+            if lowered is not None:
+                return lowered
             spec = ",".join("..." + s for s in ins) + "->..." + out
             return f"torch.einsum({spec!r}, {', '.join(args)})"
         if op == "elementwise":
@@ -224,6 +227,59 @@ class _Writer:
         doc = [f'    """{r.doc}"""'] if r.doc else []
         ret = f"    return ({', '.join(results)}{',' if len(results) == 1 else ''})"
         return "\n".join([head] + doc + self.lines + [ret]) + "\n"
+
+
+def einsum_text(ins: List[str], out: str, args: List[str]):
+    """The einsum ``...ins[0],...ins[1]->...out`` on the tensors named ``args`` as a
+    direct torch call, for the forms generated code is made of (transposes, sums,
+    broadcast products, matrix and vector products), or None for other forms.
+
+    torch.einsum parses its spec and plans its contraction on every call: 3-5 us, as much
+    as the product itself on small tensors, and the NLP loop evaluates these routines
+    several times per iteration. Every operand has the leading batch dimension (B or 1),
+    which the direct calls broadcast as einsum does."""
+    if any(len(set(s)) != len(s) for s in ins) or len(set(out)) != len(out):
+        return None  # diagonals and traces
+    if len(ins) == 1:
+        (a,), (x,) = ins, args
+        if sorted(a) == sorted(out):
+            if a == out:
+                return x
+            return f"{x}.permute({', '.join(['0'] + [str(1 + a.index(c)) for c in out])})"
+        if set(out) <= set(a) and [c for c in a if c in out] == list(out):
+            return f"{x}.sum({tuple(1 + i for i, c in enumerate(a) if c not in out)!r})"
+        return None
+    if len(ins) != 2:
+        return None
+    (a, b), (x, y) = ins, args
+    if set(a) | set(b) == set(out):
+        # no contraction: a broadcast product, each operand's letters in out's order
+        def spread(s, t):
+            if [c for c in out if c in s] != list(s):
+                return None
+            if s == out:
+                return t
+            return f"{t}[:, {', '.join(':' if c in s else 'None' for c in out)}]"
+        xs, ys = spread(a, x), spread(b, y)
+        return None if xs is None or ys is None else f"({xs} * {ys})"
+    contracted = (set(a) & set(b)) - set(out)
+    if len(contracted) != 1 or len(a) > 2 or len(b) > 2 or set(a) & set(b) & set(out):
+        return None
+    (k,) = contracted
+    if a == k and b == k:
+        return f"torch.linalg.vecdot({x}, {y})"
+    # as a matrix product (rows of a) x (columns of b); a vector is a 1-row/1-column matrix
+    rows, cols = a.replace(k, ""), b.replace(k, "")
+    if rows + cols != out:
+        return None
+    left = f"{x}.unsqueeze(-2)" if not rows else (x if a == rows + k else f"{x}.transpose(-1, -2)")
+    right = f"{y}.unsqueeze(-1)" if not cols else (y if b == k + cols else f"{y}.transpose(-1, -2)")
+    product = f"({left} @ {right})"
+    if not rows:
+        return f"{product}.squeeze(-2)"
+    if not cols:
+        return f"{product}.squeeze(-1)"
+    return product
 
 
 def _index_text(index) -> str:

@@ -291,12 +291,13 @@ class OptimizationLayer(torch.nn.Module):
         stacked = self.compiled.problem
         code = self.compiled.code
         consts = self._constants(dtype, device)
-        # instances with NaN/inf inputs are not solved; their inputs are zeroed so that
-        # nothing non-finite enters the batched linear algebra
-        bad = torch.zeros(batch, dtype=torch.bool, device=device)
+        # instances with NaN/inf inputs are not solved (bad, None when there are none);
+        # their inputs are zeroed so that nothing non-finite enters the batched linear algebra
+        bad = None
         # one pass without temporaries: a finite sum means finite entries (a sum that
         # overflows only sends the check below on the exact path)
         if params and not bool(torch.isfinite(torch.stack([p.sum() for p in params])).all()):
+            bad = torch.zeros(batch, dtype=torch.bool, device=device)
             for p, b in zip(params, batched):
                 finite = torch.isfinite(p).reshape(p.shape[0], -1).all(-1)
                 bad = bad | ~(finite if b else finite.expand(batch))
@@ -406,16 +407,18 @@ class _KKTLinearization(Linearization):
     def transposed_solve(self, cotangents):
         layer = self.layer
         stacked = layer.compiled.problem
-        B = self.z.shape[0]
-        w_z = torch.zeros_like(self.z)
+        B, n = self.z.shape
         w_lam = torch.zeros_like(self.lam)
         w_nu = torch.zeros_like(self.nu)
-        k = 0
-        for off, size, _ in layer._var_slices:
-            g = cotangents[k]
-            if g is not None:
-                w_z[:, off:off + size] += g.reshape(B, size)
-            k += 1
+        slices = layer._var_slices
+        if len(slices) == 1 and slices[0][1] == n and cotangents[0] is not None:
+            w_z = cotangents[0].reshape(B, n)  # one variable is all of z (the solvers only read w_z)
+        else:
+            w_z = torch.zeros_like(self.z)
+            for (off, size, _), g in zip(slices, cotangents):
+                if g is not None:
+                    w_z[:, off:off + size] += g.reshape(B, size)
+        k = len(slices)
         if layer.return_duals:
             for kind, off, shape in stacked.constraint_rows:
                 g = cotangents[k]

@@ -111,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--budget", type=float, default=None)
-    ap.add_argument("--max-repeats", type=int, default=25)
+    ap.add_argument("--max-repeats", type=int, default=100)
     ap.add_argument("--cold-limit", type=float, default=60.0)
     # 1e-11: the KKT residual bounds the solution error only up to the conditioning,
     # which entries near 0 (entropy's 1/z curvature) make ~100x; at 1e-9 the weighted

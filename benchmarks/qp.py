@@ -338,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", type=parse_shape, help="shapes B,n,m,p")
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per cell")
-    ap.add_argument("--max-repeats", type=int, default=25)
+    ap.add_argument("--max-repeats", type=int, default=100)
     ap.add_argument("--cold-limit", type=float, default=60.0,
                     help="a forward slower than this (s) is reported from its single call")
     ap.add_argument("--cvxpylayers-solver", choices=sorted(CVXPYLAYERS_SOLVER_ARGS), default="Clarabel",

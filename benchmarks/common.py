@@ -4,7 +4,7 @@ Everything here is benchmark infrastructure: problem families, reference
 solutions (CVXPY + Clarabel at tight tolerance, polished), timing with a
 per-cell budget, robust "peer" cells (``missing`` / ``crash: ...``), markdown
 formatting and the ``RESULTS.md`` writer.  Nothing in here is timed except the
-callables handed to :func:`bench`.
+callables handed to :func:`bench` and :func:`bench_interleaved`.
 """
 from __future__ import annotations
 
@@ -227,28 +227,116 @@ class CellResult:
         return fmt_err(self.err)
 
 
-def run_cell(tool: str, make_layer: Callable[[], Callable[..., torch.Tensor]],
-             params: Sequence[torch.Tensor], ref: np.ndarray,
-             weights: torch.Tensor, budget: float, max_repeats: int = 25,
-             post_forward: Optional[Callable[[Callable], Dict[str, object]]] = None,
-             timeout_hint: Optional[float] = None, slow_warmup: float = 2.0) -> CellResult:
-    """Build ``layer = make_layer()`` (untimed), then time forward (no grad)
-    and forward+backward of ``sum(weights * layer(*params))`` w.r.t. all
-    parameters.  Any exception is caught and reported in the cell.
+def bench_interleaved(fns: Dict[str, Callable[[], object]], budget: float, max_repeats: int = 100,
+                      rounds: int = 5):
+    """Time several tools side by side: ``rounds`` rounds, each running every tool in
+    turn for its share of ``budget`` (at least one call while the tool has budget left,
+    at most ``max_repeats`` calls in all); the median of each tool's calls.
 
-    ``make_layer`` raising ImportError/ModuleNotFoundError -> ``missing``.
-    """
-    res = CellResult(tool)
+    This machine's speed drifts by 20-50 % over seconds; timing one tool after the other
+    let a slow spell fall on one tool alone and skew the ratios. Interleaved, every tool
+    sees the same spells. A tool whose call raises drops out; returns
+    ``({tool: Timing}, {tool: exception})``."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    spent = {k: 0.0 for k in fns}
+    errors: Dict[str, BaseException] = {}
+    for r in range(rounds):
+        share = budget * (r + 1) / rounds  # what each tool may have spent by the end of this round
+        cap = math.ceil(max_repeats * (r + 1) / rounds)
+        for k, fn in fns.items():
+            if k in errors:
+                continue
+            while len(times[k]) < cap and (spent[k] < share or not times[k]):
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001
+                    errors[k] = e
+                    break
+                t = time.perf_counter() - t0
+                times[k].append(t)
+                spent[k] += t
+    return ({k: Timing(statistics.median(v), len(v), 0.0) for k, v in times.items() if v and k not in errors},
+            errors)
+
+
+@dataclass
+class _Prepared:
+    forward: Optional[Callable[[], object]] = None
+    forward_backward: Optional[Callable[[], object]] = None
+    leaves: Sequence[torch.Tensor] = ()
+
+
+def run_cells(builders: Dict[str, Callable[[], Callable[..., torch.Tensor]]],
+              params: Sequence[torch.Tensor], ref: np.ndarray, weights: torch.Tensor,
+              budget: float, max_repeats: int = 100,
+              post_forward: Optional[Dict[str, Callable[[Callable], Dict[str, object]]]] = None,
+              timeout_hint: Optional[float] = None, slow_warmup: float = 2.0) -> Dict[str, CellResult]:
+    """One table row: for each tool, ``layer = builders[tool]()`` (untimed), its
+    accuracy from a first forward call (the warm-up), then the forward (no grad) and
+    forward+backward of ``sum(weights * layer(*params))`` w.r.t. every parameter,
+    each timed for all tools at once by :func:`bench_interleaved`. Any exception is
+    caught and reported in its tool's cell; a build raising ImportError means
+    ``missing``. ``post_forward[tool](layer)`` adds to the cell's extra after the first
+    call."""
+    post_forward = post_forward or {}
+    cells, prepared = {}, {}
+    for tool, make_layer in builders.items():
+        cells[tool], prepared[tool] = _prepare_cell(tool, make_layer, params, ref, weights,
+                                                    post_forward.get(tool), timeout_hint)
+    forward = {t: p.forward for t, p in prepared.items() if p.forward is not None}
+    timings, errors = bench_interleaved(forward, budget, max_repeats)
+    for tool in forward:
+        if tool in errors:
+            cells[tool].status = "crash: " + short_reason(errors[tool])
+            prepared[tool].forward_backward = None
+        else:
+            cells[tool].fwd = timings[tool]
+    # forward+backward gets its own warm-up (backward code paths), except for very slow
+    # tools (> slow_warmup s per forward), whose forward calls already warmed them up
+    fb = {}
+    for tool, p in prepared.items():
+        if p.forward_backward is None or not cells[tool].ok:
+            continue
+        warm = not (cells[tool].fwd is not None and cells[tool].fwd.median > slow_warmup)
+        cells[tool].extra["fb_warmup"] = warm
+        try:
+            if warm:
+                p.forward_backward()
+            fb[tool] = p.forward_backward
+        except Exception as e:  # noqa: BLE001
+            cells[tool].fb_status = "crash: " + short_reason(e)
+            cells[tool].extra["traceback_fb"] = traceback.format_exc()
+    timings, errors = bench_interleaved(fb, budget, max_repeats)
+    for tool in fb:
+        res = cells[tool]
+        if tool in errors:
+            res.fb_status = "crash: " + short_reason(errors[tool])
+            continue
+        res.fwdbwd = timings[tool]
+        grads = [t.grad for t in prepared[tool].leaves]
+        if any(g is None for g in grads):
+            res.extra["grad_note"] = "some parameter got no gradient"
+        elif not all(torch.isfinite(g).all() for g in grads):
+            res.extra["grad_note"] = "non-finite gradient"
+        res.extra["grads"] = [None if g is None else g.detach().clone() for g in grads]
+    return cells
+
+
+def _prepare_cell(tool, make_layer, params, ref, weights, post_forward, timeout_hint):
+    """Build one tool's layer, check its accuracy with a first (warm-up) forward call and
+    return ``(cell, _Prepared)`` with the callables to time (None where not to)."""
+    res, prep = CellResult(tool), _Prepared()
     try:
         layer = make_layer()
     except ImportError as e:
         res.status = "missing"
         res.extra["reason"] = short_reason(e, 200)
-        return res
+        return res, prep
     except Exception as e:  # noqa: BLE001
         res.status = "crash: " + short_reason(e)
         res.extra["traceback"] = traceback.format_exc()
-        return res
+        return res, prep
 
     # Forward only (no autograd graph) + accuracy.
     try:
@@ -270,47 +358,29 @@ def run_cell(tool: str, make_layer: Callable[[], Callable[..., torch.Tensor]],
                 res.extra["err_finite"] = float(np.max(np.abs(xn[finite] - ref[finite])))
         if post_forward is not None:
             res.extra.update(post_forward(layer) or {})
-        if timeout_hint is not None and first > timeout_hint:
-            # far too slow to repeat: report the single (cold) call
-            res.fwd = Timing(first, 1, first)
-            res.extra["fwd_cold_only"] = True
-        else:
-            def f():
-                with torch.no_grad():
-                    layer(*params)
-            # the accuracy call above was the warm-up
-            res.fwd = bench(f, budget, max_repeats, warmup=False)
     except Exception as e:  # noqa: BLE001
         res.status = "crash: " + short_reason(e)
         res.extra["traceback"] = traceback.format_exc()
-        return res
+        return res, prep
+    if timeout_hint is not None and first > timeout_hint:
+        # far too slow to repeat: report the single (cold) call
+        res.fwd = Timing(first, 1, first)
+        res.extra["fwd_cold_only"] = True
+    else:
+        def forward():
+            with torch.no_grad():
+                layer(*params)
+        prep.forward = forward
 
-    # Forward + backward w.r.t. every parameter.
     leaves = [p.detach().clone().requires_grad_(True) for p in params]
 
-    def fb():
+    def forward_backward():
         for t in leaves:
             t.grad = None
         out = _first_output(layer(*leaves))
         (out * weights).sum().backward()
-
-    try:
-        # fwd+bwd gets its own warm-up (backward code paths), except for very
-        # slow tools (> slow_warmup s per forward) where the forward calls
-        # already warmed the layer up and an extra call would blow the budget.
-        warm = not (res.fwd is not None and res.fwd.median > slow_warmup)
-        res.fwdbwd = bench(fb, budget, max_repeats, warmup=warm)
-        res.extra["fb_warmup"] = warm
-        grads = [t.grad for t in leaves]
-        if any(g is None for g in grads):
-            res.extra["grad_note"] = "some parameter got no gradient"
-        elif not all(torch.isfinite(g).all() for g in grads):
-            res.extra["grad_note"] = "non-finite gradient"
-        res.extra["grads"] = [None if g is None else g.detach().clone() for g in grads]
-    except Exception as e:  # noqa: BLE001
-        res.fb_status = "crash: " + short_reason(e)
-        res.extra["traceback_fb"] = traceback.format_exc()
-    return res
+    prep.forward_backward, prep.leaves = forward_backward, leaves
+    return res, prep
 
 
 def _first_output(x):

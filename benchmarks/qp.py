@@ -13,7 +13,9 @@ For every shape (B, n, m, p) and tool we report the median wall time of the
 forward pass (under ``torch.no_grad``) and of forward+backward of a random
 linear functional sum(w * x*) w.r.t. *all* parameters (Q, q, G, h, A, b),
 after one warm-up call, plus the max abs error of x* against a CVXPY/Clarabel
-reference (tight tolerance, then polished on the active set).
+reference (tight tolerance, then polished on the active set). The tools of a shape are
+timed in interleaved rounds (:func:`common.bench_interleaved`), so that the machine's
+slow spells do not fall on one tool alone.
 """
 from __future__ import annotations
 
@@ -107,22 +109,17 @@ def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
         xref = ref["x"]
     else:
         xref = np.zeros((B, n))
-    cells = {}
+    builders, post = {}, {"ours": ours_post_forward}
     for tool in tools:
-        kw = {}
-        post = None
-        if tool == "ours":
-            kw = dict(tol=args.tol, max_iter=args.max_iter)
-            post = ours_post_forward
-        build = BUILDERS[tool](n, m, p, **kw)
-        # slow peers: fewer repeats, bounded by the per-cell budget
-        t0 = time.perf_counter()
-        cells[tool] = C.run_cell(tool, build, params, xref, d["w"], budget,
-                                 max_repeats=args.max_repeats, post_forward=post,
-                                 timeout_hint=args.cold_limit)
-        cells[tool].extra["cell_seconds"] = time.perf_counter() - t0
-        if not with_ref:
-            cells[tool].err = None
+        kw = dict(tol=args.tol, max_iter=args.max_iter) if tool == "ours" else {}
+        builders[tool] = BUILDERS[tool](n, m, p, **kw)
+    # every tool timed in the same interleaved rounds (slow peers: fewer repeats, bounded
+    # by the per-cell budget)
+    cells = C.run_cells(builders, params, xref, d["w"], budget, max_repeats=args.max_repeats,
+                        post_forward=post, timeout_hint=args.cold_limit)
+    if not with_ref:
+        for c in cells.values():
+            c.err = None
     floor = None
     o = cells.get("ours")
     if args.floor and o is not None and o.ok and "iters_max" in o.extra:
@@ -370,10 +367,12 @@ def main(argv=None):
     results = []
     for shp in shapes:
         print(f"shape B,n,m,p = {shp}", flush=True)
+        t0 = time.perf_counter()
         r = run_shape(shp, tools, args.budget, args)
         for t, c in r["cells"].items():
             print(f"  {t:12s} fwd {c.time_str('fwd'):>12s}  fwd+bwd {c.time_str('fb'):>12s}  "
-                  f"err {c.err_str()}  ({c.extra.get('cell_seconds', 0):.1f} s)", flush=True)
+                  f"err {c.err_str()}", flush=True)
+        print(f"  ({time.perf_counter() - t0:.1f} s for the shape)", flush=True)
         results.append(r)
 
     table = results_table(results, tools)
@@ -381,7 +380,7 @@ def main(argv=None):
     if args.retain_memory:
         title = "Batched QP, freed memory retained (benchmarks/qp.py --retain-memory)"
     body = [C.section_header(title, ["benchmarks/qp.py"] + (argv if argv is not None else sys.argv[1:])),
-            "Times: median wall time after one warm-up; `fwd` under `torch.no_grad()`, "
+            "Times: median wall time after one warm-up, the tools timed in interleaved rounds; `fwd` under `torch.no_grad()`, "
             "`fwd+bwd` = forward + backward of sum(w * x*) w.r.t. Q, q, G, h, A, b. "
             "`err` = max |x - x_ref| over the batch; reference = CVXPY + Clarabel "
             "(tol 1e-12, polished on the active set). Ratios > 1 mean ours is faster.\n",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -569,6 +570,9 @@ class QPFactor:
     (``G Q^-1 G' = (L^-1 G')'(L^-1 G')``); products ``Q^-1 (G'y + A'nu)`` are taken as one
     matrix-vector product and one triangular solve (:meth:`back_substitute`) instead of
     storing the (n, m) matrix ``Q^-1 G'``.
+
+    ``usable`` (B,) says which instances have a safely positive definite Q (and a
+    factorable A Q^-1 A'); the factor may serve a batch only when all have.
     """
 
     def __init__(self, Q, c, G, A):
@@ -578,10 +582,11 @@ class QPFactor:
         # Q must be safely positive definite for Q^-1 to be usable
         ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(Q.dtype).tiny)) ** 2
         floor = 1e-10 if Q.dtype == torch.float64 else 1e-5
+        # the factor serves only a batch that is usable throughout: otherwise the caller
+        # solves it with the general loop, and the blocks below are not built
         self.usable = (info == 0) & (ratio > floor)
-        if not bool(self.usable.all()):  # (the caller syncs on this anyway)
-            eye_n = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-            self.L_Q = torch.where(self.usable[:, None, None], self.L_Q, eye_n.expand_as(self.L_Q))
+        if not bool(self.usable.all()):
+            return
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
         self.GY = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
         # the unconstrained minimizer -Q^-1 c and its images: the start of every solve
@@ -596,7 +601,6 @@ class QPFactor:
             eye_p = torch.eye(self.p, dtype=Q.dtype, device=Q.device)
             self.L22, info22 = torch.linalg.cholesky_ex(K22 + (_regularization(Q.dtype) * scale)[:, None, None] * eye_p)
             self.usable = self.usable & (info22 == 0)
-            self.L22 = torch.where((info22 == 0)[:, None, None], self.L22, eye_p.expand_as(self.L22))
             self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
             self.A_qc = _mv(A, self.qc)
@@ -704,8 +708,7 @@ def _predictor_corrector(direction, v, mu, complementarity=None):
     most 1) and the centering target sigma * mu (B,).
     """
     m = v.shape[-1] // 2
-    s, lam = v[:, :m], v[:, m:]
-    sl = s * lam if complementarity is None else complementarity
+    sl = v[:, :m] * v[:, m:] if complementarity is None else complementarity
     step = direction(sl)
     if not m:
         return step, torch.ones_like(mu), torch.zeros_like(mu)
@@ -1042,13 +1045,14 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         sl = s * lam
-        mu = sl.sum(-1) / m
+        mu = sl.mean(-1)
         converged = (shrink <= shrink_tol) & (mu <= tol_d)
-        # NaN anywhere in s or lam shows in mu; the residuals are scaled copies
+        # NaN anywhere in s or lam shows in mu (mu >= 0, so "not below inf" is NaN or
+        # inf); the residuals are scaled copies
         # duals running away: stop here; the Farkas check after the loop decides
         # whether the instance is infeasible
         status, active = _classify(status, active, (
-            (~torch.isfinite(mu) | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
+            ((mu < math.inf).logical_not_() | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
             (lam.amax(-1) > limit_lam, NUMERICAL_ERROR)))
         # every iteration factors the whole batch, so the crossover waits until all
         # unfinished instances are ready and then tries them together

@@ -775,9 +775,11 @@ def primal_dual(
     limit_dual = _DUAL_DIVERGENCE * scale_dual
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
     workspace = {}  # scratch tensors reused by every iteration's Newton system
+    evaluated = None  # the derivatives at (z, lam, nu), when the line search has them
 
     for it in range(max_iter + 1):
-        rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
+        rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu) if evaluated is None else evaluated
+        evaluated = None
         rp = g + s
         rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(rp), _inf_norm(h))
         mu = torch.linalg.vecdot(s, lam) / mu_div
@@ -814,19 +816,29 @@ def primal_dual(
 
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu)
         ds, dlam = dv[:, :m], dv[:, m:]
+        trial = None
         if not oracle.linear:
-            alpha = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
-                                 active & ~newton.failed)
+            # retired instances stay where they are: the trial point is then exactly the
+            # next iterate for every instance that steps
+            alpha = alpha.masked_fill(~active, 0.0)
+            alpha, trial = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
+                                        active & ~newton.failed)
 
         # a failed factorization, or rounding that leaves a direction hitting the boundary
         # at once: stop those instances rather than spin
         status, active = _classify(status, active, ((newton.failed | (alpha < _STALL), NUMERICAL_ERROR),))
-        step = alpha.masked_fill(~active, 0.0)[:, None]
+        step = alpha.masked_fill(~active, 0.0)
+        iterations.add_(active)
+        if trial is not None and torch.equal(step, alpha):
+            # every instance took the step the line search evaluated last: its point and
+            # derivatives are the next iteration's
+            (z, s, lam, nu), evaluated = trial
+            continue
+        step = step[:, None]
         z = torch.addcmul(z, step, dz)
         s = torch.addcmul(s, step, ds)
         lam = torch.addcmul(lam, step, dlam)
         nu = torch.addcmul(nu, step, dnu)
-        iterations.add_(active)
 
     return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
 
@@ -853,25 +865,34 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
     the stationarity residual grows by a bounded factor: Newton on log-type terms far
     from a tiny solution entry overshoots stationarity while making the other residuals
     collapse, and requiring the sum to fall halved nearly every step (entropy layers
-    took 21-41 iterations instead of 13-20)."""
+    took 21-41 iterations instead of 13-20).
+
+    Returns alpha and, when every instance accepted the first trial (the usual case),
+    ``((z, s, lam, nu), derivatives)`` at that point: the first trial is evaluated with
+    ``oracle.derivatives`` rather than the residuals alone, so that the next iteration
+    need not evaluate the same point again; None otherwise."""
     minus_target = -target[:, None]
     dual0, theta0 = _merit(rd, rp, h, s, lam, minus_target)
     phi0 = dual0 + theta0
     pending = active.clone()
-    for _ in range(40):
+    for trial in range(40):
         a = alpha[:, None]
         z_t, s_t = torch.addcmul(z, a, dz), torch.addcmul(s, a, ds)
         lam_t, nu_t = torch.addcmul(lam, a, dlam), torch.addcmul(nu, a, dnu)
-        rd_t, g_t, h_t = oracle.residuals(z_t, lam_t, nu_t)
+        if trial == 0:
+            evaluated = oracle.derivatives(z_t, lam_t, nu_t)
+            rd_t, g_t, h_t = evaluated[:3]
+        else:
+            rd_t, g_t, h_t = oracle.residuals(z_t, lam_t, nu_t)
         dual_t, theta = _merit(rd_t, g_t + s_t, h_t, s_t, lam_t, minus_target)
         phi = dual_t + theta
         ok = torch.isfinite(phi) & ((phi <= (1.0 - 1e-4 * alpha) * phi0)
                                     | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):
-            break
+            return alpha, (((z_t, s_t, lam_t, nu_t), evaluated) if trial == 0 else None)
         alpha = torch.where(pending, alpha * 0.5, alpha)
-    return alpha
+    return alpha, None
 
 
 # ------------------------------------------------------------------------------------

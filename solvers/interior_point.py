@@ -114,6 +114,9 @@ def _mtv(A, y):
 _ROW_PRODUCT_LIMIT = 1 << 13
 # (B, m, m) blocks up to this many entries are cheaper to re-solve whole than to subset
 _SMALL_BLOCKS = 1 << 14
+# general-row Jacobians (B, k, n) up to this many entries are stacked with Jh every
+# iteration (DiagonalNewton)
+_SMALL_STACK = 1 << 16
 
 
 def _regularization(dtype) -> float:
@@ -439,20 +442,29 @@ class DiagonalNewton:
         # S = K D^-1 K' by blocks: stacking K = [G; Jh] would copy the (B, k, n) G every
         # iteration (the largest tensor here), and only one scaled copy is needed
         d = self.D_inv.unsqueeze(-2)
-        S_hh = (Jh * d) @ _mT(Jh)
-        if self.k:
+        # K stacked, when small: one product per use instead of two and a join. Large,
+        # stacking would copy the (B, k, n) G every iteration, so S is built by blocks
+        self.K = None
+        if self.k and self.p and self.G.numel() <= _SMALL_STACK:
+            self.K = torch.cat([self.G, Jh], -2)
+            S = torch.bmm(self.K * d, _mT(self.K))
+            E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
+        elif self.k:
             GD = torch.mul(self.G, d, out=_scratch(workspace, "GD", self.G.shape, self.G.dtype, self.G.device))
             S = GD @ _mT(self.G)
             if self.p:
+                S_hh = (Jh * d) @ _mT(Jh)
                 S_gh = GD @ _mT(Jh)
                 S = torch.cat([torch.cat([S, S_gh], -1), torch.cat([_mT(S_gh), S_hh], -1)], -2)
             E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
         else:
-            S, E = S_hh, s.new_zeros(s.shape[0], self.p)
+            S, E = (Jh * d) @ _mT(Jh), s.new_zeros(s.shape[0], self.p)
         self.L, self.failed = _regularized_cholesky(S, E, workspace)
 
     def K_mv(self, x):
         """K x = [G x; Jh x] (B, k + p) for x (B, n)."""
+        if self.K is not None:
+            return _mv(self.K, x)
         if not self.k:
             return _mv(self.Jh, x)
         Gx = _mv(self.G, x)
@@ -460,6 +472,8 @@ class DiagonalNewton:
 
     def K_mtv(self, w):
         """K' w = G' w_R + Jh' w_nu (B, n) for w (B, k + p)."""
+        if self.K is not None:
+            return _mtv(self.K, w)
         if not self.k:
             return _mtv(self.Jh, w)
         out = _mtv(self.G, w[:, :self.k])

@@ -87,11 +87,35 @@ def _mT(x):
 def _chol_solve(b, L):
     """Solve (L L') x = b for a batch (b: (B, k, r)). Up to k = 32 torch.cholesky_solve
     is as fast and one call instead of three; beyond, two triangular solves are up to
-    1.5x faster on the CPU."""
-    if L.shape[-1] <= 32:
+    1.5x faster on the CPU. Tiny systems with many right-hand sides in a large batch
+    (K22^-1 K21 of a few equalities) go by :func:`_substitution_solve`."""
+    k = L.shape[-1]
+    if k <= 8 and b.shape[0] * b.shape[-1] >= 4096:
+        return _substitution_solve(b, L)
+    if k <= 32:
         return torch.cholesky_solve(b, L)
     y = torch.linalg.solve_triangular(L, b, upper=False)
     return torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True)
+
+
+def _substitution_solve(b, L):
+    """(L L')^-1 b by column-oriented forward and back substitution, vectorized over the
+    batch and the right-hand sides: 4k small ops. LAPACK's batched solve works instance
+    by instance, ~1.5 us each with many right-hand sides (0.73 ms for (512, 5, 5) with
+    20), where these ops take 0.19 ms; the arithmetic is the same."""
+    k = L.shape[-1]
+    x = b.clone()
+    d = L.diagonal(dim1=-2, dim2=-1).reciprocal().unsqueeze(-1)
+    for j in range(k):  # L y = b
+        xj = x[:, j:j + 1].mul_(d[:, j:j + 1])
+        if j + 1 < k:
+            x[:, j + 1:].addcmul_(L[:, j + 1:, j:j + 1], xj, value=-1.0)
+    Lt = L.transpose(-1, -2)
+    for j in reversed(range(k)):  # L' x = y
+        xj = x[:, j:j + 1].mul_(d[:, j:j + 1])
+        if j:
+            x[:, :j].addcmul_(Lt[:, :j, j:j + 1], xj, value=-1.0)
+    return x
 
 
 def _mv(A, x):

@@ -463,11 +463,10 @@ class DiagonalNewton:
         self.D_inv = 1.0 / D
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
-        # S = K D^-1 K' by blocks: stacking K = [G; Jh] would copy the (B, k, n) G every
-        # iteration (the largest tensor here), and only one scaled copy is needed
+        # S = K D^-1 K' with K = [G; Jh] stacked when small: one product per use instead
+        # of two and a join. Large, stacking would copy the (B, k, n) G (the largest
+        # tensor here) every iteration, so S is built by blocks with one scaled copy
         d = self.D_inv.unsqueeze(-2)
-        # K stacked, when small: one product per use instead of two and a join. Large,
-        # stacking would copy the (B, k, n) G every iteration, so S is built by blocks
         self.K = None
         if self.k and self.p and self.G.numel() <= _SMALL_STACK:
             self.K = torch.cat([self.G, Jh], -2)

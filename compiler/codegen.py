@@ -3,7 +3,8 @@
 A :class:`Routine` names its inputs and outputs (graph nodes); :func:`print_routine`
 prints it as one Python function. Every tensor in generated code has one leading batch
 dimension (of size B, or 1 for shared values), which einsum's ``...`` and explicit
-``[:, None]`` insertions broadcast. Equal subexpressions are computed once (graph nodes
+``[:, None]`` insertions broadcast. Common einsums are printed as the direct call they
+amount to (:func:`einsum_text`). Equal subexpressions are computed once (graph nodes
 compare structurally). The module is registered with ``linecache`` so tracebacks and
 debuggers show the generated lines.
 
@@ -12,7 +13,7 @@ parameters, each ``(B or 1, *shape)``):
 
 ``residuals(z, lam, nu, consts, *params)``  -> objective (B,), stationarity (B, n), g (B, m), h (B, p)
 ``kkt_residuals(z, lam, nu, consts, *params)`` -> stationarity, g, h (what the NLP line search
-                                                evaluates at every trial point)
+                                                evaluates when it backtracks)
 ``derivatives(z, lam, nu, consts, *params)`` -> stationarity, g, h, Jg (B, m, n), Jh (B, p, n), H (B, n, n)
 ``qp_data(ref, consts, *params)``            -> Q, c, G, hv, A, b of min z'Qz/2 + c'z, Gz <= hv, Az = b
                                                 (LP and QP only)

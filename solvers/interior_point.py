@@ -218,11 +218,12 @@ class ReducedKKT:
         return dz, dnu
 
 
-def diagonal_kkt_kernel(H: "DiagonalMatrix", Jg: "BoundedJacobian", Jh, lam, s, rd, rc, rp, re):
+def diagonal_kkt_kernel(H: "DiagonalMatrix", Jg: "BoundedJacobian", Jh, lam, s, rd, rc, rp, re, workspace=None):
     """One factorization and solve of the structured Newton system (diagonal Hessian,
     bound rows; :class:`DiagonalNewton`): the per-iteration linear algebra of NLPs the
-    compiler found that structure in (used by benchmarks as a floor)."""
-    return DiagonalNewton(H, Jg, Jh, lam, s).step(rd, rc, rp, re)
+    compiler found that structure in (used by benchmarks as a floor). ``workspace``: as
+    the solver keeps one across iterations, a dict kept across calls."""
+    return DiagonalNewton(H, Jg, Jh, lam, s, workspace).step(rd, rc, rp, re)
 
 
 def constraint_space_kernel(W, D, rhs):

@@ -469,17 +469,27 @@ class DiagonalNewton:
         # tensor here) every iteration, so S is built by blocks with one scaled copy
         d = self.D_inv.unsqueeze(-2)
         self.K = None
-        if self.k and self.p and self.G.numel() <= _SMALL_STACK:
+        if self.k and self.p and self.G.numel() <= _SMALL_STACK and self.G.shape[0] == Jh.shape[0]:
             self.K = torch.cat([self.G, Jh], -2)
             S = torch.bmm(self.K * d, _mT(self.K))
             E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
         elif self.k:
-            GD = torch.mul(self.G, d, out=_scratch(workspace, "GD", self.G.shape, self.G.dtype, self.G.device))
-            S = GD @ _mT(self.G)
-            if self.p:
-                S_hh = (Jh * d) @ _mT(Jh)
+            # every large tensor in a workspace buffer: fresh ones would be fresh pages at
+            # every iteration, which at (1024, 50, 100) cost more than the products
+            B, k, p = s.shape[0], self.k, self.p
+            like = dict(dtype=self.G.dtype, device=self.G.device)
+            GD = torch.mul(self.G, d, out=_scratch(workspace, "GD", self.G.shape, **like))
+            if p:
+                # S_GG into a contiguous buffer first: a product written straight into a
+                # block of S was 2x slower than the product and the block copy together
+                S = _scratch(workspace, "S", (B, k + p, k + p), **like)
+                S[:, :k, :k] = torch.matmul(GD, _mT(self.G), out=_scratch(workspace, "S_GG", (B, k, k), **like))
                 S_gh = GD @ _mT(Jh)
-                S = torch.cat([torch.cat([S, S_gh], -1), torch.cat([_mT(S_gh), S_hh], -1)], -2)
+                S[:, :k, k:] = S_gh
+                S[:, k:, :k] = _mT(S_gh)
+                S[:, k:, k:] = (Jh * d) @ _mT(Jh)
+            else:
+                S = torch.matmul(GD, _mT(self.G), out=_scratch(workspace, "S", (B, k, k), **like))
             E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
         else:
             S, E = (Jh * d) @ _mT(Jh), s.new_zeros(s.shape[0], self.p)

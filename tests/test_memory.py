@@ -45,3 +45,36 @@ def test_retain_cpu_memory_rejects_bad_sizes():
         dl.retain_cpu_memory(0)
     with pytest.raises(ValueError, match="keep_mib"):
         dl.retain_cpu_memory(2.5)
+
+
+def test_inference_calls_keep_their_solver_state_until_the_next_call():
+    """Without autograd, a small problem's solver state stays with the layer until the next
+    call (its pages are reused instead of returned and faulted back in); with autograd,
+    large problems, and pickles, nothing is kept. Results do not depend on it."""
+    import pickle
+
+    import torch
+
+    from test_qp import qp_problem
+    from conftest import random_qp
+
+    layer = qp_problem(6, 5, 1).to_torch()
+    data = random_qp(4, 6, 5, 1, seed=3)
+    with torch.no_grad():
+        first = layer(*data)
+    assert layer._previous_state is not None
+    assert pickle.loads(pickle.dumps(layer))._previous_state is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(*data), first, rtol=0, atol=0)
+    layer(*[d.clone().requires_grad_() for d in data])
+    assert layer._previous_state is None
+    import declarative.layer as layer_module
+
+    limit = layer_module._PREVIOUS_STATE_BYTES
+    try:
+        layer_module._PREVIOUS_STATE_BYTES = 0
+        with torch.no_grad():
+            layer(*data)
+        assert layer._previous_state is None
+    finally:
+        layer_module._PREVIOUS_STATE_BYTES = limit

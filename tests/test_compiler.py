@@ -141,7 +141,8 @@ def test_installed_packages_are_ours():
 EINSUM_FORMS = [
     "ab->ba", "abc->cab", "ab->ab", "a->", "ab->a", "ab->b", "abc->ac", "ab->",
     ",a->a", "b,a->ba", "a,b->ab", "a,a->a", "ab,b->ab", "a,ab->ab", ",->",
-    "i,i->", "ij,j->i", "i,ij->j", "ij,jk->ik", "ji,jk->ik", "ij,kj->ik", "ai,ij->aj", "j,jk->k",
+    "i,i->", "ij,j->i", "ji,j->i", "i,ij->j", "i,ji->j", "ij,jk->ik", "ji,jk->ik", "ij,kj->ik",
+    "ji,kj->ik", "ai,ij->aj", "j,jk->k",
     # left to torch.einsum: a reversed output, three operands, a diagonal, a kept batch letter
     "ij,jk->ki", "i,ij,j->", "aa->a", "ab,ab->a",
 ]
@@ -151,13 +152,15 @@ EINSUM_FORMS = [
 def test_lowered_einsum_matches_torch_einsum(form):
     """Generated code takes common einsums as direct calls (codegen.einsum_text); each must
     equal torch.einsum, also when one operand has a shared (size-1) batch dimension."""
-    from compiler.codegen import einsum_text
+    from compiler.codegen import _PRELUDE, einsum_text
 
+    prelude = {}
+    exec(_PRELUDE, prelude)  # the helpers generated code calls
     ins, out = form.split("->")
     ins = ins.split(",")
     sizes = dict(zip("abcijk", (2, 3, 4, 3, 4, 5)))
     gen = torch.Generator().manual_seed(0)
-    for batches in [(5,) * len(ins), (1,) + (5,) * (len(ins) - 1), (5,) * (len(ins) - 1) + (1,)]:
+    for batches in [(5,) * len(ins), (1,) + (5,) * (len(ins) - 1), (5,) * (len(ins) - 1) + (1,), (1,) * len(ins)]:
         tensors = [torch.randn((b,) + tuple(sizes[c] for c in s), generator=gen, dtype=torch.float64)
                    for b, s in zip(batches, ins)]
         names = [f"x{i}" for i in range(len(ins))]
@@ -166,6 +169,6 @@ def test_lowered_einsum_matches_torch_einsum(form):
         if form in EINSUM_FORMS[-4:]:
             assert text is None
             continue
-        got = eval(text, {"torch": torch}, dict(zip(names, tensors)))
+        got = eval(text, prelude, dict(zip(names, tensors)))
         assert got.shape == expected.shape, (text, got.shape, expected.shape)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -192,8 +192,8 @@ class OptimizationLayer(torch.nn.Module):
 
         def solve(*p):
             outputs, linearization = self._solve(p, batched_spec, batch, dtype, device)
-            if keep:
-                self._previous_state = linearization
+            if keep:  # its tensors: the linearization itself refers back to the layer
+                self._previous_state = {k: v for k, v in vars(linearization).items() if k != "layer"}
             return outputs, linearization
         outputs = implicit_solution(solve, *params)
         if not any(batched):

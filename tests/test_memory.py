@@ -51,7 +51,9 @@ def test_inference_calls_keep_their_solver_state_until_the_next_call():
     """Without autograd, a small problem's solver state stays with the layer until the next
     call (its pages are reused instead of returned and faulted back in); with autograd,
     large problems, and pickles, nothing is kept. Results do not depend on it."""
+    import gc
     import pickle
+    import weakref
 
     import torch
 
@@ -63,6 +65,17 @@ def test_inference_calls_keep_their_solver_state_until_the_next_call():
     with torch.no_grad():
         first = layer(*data)
     assert layer._previous_state is not None
+    # what is kept does not refer back to the layer: deleting it frees it at once
+    gc.disable()
+    try:
+        other = qp_problem(6, 5, 1).to_torch()
+        with torch.no_grad():
+            other(*data)
+        alive = weakref.ref(other)
+        del other
+        assert alive() is None
+    finally:
+        gc.enable()
     assert pickle.loads(pickle.dumps(layer))._previous_state is None
     with torch.no_grad():
         torch.testing.assert_close(layer(*data), first, rtol=0, atol=0)

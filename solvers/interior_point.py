@@ -137,6 +137,7 @@ def _mtv(A, y):
 
 _ROW_PRODUCT_LIMIT = 1 << 13
 # (B, m, m) blocks up to this many entries are cheaper to re-solve whole than to subset
+# (_whole_batch)
 _SMALL_BLOCKS = 1 << 14
 # general-row Jacobians (B, k, n) up to this many entries are stacked with Jh every
 # iteration (DiagonalNewton)
@@ -1217,10 +1218,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
             break
         corrected = (active | violated) & ~negative
         rows = wrong.nonzero().squeeze(-1)
-        if 2 * rows.numel() > wrong.shape[0] or f.W.numel() <= _SMALL_BLOCKS:
-            # most are wrong, or the blocks are small: solve the whole batch again rather
-            # than copy its blocks out and back (some 20 calls, more than a small solve
-            # costs); the right ones solve the same system and get the same solution
+        if _whole_batch(f, rows):
+            # the right ones solve the same system and get the same solution
             active = corrected
             lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
             continue
@@ -1246,18 +1245,20 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L)
 
 
-def _select_rows(f, mask, *tensors):
-    """The instances ``mask`` (B,) of the factor and of ``tensors``: ``(rows, f, *tensors)``.
+def _whole_batch(f, rows):
+    """Whether work on the instances ``rows`` of the factor ``f`` is cheaper on the whole
+    batch: copying blocks out and back costs about as much as using them, so when most
+    instances are wanted, and when the blocks are small (the ~20 calls that gather them
+    cost more than a small solve)."""
+    return 2 * rows.numel() > f.W.shape[0] or f.W.numel() <= _SMALL_BLOCKS
 
-    Copying a factor costs about as much as using it, so when most instances are wanted
-    the whole batch is kept (``rows`` is then every index) and the caller masks; so
-    too when the blocks are small."""
-    B = mask.shape[0]
-    if f.W.numel() <= _SMALL_BLOCKS:
-        return (torch.arange(B, device=mask.device), f, *tensors)
+
+def _select_rows(f, mask, *tensors):
+    """The instances ``mask`` (B,) of the factor and of ``tensors``: ``(rows, f, *tensors)``,
+    or the whole batch (``rows`` every index; the caller masks) when :func:`_whole_batch`."""
     rows = mask.nonzero().squeeze(-1)
-    if 2 * rows.numel() > B:
-        return (torch.arange(B, device=mask.device), f, *tensors)
+    if _whole_batch(f, rows):
+        return (torch.arange(mask.shape[0], device=mask.device), f, *tensors)
     return (rows, f.select(rows), *(t.index_select(0, rows) for t in tensors))
 
 

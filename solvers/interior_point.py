@@ -837,12 +837,12 @@ def primal_dual(
         rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu) if evaluated is None else evaluated
         evaluated = None
         rp = g + s
-        rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(rp), _inf_norm(h))
+        rd_n, rp_n = _inf_norm(rd), _inf_norm(torch.cat([rp, h], -1))
         mu = torch.linalg.vecdot(s, lam) / mu_div
         # NaN or inf in any of them shows in their sum
         finite = torch.isfinite(rd_n + rp_n + mu)
         converged = (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
-        dual_size = torch.maximum(_inf_norm(lam), _inf_norm(nu))
+        dual_size = _inf_norm(torch.cat([lam, nu], -1))
         # duals far beyond the data while the constraints stay violated: no feasible point
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
         unbounded = _inf_norm(z) > limit_z
@@ -902,9 +902,8 @@ def primal_dual(
 def _merit(rd, rp, h, s, lam, minus_target):
     """The squared KKT residual in two parts: stationarity |rd|^2, and the rest
     |rp|^2 + |h|^2 + |s lam - target|^2 (``minus_target`` (B, 1) is -target)."""
-    comp = torch.addcmul(minus_target, s, lam)
-    dot = torch.linalg.vecdot
-    return dot(rd, rd), dot(rp, rp) + dot(h, h) + dot(comp, comp)
+    rest = torch.cat([rp, h, torch.addcmul(minus_target, s, lam)], -1)  # one product, not three and two sums
+    return torch.linalg.vecdot(rd, rd), torch.linalg.vecdot(rest, rest)
 
 
 # the line search also takes a step that cuts the primal and complementarity residuals

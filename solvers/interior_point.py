@@ -1117,6 +1117,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     # crossover: the complementarity at which each instance next tries its active set
     crossover = torch.full((B,), max(_CROSSOVER, tol), dtype=dtype, device=device) * scale_dual
     polished = torch.zeros_like(active)
+    all_polished = False
     exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W)  # overwritten where polished
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
@@ -1132,9 +1133,9 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
             (lam.amax(-1) > limit_lam, NUMERICAL_ERROR)))
         # every iteration factors the whole batch, so the crossover waits until all
         # unfinished instances are ready and then tries them together
-        attempt = active & (mu <= crossover)
-        any_active, all_ready = torch.stack([active.any(), (attempt == active).all()]).tolist()  # the host sync
-        if any_active and all_ready:
+        attempt = active & (mu <= crossover)  # a subset of active: all are ready when the counts agree
+        n_active, n_attempt = torch.stack([active, attempt]).sum(-1).tolist()  # the host sync
+        if n_active and n_attempt == n_active:
             # The active set is usually settled long before mu reaches tol: an instance
             # whose active-set solution is a KKT point within tol is solved, exactly.
             rows, sub, h_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
@@ -1146,8 +1147,8 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
             status = torch.where(done, OPTIMAL, status)
             active = active & ~done
             crossover = torch.where(attempt, crossover * _CROSSOVER_RETRY, crossover)
-            any_active = bool(active.any())
-        if it == max_iter or not any_active:
+            n_active, all_polished = torch.stack([active.any(), polished.all()]).tolist()
+        if it == max_iter or not n_active:
             break
         D = s / lam
         L, failed = factor_w(D)
@@ -1175,6 +1176,12 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         shrink.addcmul_(step, shrink, value=-1.0)
         iterations.add_(step > 0)
 
+    if all_polished:
+        # every instance takes its active-set solution: the loop's own iterate is not
+        # needed, so its n-space reconstruction below is skipped
+        result = InteriorPointResult(None, exact.s, exact.lam, exact.nu, status, iterations, exact.rp_n,
+                                     shrink * rd0_n, torch.zeros_like(shrink), qp_factor=f)
+        return _take_polished(result, f, polished, torch.arange(B, device=device), exact)
     s, lam = v[:, :m], v[:, m:]
     acc_lam = lam - v_start[:, m:]  # the sum of the steps in lam
     if p:

@@ -1,0 +1,71 @@
+"""The torch CPU operations whose cost shapes the solver's numbers, timed in fresh processes.
+
+    python benchmarks/linalg_ops.py              # 6 processes per thread count
+    python benchmarks/linalg_ops.py --processes 10
+
+Each row is one process (one thread count): the median of 50 calls of
+
+* ``cholesky_ex`` of (512, 20, 20): batched LAPACK, one instance after the other;
+* ``bmm`` (512, 20, 20) x (512, 20, 20): batched products, which use the threads;
+* ``solve_triangular`` of (512, 20, 20) by 20 right-hand sides: the half-solves
+  L^-1 G' of ``QPFactor``, whose time with two threads depends on the process;
+* ``vector_norm(x, inf, dim=-1)`` against ``amax(abs(x), -1)`` for x (1024, 100): the
+  same number, one of them 10x slower.
+
+RESULTS.md ("Where the time goes") quotes these.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+_CHILD = r"""
+import json, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+def median_us(fn, repeats=50):
+    for _ in range(5):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(ts)
+d = torch.float64
+X = torch.randn(512, 20, 20, dtype=d)
+Q = X @ X.mT / 20 + 0.1 * torch.eye(20, dtype=d)
+L = torch.linalg.cholesky(Q)
+Gt = torch.randn(512, 20, 20, dtype=d).mT
+x = torch.randn(1024, 100, dtype=d)
+print(json.dumps({
+    "cholesky_ex": median_us(lambda: torch.linalg.cholesky_ex(Q)),
+    "bmm": median_us(lambda: torch.bmm(Q, X)),
+    "solve_triangular": median_us(lambda: torch.linalg.solve_triangular(L, Gt, upper=False)),
+    "vector_norm_inf": median_us(lambda: torch.linalg.vector_norm(x, float("inf"), dim=-1)),
+    "amax_abs": median_us(lambda: torch.amax(torch.abs(x), -1)),
+}))
+"""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--processes", type=int, default=6, help="fresh processes per thread count")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts to compare")
+    args = ap.parse_args(argv)
+    keys = ("cholesky_ex", "bmm", "solve_triangular", "vector_norm_inf", "amax_abs")
+    print("| threads | " + " | ".join(f"{k} (us)" for k in keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for k in range(args.processes):
+        for threads in args.threads.split(","):
+            out = subprocess.run([sys.executable, "-c", _CHILD, threads], capture_output=True, text=True,
+                                 check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {threads} | " + " | ".join(f"{row[key]:.0f}" for key in keys) + " |", flush=True)
+            time.sleep(0.1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

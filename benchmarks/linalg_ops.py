@@ -10,7 +10,10 @@ Each row is one process (one thread count): the median of 50 calls of
 * ``solve_triangular`` of (512, 20, 20) by 20 right-hand sides: the half-solves
   L^-1 G' of ``QPFactor``, whose time with two threads depends on the process;
 * ``vector_norm(x, inf, dim=-1)`` against ``amax(abs(x), -1)`` for x (1024, 100): the
-  same number, one of them 10x slower.
+  same number, one of them 10x slower;
+* one small elementwise op on (32, 10) (a chain of 50, per op) under ``torch.no_grad``
+  and under ``torch.inference_mode``, which also skips autograd's version counters and
+  view tracking: what the solver's hundreds of small ops each cost.
 
 RESULTS.md ("Where the time goes") quotes these.
 """
@@ -39,12 +42,22 @@ Q = X @ X.mT / 20 + 0.1 * torch.eye(20, dtype=d)
 L = torch.linalg.cholesky(Q)
 Gt = torch.randn(512, 20, 20, dtype=d).mT
 x = torch.randn(1024, 100, dtype=d)
+small, factor = torch.randn(32, 10, dtype=d), torch.rand(32, 10, dtype=d)
+def op_chain(mode):
+    def run():
+        with mode():
+            y = small
+            for _ in range(25):
+                y = (y * factor) + small
+    return lambda: run()
 print(json.dumps({
     "cholesky_ex": median_us(lambda: torch.linalg.cholesky_ex(Q)),
     "bmm": median_us(lambda: torch.bmm(Q, X)),
     "solve_triangular": median_us(lambda: torch.linalg.solve_triangular(L, Gt, upper=False)),
     "vector_norm_inf": median_us(lambda: torch.linalg.vector_norm(x, float("inf"), dim=-1)),
     "amax_abs": median_us(lambda: torch.amax(torch.abs(x), -1)),
+    "small_op_no_grad": median_us(op_chain(torch.no_grad)) / 50,
+    "small_op_inference": median_us(op_chain(torch.inference_mode)) / 50,
 }))
 """
 
@@ -54,7 +67,8 @@ def main(argv=None):
     ap.add_argument("--processes", type=int, default=6, help="fresh processes per thread count")
     ap.add_argument("--threads", default="1,2", help="torch thread counts to compare")
     args = ap.parse_args(argv)
-    keys = ("cholesky_ex", "bmm", "solve_triangular", "vector_norm_inf", "amax_abs")
+    keys = ("cholesky_ex", "bmm", "solve_triangular", "vector_norm_inf", "amax_abs", "small_op_no_grad",
+            "small_op_inference")
     print("| threads | " + " | ".join(f"{k} (us)" for k in keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for k in range(args.processes):
@@ -62,7 +76,7 @@ def main(argv=None):
             out = subprocess.run([sys.executable, "-c", _CHILD, threads], capture_output=True, text=True,
                                  check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {threads} | " + " | ".join(f"{row[key]:.0f}" for key in keys) + " |", flush=True)
+            print(f"| {threads} | " + " | ".join(f"{row[key]:.0f}" if row[key] >= 10 else f"{row[key]:.2f}" for key in keys) + " |", flush=True)
             time.sleep(0.1)
     return 0
 

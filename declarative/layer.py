@@ -6,6 +6,7 @@ through :mod:`declarative.implicit_diff`. All symbolic work happened in ``to_tor
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -53,6 +54,11 @@ class SolveInfo:
     dual_residual: torch.Tensor
     complementarity: torch.Tensor
     problem_class: str
+
+    def copied(self) -> "SolveInfo":
+        """This report with its tensors copied (out of inference mode, see forward)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
     def ok(self) -> torch.Tensor:
@@ -191,7 +197,17 @@ class OptimizationLayer(torch.nn.Module):
             self._previous_state = None
 
         def solve(*p):
-            outputs, linearization = self._solve(p, batched_spec, batch, dtype, device)
+            # The solver runs in inference mode: its hundreds to thousands of small ops skip
+            # autograd's bookkeeping (version counters, view tracking), about a sixth of
+            # each small op's cost (benchmarks/linalg_ops.py) and 10-18 % of a small solve.
+            # Nothing in it needs autograd: the backward is the implicit one. Inference
+            # tensors must not reach the caller (autograd cannot save them, nor may they be
+            # changed in place), so the outputs and the report are copied out; the
+            # linearization only feeds the backward, which reads it.
+            with torch.inference_mode():
+                outputs, linearization = self._solve(p, batched_spec, batch, dtype, device)
+            outputs = tuple(o.clone() for o in outputs)
+            self.info = self.info.copied()
             if keep:  # its tensors: the linearization itself refers back to the layer
                 self._previous_state = {k: v for k, v in vars(linearization).items() if k != "layer"}
             return outputs, linearization

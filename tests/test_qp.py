@@ -102,6 +102,24 @@ def test_float32_follows_inputs():
     np.testing.assert_allclose(x.numpy(), x64.numpy(), atol=2e-3)
 
 
+def test_outputs_and_report_are_ordinary_tensors():
+    # the solver runs in inference mode; what it hands out must be usable like any tensor
+    n, m, p, B = 6, 4, 1, 3
+    layer = qp_problem(n, m, p).to_torch(return_duals=True)
+    data = random_qp(B, n, m, p, seed=6)
+    outputs = layer(*data)  # no parameter requires grad
+    report = [layer.info.status_code, layer.info.iterations, layer.info.primal_residual,
+              layer.info.dual_residual, layer.info.complementarity]
+    for t in (*outputs, *report):
+        assert not t.is_inference()
+        t.add_(0)  # in place, outside inference mode
+    weight = torch.ones(B, n, dtype=torch.float64, requires_grad=True)
+    (weight * outputs[0]).sum().backward()  # saved for an autograd graph of the caller's
+    torch.testing.assert_close(weight.grad, outputs[0])
+    with torch.inference_mode():  # and called inside the caller's own inference mode
+        torch.testing.assert_close(layer(*data)[0], outputs[0])
+
+
 def test_gradients_match_finite_differences():
     n, m, p, B = 6, 5, 2, 2
     prob = qp_problem(n, m, p)

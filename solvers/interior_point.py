@@ -1128,13 +1128,18 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         # inf); the residuals are scaled copies
         # duals running away: stop here; the Farkas check after the loop decides
         # whether the instance is infeasible
-        status, active = _classify(status, active, (
-            ((mu < math.inf).logical_not_() | stalled, NUMERICAL_ERROR), (converged, OPTIMAL),
-            (lam.amax(-1) > limit_lam, NUMERICAL_ERROR)))
+        broken = (mu < math.inf).logical_not_() | stalled
+        diverged = lam.amax(-1) > limit_lam
+        ending = active & (broken | converged | diverged)
         # every iteration factors the whole batch, so the crossover waits until all
         # unfinished instances are ready and then tries them together
         attempt = active & (mu <= crossover)  # a subset of active: all are ready when the counts agree
-        n_active, n_attempt = torch.stack([active, attempt]).sum(-1).tolist()  # the host sync
+        n_active, n_attempt, n_ending = torch.stack([active, attempt, ending]).sum(-1).tolist()  # the host sync
+        if n_ending:  # most iterations end no instance and skip the classification's ~10 ops
+            status, active = _classify(status, active, (
+                (broken, NUMERICAL_ERROR), (converged, OPTIMAL), (diverged, NUMERICAL_ERROR)))
+            attempt = attempt & active
+            n_active, n_attempt = torch.stack([active, attempt]).sum(-1).tolist()
         if n_active and n_attempt == n_active:
             # The active set is usually settled long before mu reaches tol: an instance
             # whose active-set solution is a KKT point within tol is solved, exactly.

@@ -275,6 +275,24 @@ def test_degenerate_and_redundant_constraints_match_the_closed_form(dtype, atol)
     torch.testing.assert_close(out, torch.minimum(torch.maximum(c_t, l_t), u_t).to(dtype), atol=atol, rtol=0)
 
 
+def test_interior_point_alone_ends_instances_at_different_iterations(monkeypatch):
+    # No crossover during the loop: the instances converge one by one and are
+    # classified as they do, while the others iterate on; the active set is then only
+    # polished after the loop.
+    import solvers.interior_point as ipm
+
+    monkeypatch.setattr(ipm, "_CROSSOVER", 0.0)
+    n, m, p, B = 8, 12, 2, 16
+    data = random_qp(B, n, m, p, seed=9)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    assert len(set(layer.info.iterations.tolist())) > 1, "all ended together: the test lost its point"
+    for i in range(B):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
 def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
     # Force the crossover at the first iterations, when most active-set guesses are
     # wrong: failed attempts must leave their instances to the interior point (and to

@@ -446,8 +446,6 @@ class _KKTLinearization(Linearization):
         layer = self.layer
         stacked = layer.compiled.problem
         B, n = self.z.shape
-        w_lam = torch.zeros_like(self.lam)
-        w_nu = torch.zeros_like(self.nu)
         slices = layer._var_slices
         if len(slices) == 1 and slices[0][1] == n and cotangents[0] is not None:
             w_z = cotangents[0].reshape(B, n)  # one variable is all of z (the solvers only read w_z)
@@ -456,8 +454,10 @@ class _KKTLinearization(Linearization):
             for (off, size, _), g in zip(slices, cotangents):
                 if g is not None:
                     w_z[:, off:off + size] += g.reshape(B, size)
+        w_lam = w_nu = None  # no cotangent on the duals unless they are outputs
         k = len(slices)
         if layer.return_duals:
+            w_lam, w_nu = torch.zeros_like(self.lam), torch.zeros_like(self.nu)
             for kind, off, shape in stacked.constraint_rows:
                 g = cotangents[k]
                 k += 1
@@ -475,8 +475,10 @@ class _KKTLinearization(Linearization):
                 H, Jg, Jh = Q, G, A
             else:
                 _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
+            if w_lam is None:
+                w_lam, w_nu = torch.zeros_like(self.lam), torch.zeros_like(self.nu)
             u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
-        if bool(failed.any()):
+        if failed is not None and bool(failed.any()):
             self.valid = ~failed if self.valid is None else self.valid & ~failed
             keep = self.valid[:, None]
             u_z, u_lam, u_nu = (torch.where(keep, u, torch.zeros_like(u)) for u in (u_z, u_lam, u_nu))
@@ -489,7 +491,7 @@ class _KKTLinearization(Linearization):
         out = []
         for g, p, b in zip(grads, self.params, self.parameter_batched):
             if b:
-                g = g.expand_as(p)
+                g = g if g.shape == p.shape else g.expand_as(p)
             else:
                 g = g.sum(0, keepdim=True) if g.shape[0] != 1 else g
             out.append(g)

@@ -1421,7 +1421,7 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     return u_z, u_lam, u_nu, kkt.failed
 
 
-def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu, active_set=None, active_factor=None):
+def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None, active_factor=None):
     """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
 
     With y = lam * u_lam the transposed system is the forward's Newton matrix
@@ -1429,8 +1429,10 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu, active_set=None, active_fa
     D = s/lam at the solution: one (m, m) Cholesky factorization on top of the blocks the
     forward pass already built. u_lam is read from y on active constraints and from the
     constraint row on inactive ones (where lam ~ 0 would make y/lam inaccurate).
+    ``w_lam``, ``w_nu`` None: zero (no cotangent on the duals, the usual case). The
+    failure mask is None when the active set's factor is reused: nothing is factored.
     """
-    m, p = lam.shape[-1], w_nu.shape[-1]
+    m, p = lam.shape[-1], f.p
     if active_factor is None:
         eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
         L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(s / lam + f.delta[:, None]))
@@ -1442,12 +1444,12 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu, active_set=None, active_fa
         # off it: (W + D) y = r is the active set's system with y = 0 elsewhere, which
         # the forward pass has factored already
         L, a = active_factor, active_set.to(lam.dtype)
-        failed = torch.zeros_like(lam[:, 0], dtype=torch.bool)
+        failed = None
     qw = _chol_solve(w_z.unsqueeze(-1), f.L_Q).squeeze(-1)  # Q^-1 w_z
     Gqw = _mv(f.G, qw)
-    rhs = Gqw - w_lam
+    rhs = Gqw if w_lam is None else Gqw - w_lam
     if p:
-        r_eq = _mv(f.A, qw) - w_nu
+        r_eq = _mv(f.A, qw) if w_nu is None else _mv(f.A, qw) - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
     if a is None:
         y = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
@@ -1458,7 +1460,7 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam, w_nu, active_set=None, active_fa
         u_nu = _chol_solve((r_eq - _mtv(f.K12, y)).unsqueeze(-1), f.L22).squeeze(-1)
         G_uz = G_uz - _mv(f.K12, u_nu)
     else:
-        u_nu = w_nu
+        u_nu = lam.new_zeros(lam.shape[0], 0)
     u_z = qw - f.back_substitute(y, u_nu)
-    u_lam = torch.where(lam > s, y / lam, (G_uz - w_lam) / s)
+    u_lam = torch.where(lam > s, y / lam, (G_uz if w_lam is None else G_uz - w_lam) / s)
     return u_z, u_lam, u_nu, failed

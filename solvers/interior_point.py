@@ -47,6 +47,13 @@ _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # _CROSSOVER_RETRY: a success ends the solve exactly
 _CROSSOVER = 1e-3
 _CROSSOVER_RETRY = 1e-3
+# fraction-to-boundary: a step goes 1 - mu of the way to the boundary, but at least
+# 0.99 and at most 0.9999 of it (IPOPT's rule, capped). A fixed 0.99 leaves the
+# multipliers of inactive constraints (and the residuals they feed) shrinking only
+# 100-fold per iteration once everything else has converged; uncapped, steps to within
+# rounding of the boundary made some instances stall
+_TO_BOUNDARY_MIN = 0.99
+_TO_BOUNDARY_MAX = 0.9999
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -755,8 +762,8 @@ def _predictor_corrector(direction, v, mu, complementarity=None):
     ``v = [s, lam]`` (B, 2m) > 0; ``direction(rc)`` returns ``(dv, *rest)`` with
     ``dv = [ds, dlam]``, the Newton step whose complementarity row is
     ``lam ds + s dlam = -rc``; ``complementarity``: ``s * lam`` if the caller has it.
-    Returns the corrector step, the step length (0.99 of the way to the boundary, at
-    most 1) and the centering target sigma * mu (B,).
+    Returns the corrector step, the step length (1 - mu of the way to the boundary,
+    within [0.99, 0.9999], and at most 1) and the centering target sigma * mu (B,).
     """
     m = v.shape[-1] // 2
     sl = v[:, :m] * v[:, m:] if complementarity is None else complementarity
@@ -769,7 +776,12 @@ def _predictor_corrector(direction, v, mu, complementarity=None):
     centering = (mu_aff / mu.clamp(min=torch.finfo(v.dtype).tiny)).clamp(0.0, 1.0) ** 3
     target = centering * mu
     step = direction(torch.addcmul(sl, dv[:, :m], dv[:, m:]).sub_(target[:, None]))
-    return step, _step_to_boundary(v, step[0], 0.99), target
+    return step, _step_to_boundary(v, step[0], _boundary_fraction(mu)), target
+
+
+def _boundary_fraction(mu):
+    """How far (B,) toward the boundary a step may go at complementarity mu (B,)."""
+    return (1.0 - mu).clamp(min=_TO_BOUNDARY_MIN, max=_TO_BOUNDARY_MAX)
 
 
 def _start_status(B, skip, device):
@@ -783,7 +795,7 @@ def _start_status(B, skip, device):
 
 def _step_to_boundary(x, dx, fraction):
     """min(1, fraction * the largest alpha with x + alpha dx >= 0), per instance, for
-    x (B, k) > 0 with k > 0.
+    x (B, k) > 0 with k > 0; ``fraction`` a number or (B,).
 
     That alpha is 1 / max_i(-dx_i / x_i) (inf where nothing decreases), so the answer is
     fraction / max(fraction, max_i(-dx_i / x_i)): four ops in all, two of them on (B, k)

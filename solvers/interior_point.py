@@ -54,6 +54,9 @@ _CROSSOVER_RETRY = 1e-3
 # rounding of the boundary made some instances stall
 _TO_BOUNDARY_MIN = 0.99
 _TO_BOUNDARY_MAX = 0.9999
+# halvings of the Mehrotra step (to 1/1024 of its length) before an instance tries the
+# plain centered Newton step instead (primal_dual)
+_CORRECTOR_HALVINGS = 10
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -889,8 +892,23 @@ def primal_dual(
             # retired instances stay where they are: the trial point is then exactly the
             # next iterate for every instance that steps
             alpha = alpha.masked_fill(~active, 0.0)
-            alpha, trial = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
-                                        active & ~newton.failed)
+            alpha, trial, lost = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
+                                              active & ~newton.failed, halvings=_CORRECTOR_HALVINGS)
+            if lost is not None:
+                # Mehrotra's second-order term can make the corrector an ascent direction
+                # of the merit far from the solution (softmax of logits spread over ~15
+                # stalled at its second iteration). The centered Newton step without it
+                # descends, as any Newton step on the residual does: those instances
+                # search along it instead (an instance that finds no step there either
+                # keeps alpha = 0 and stops below)
+                (dv_n, dz_n, dnu_n) = direction(torch.addcmul(-target[:, None], s, lam))
+                alpha_n = _step_to_boundary(torch.cat([s, lam], -1), dv_n, _boundary_fraction(mu))
+                alpha_n, _, _ = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz_n, dv_n[:, :m], dv_n[:, m:],
+                                             dnu_n, alpha_n.masked_fill(~lost, 0.0), target, lost)
+                alpha = torch.where(lost, alpha_n, alpha)
+                take = lost[:, None]
+                dz, dnu = torch.where(take, dz_n, dz), torch.where(take, dnu_n, dnu)
+                ds, dlam = torch.where(take, dv_n[:, :m], ds), torch.where(take, dv_n[:, m:], dlam)
 
         # a failed factorization, or rounding that leaves a direction hitting the boundary
         # at once: stop those instances rather than spin
@@ -924,7 +942,7 @@ def _merit(rd, rp, h, s, lam, minus_target):
 _FILTER_DUAL_GROWTH = 100.0
 
 
-def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active):
+def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active, halvings=40):
     """Backtrack until the KKT residual decreases (Armijo) at a point where every
     function is finite (inside the domain of log, entropy, sqrt ...), per instance.
 
@@ -934,15 +952,17 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
     collapse, and requiring the sum to fall halved nearly every step (entropy layers
     took 21-41 iterations instead of 13-20).
 
-    Returns alpha and, when every instance accepted the first trial (the usual case),
-    ``((z, s, lam, nu), derivatives)`` at that point: the first trial is evaluated with
+    Returns alpha; when every instance accepted the first trial (the usual case),
+    ``((z, s, lam, nu), derivatives)`` at that point (the first trial is evaluated with
     ``oracle.derivatives`` rather than the residuals alone, so that the next iteration
-    need not evaluate the same point again; None otherwise."""
+    need not evaluate the same point again), else None; and None when every instance
+    of ``active`` accepted a step within ``halvings`` halvings, else the (B,) mask of
+    those that did not (their alpha is then zero)."""
     minus_target = -target[:, None]
     dual0, theta0 = _merit(rd, rp, h, s, lam, minus_target)
     phi0 = dual0 + theta0
     pending = active.clone()
-    for trial in range(40):
+    for trial in range(halvings + 1):
         a = alpha[:, None]
         z_t, s_t = torch.addcmul(z, a, dz), torch.addcmul(s, a, ds)
         lam_t, nu_t = torch.addcmul(lam, a, dlam), torch.addcmul(nu, a, dnu)
@@ -957,9 +977,9 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
                                     | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):
-            return alpha, (((z_t, s_t, lam_t, nu_t), evaluated) if trial == 0 else None)
+            return alpha, (((z_t, s_t, lam_t, nu_t), evaluated) if trial == 0 else None), None
         alpha = torch.where(pending, alpha * 0.5, alpha)
-    return alpha, None
+    return alpha.masked_fill(pending, 0.0), None, pending
 
 
 # ------------------------------------------------------------------------------------

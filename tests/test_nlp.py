@@ -46,6 +46,18 @@ def test_softmax_as_optimization(dtype, tol, atol):
     torch.testing.assert_close(z, torch.softmax(theta, -1), atol=atol, rtol=0)
 
 
+def test_softmax_of_widely_spread_logits():
+    # logits spread over 15-50: Mehrotra's corrector can point uphill on the merit far
+    # from the solution (this first row stalled at its second iteration), and entries
+    # of z* down to 1e-20 need the full Newton tail
+    first = torch.tensor([[2.62, -11.11, -5.44, -5.53, -3.55, 1.64, 3.16, -0.47, -6.3, 4.74]], dtype=torch.float64)
+    theta = torch.cat([first, 5 * torch.randn(63, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))])
+    layer = softmax_layer(10, tol=1e-11)
+    z = layer(theta)
+    assert layer.info.status == ["optimal"] * 64
+    torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-9, rtol=0)
+
+
 def test_softmax_converges_superlinearly_at_the_end():
     # Once z* is found, the multipliers of z >= 0 (all inactive) must go to zero faster
     # than the 100-fold per iteration that a fixed 0.99 fraction to the boundary allows

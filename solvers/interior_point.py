@@ -472,9 +472,8 @@ class DiagonalNewton:
         self.lam_R, self.s_R = lam[:, Jg.general_rows], s[:, Jg.general_rows]
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
-        floor = _regularization(D.dtype) * D.abs().amax(-1, keepdim=True).clamp(min=1.0)
-        self.usable = bool((D > floor).all())
         self.D_inv = 1.0 / D
+        self.usable = bool(((D > 0) & torch.isfinite(self.D_inv)).all())
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
         # S = K D^-1 K' with K = [G; Jh] stacked when small: one product per use instead

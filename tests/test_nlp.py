@@ -58,6 +58,22 @@ def test_softmax_of_widely_spread_logits():
     torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-9, rtol=0)
 
 
+def test_softmax_with_entries_spanning_25_decades():
+    # 1/z, the Hessian's diagonal, then spans 1 to 1e25: the structured Newton step is
+    # exact there, where a dense one regularized by its largest entry stalls
+    theta = 10 * torch.randn(16, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                             requires_grad=True)
+    layer = softmax_layer(100, tol=1e-11)
+    z = layer(theta)
+    assert layer.info.status == ["optimal"] * 16
+    expected = torch.softmax(theta, -1)
+    torch.testing.assert_close(z, expected, atol=1e-12, rtol=1e-6)
+    w = torch.randn(16, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((w * z).sum(), theta)
+    (grad_expected,) = torch.autograd.grad((w * expected).sum(), theta)
+    torch.testing.assert_close(grad, grad_expected, atol=1e-9, rtol=1e-6)
+
+
 def test_softmax_converges_superlinearly_at_the_end():
     # Once z* is found, the multipliers of z >= 0 (all inactive) must go to zero faster
     # than the 100-fold per iteration that a fixed 0.99 fraction to the boundary allows

@@ -864,7 +864,8 @@ def primal_dual(
         dual_size = _inf_norm(torch.cat([lam, nu], -1))
         # duals far beyond the data while the constraints stay violated: no feasible point
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
-        unbounded = _inf_norm(z) > limit_z
+        z_n = _inf_norm(z)
+        unbounded = z_n > limit_z
         status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
                                                     (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
         # the one host synchronization of the iteration
@@ -889,7 +890,12 @@ def primal_dual(
                 dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
             return torch.cat([ds, dlam], -1), dz, dnu
 
-        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu)
+        # how close to the boundary a step may go depends on how close the iterate is to
+        # a solution, all residuals counted: on complementarity alone, mu could collapse
+        # while stationarity was still far off, and the steps then stalled at the boundary
+        fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
+        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu,
+                                                            fraction=fraction)
         ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
@@ -906,7 +912,7 @@ def primal_dual(
                 # search along it instead (an instance that finds no step there either
                 # keeps alpha = 0 and stops below)
                 (dv_n, dz_n, dnu_n) = direction(torch.addcmul(-target[:, None], s, lam))
-                alpha_n = _step_to_boundary(torch.cat([s, lam], -1), dv_n, _boundary_fraction(mu))
+                alpha_n = _step_to_boundary(torch.cat([s, lam], -1), dv_n, fraction)
                 alpha_n, _, _ = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz_n, dv_n[:, :m], dv_n[:, m:],
                                              dnu_n, alpha_n.masked_fill(~lost, 0.0), target, lost)
                 alpha = torch.where(lost, alpha_n, alpha)
@@ -915,8 +921,11 @@ def primal_dual(
                 ds, dlam = torch.where(take, dv_n[:, :m], ds), torch.where(take, dv_n[:, m:], dlam)
 
         # a failed factorization, or rounding that leaves a direction hitting the boundary
-        # at once: stop those instances rather than spin
-        status, active = _classify(status, active, ((newton.failed | (alpha < _STALL), NUMERICAL_ERROR),))
+        # at once: stop those instances rather than spin. A short step along a long
+        # direction still moves z (exp of data over 24 decades took steps of 1e-13 along
+        # directions of 1e14, which is progress)
+        stalled = (alpha < _STALL) & (alpha * _inf_norm(dz) <= _STALL * (1.0 + z_n))
+        status, active = _classify(status, active, ((newton.failed | stalled, NUMERICAL_ERROR),))
         step = alpha.masked_fill(~active, 0.0)
         iterations.add_(active)
         if trial is not None and torch.equal(step, alpha):

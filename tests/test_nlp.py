@@ -86,6 +86,26 @@ def test_softmax_converges_superlinearly_at_the_end():
     assert int(layer.info.iterations.max()) <= 11
 
 
+@pytest.mark.parametrize("decades", [16, 24])
+def test_exp_objective_with_data_over_many_decades(decades):
+    # minimize sum(exp(y)) - theta'y, sum(y) = 0, |y| <= 60: inside the box
+    # theta - exp(y) is the equality's multiplier, the same for every entry. exp(y) then
+    # spans as many decades as theta; early steps are ~1e-13 along directions of ~1e14
+    y = dl.Variable(20, name="y")
+    theta = dl.Parameter(20, name="theta")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.exp(y)) - theta @ y), [dl.sum(y) == 0, y >= -60, y <= 60]).to_torch(
+        tol=1e-11)
+    gen = torch.Generator().manual_seed(0)
+    th = 10.0 ** ((torch.rand(64, 20, dtype=torch.float64, generator=gen) - 0.5) * decades)
+    out = layer(th)
+    assert layer.info.status == ["optimal"] * 64
+    inside = out.abs() < 60 - 1e-6
+    multiplier = th - out.exp()
+    spread = multiplier.masked_fill(~inside, -float("inf")).amax(-1) - multiplier.masked_fill(~inside, float("inf")).amin(-1)
+    assert float((spread / th.amax(-1)).max()) < 1e-9
+    assert float(out.sum(-1).abs().max()) < 1e-8
+
+
 def test_softmax_jacobian_is_diag_minus_outer():
     n = 5
     layer = softmax_layer(n, tol=1e-12)

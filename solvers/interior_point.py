@@ -47,18 +47,18 @@ _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # _CROSSOVER_RETRY: a success ends the solve exactly
 _CROSSOVER = 1e-3
 _CROSSOVER_RETRY = 1e-3
-# fraction-to-boundary: a step goes 1 - mu of the way to the boundary, but at least
-# 0.99 and at most 0.9999 of it (IPOPT's rule, capped). A fixed 0.99 leaves the
-# multipliers of inactive constraints (and the residuals they feed) shrinking only
-# 100-fold per iteration once everything else has converged; uncapped, steps to within
-# rounding of the boundary made some instances stall. The constraint-space QP loop keeps
-# 0.99 (its crossover ends the solve)
+# fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
+# distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
+# it. A fixed 0.99 leaves the multipliers of inactive constraints (and the residuals they
+# feed) shrinking only 100-fold per iteration once everything else has converged;
+# uncapped, steps to within rounding of the boundary made some instances stall. The
+# constraint-space QP loop keeps 0.99 (its crossover ends the solve)
 _TO_BOUNDARY_MIN = 0.99
 _TO_BOUNDARY_MAX = 0.9999
 # halvings of the Mehrotra step before an instance tries the plain centered Newton step
-# instead (primal_dual): a corrector rejected at full and half length is a poor one. On
-# softmax layers of 5-10 x randn logits, 17-38 iterations, against 21-96 when the
-# corrector was halved down to 1/1024 first
+# instead (primal_dual): a corrector rejected at full and half length is a poor one
+# (softmax layers of 5-10 x randn logits took 21-96 iterations, not 17-38, when the
+# corrector was halved down to 1/1024 first)
 _CORRECTOR_HALVINGS = 1
 
 
@@ -761,15 +761,14 @@ def _classify(status, active, checks):
     return torch.where(hit, code, status), active & ~hit
 
 
-def _predictor_corrector(direction, v, mu, complementarity=None, fraction=None):
+def _predictor_corrector(direction, v, mu, fraction, complementarity=None):
     """Mehrotra: an affine-scaling predictor, then the centered corrector.
 
     ``v = [s, lam]`` (B, 2m) > 0; ``direction(rc)`` returns ``(dv, *rest)`` with
     ``dv = [ds, dlam]``, the Newton step whose complementarity row is
     ``lam ds + s dlam = -rc``; ``complementarity``: ``s * lam`` if the caller has it.
-    Returns the corrector step, the step length (``fraction`` of the way to the
-    boundary, by default 1 - mu within [0.99, 0.9999]; at most 1) and the centering
-    target sigma * mu (B,).
+    Returns the corrector step, the step length (``fraction``, a number or (B,), of the
+    way to the boundary; at most 1) and the centering target sigma * mu (B,).
     """
     m = v.shape[-1] // 2
     sl = v[:, :m] * v[:, m:] if complementarity is None else complementarity
@@ -782,13 +781,13 @@ def _predictor_corrector(direction, v, mu, complementarity=None, fraction=None):
     centering = (mu_aff / mu.clamp(min=torch.finfo(v.dtype).tiny)).clamp(0.0, 1.0) ** 3
     target = centering * mu
     step = direction(torch.addcmul(sl, dv[:, :m], dv[:, m:]).sub_(target[:, None]))
-    fraction = _boundary_fraction(mu) if fraction is None else fraction
     return step, _step_to_boundary(v, step[0], fraction), target
 
 
-def _boundary_fraction(mu):
-    """How far (B,) toward the boundary a step may go at complementarity mu (B,)."""
-    return (1.0 - mu).clamp(min=_TO_BOUNDARY_MIN, max=_TO_BOUNDARY_MAX)
+def _boundary_fraction(distance):
+    """How far (B,) toward the boundary a step may go from an iterate at ``distance``
+    (B,) from a solution: 1 - distance within [0.99, 0.9999]."""
+    return (1.0 - distance).clamp(min=_TO_BOUNDARY_MIN, max=_TO_BOUNDARY_MAX)
 
 
 def _start_status(B, skip, device):
@@ -894,8 +893,7 @@ def primal_dual(
         # a solution, all residuals counted: on complementarity alone, mu could collapse
         # while stationarity was still far off, and the steps then stalled at the boundary
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
-        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu,
-                                                            fraction=fraction)
+        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu, fraction)
         ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
@@ -1215,7 +1213,7 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         # a fixed 0.99: the crossover ends the solve, and iterates that went closer to
         # the boundary guessed worse active sets (more corrections, 1.2x the time at
         # (32, 10, 10, 2))
-        (dv,), alpha, _ = _predictor_corrector(direction, v, mu, sl, fraction=_TO_BOUNDARY_MIN)
+        (dv,), alpha, _ = _predictor_corrector(direction, v, mu, _TO_BOUNDARY_MIN, sl)
         dv = dv.nan_to_num()  # retired instances take a zero step; 0 * nan would not be zero
         # a failed factorization, or rounding that leaves a direction hitting the
         # boundary at once: retire those instances next round rather than spin

@@ -2,8 +2,10 @@
 
     python benchmarks/spread.py                     # both families
     python benchmarks/spread.py --family softmax --scales 1 5 10 20 40 --batches 5
+    python benchmarks/spread.py --dtype float32     # at the layer's default float32 tol
 
-Two families at ``tol=1e-11``, float64, one seed per batch of 64; for each row the
+Two families at ``tol=1e-11`` in float64 (the layer's default tolerance in float32),
+one seed per batch of 64; for each row the
 statuses over all batches, the largest iteration count per batch and the largest error
 of the optimal instances against a closed form. Not a timing: no peer is run.
 
@@ -46,13 +48,13 @@ def exp_layer(dl, n, tol):
     return prob.to_torch(tol=tol)
 
 
-def softmax_case(scale, n, batch, gen):
-    theta = scale * torch.randn(batch, n, dtype=torch.float64, generator=gen)
+def softmax_case(scale, n, batch, gen, dtype):
+    theta = scale * torch.randn(batch, n, dtype=dtype, generator=gen)
     return theta, lambda out: (out - torch.softmax(theta, -1)).abs().amax(-1)
 
 
-def exp_case(decades, n, batch, gen):
-    theta = 10.0 ** ((torch.rand(batch, n, dtype=torch.float64, generator=gen) - 0.5) * decades)
+def exp_case(decades, n, batch, gen, dtype):
+    theta = 10.0 ** ((torch.rand(batch, n, dtype=dtype, generator=gen) - 0.5) * decades)
 
     def error(out):
         # entries at a bound (|y| = 60) have that bound's multiplier as well: left out
@@ -67,7 +69,7 @@ def exp_case(decades, n, batch, gen):
 def run(layer, make_case, setting, n, args):
     statuses, iterations, err = collections.Counter(), [], 0.0
     for seed in range(args.batches):
-        theta, error = make_case(setting, n, args.batch_size, torch.Generator().manual_seed(seed))
+        theta, error = make_case(setting, n, args.batch_size, torch.Generator().manual_seed(seed), args.dtype)
         with torch.no_grad():
             out = layer(theta)
         statuses.update(layer.info.status)
@@ -88,11 +90,17 @@ def main(argv=None):
                         help="exp: decades spanned by theta")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--tol", type=float, default=1e-11)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="default: 1e-11 in float64, the layer's own in float32")
     args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    if args.tol is None and args.dtype == torch.float64:
+        args.tol = 1e-11
     dl = C.import_declarative()
     warnings.simplefilter("ignore")  # the statuses are the result; the layer warns about each failure
-    print(f"batch {args.batch_size}, tol {args.tol:g}, float64, seeds 0..{args.batches - 1}")
+    tol = "the layer's default" if args.tol is None else f"{args.tol:g}"
+    print(f"batch {args.batch_size}, tol {tol}, {str(args.dtype)[6:]}, seeds 0..{args.batches - 1}")
     if args.family in ("softmax", "all"):
         print("\n### softmax (error against torch.softmax)\n")
         print("| n | logit scale | statuses | max iterations per batch | max error (optimal) |")

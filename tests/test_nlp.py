@@ -58,6 +58,15 @@ def test_softmax_of_widely_spread_logits():
     torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-9, rtol=0)
 
 
+def test_softmax_of_widely_spread_logits_in_float32():
+    theta = 10 * torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
+    layer = softmax_layer(100)
+    z = layer(theta)
+    assert z.dtype == torch.float32
+    assert layer.info.status == ["optimal"] * 64
+    torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-5, rtol=0)
+
+
 def test_softmax_with_entries_spanning_25_decades():
     # 1/z, the Hessian's diagonal, then spans 1 to 1e25: the structured Newton step is
     # exact there, where a dense one regularized by its largest entry stalls

@@ -5,9 +5,9 @@
     python benchmarks/spread.py --dtype float32     # at the layer's default float32 tol
 
 Two families at ``tol=1e-11`` in float64 (the layer's default tolerance in float32),
-one seed per batch of 64; for each row the
-statuses over all batches, the largest iteration count per batch and the largest error
-of the optimal instances against a closed form. Not a timing: no peer is run.
+one seed per batch of 64; for each row the statuses over all batches, the largest
+iteration count per batch and the largest error of the optimal instances against a
+closed form. Not a timing: no peer is run.
 
 * ``softmax``: ``maximize theta'z + sum(entropy(z)) s.t. sum(z) == 1, z >= 0`` with
   ``theta = scale * randn`` (n in {10, 100}); the error is against ``torch.softmax``.

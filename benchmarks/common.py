@@ -90,6 +90,7 @@ def machine_info() -> Dict[str, str]:
         "cpu": cpu_model(),
         "cores": str(cores),
         "torch threads": str(torch.get_num_threads()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "load average (1 min) at start": _loadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -271,19 +272,24 @@ def run_cells(builders: Dict[str, Callable[[], Callable[..., torch.Tensor]]],
               params: Sequence[torch.Tensor], ref: np.ndarray, weights: torch.Tensor,
               budget: float, max_repeats: int = 100,
               post_forward: Optional[Dict[str, Callable[[Callable], Dict[str, object]]]] = None,
-              timeout_hint: Optional[float] = None, slow_warmup: float = 2.0) -> Dict[str, CellResult]:
+              timeout_hint: Optional[float] = None, slow_warmup: float = 2.0,
+              sync: Optional[Callable[[], None]] = None) -> Dict[str, CellResult]:
     """One table row: for each tool, ``layer = builders[tool]()`` (untimed), its
     accuracy from a first forward call (the warm-up), then the forward (no grad) and
     forward+backward of ``sum(weights * layer(*params))`` w.r.t. every parameter,
     each timed for all tools at once by :func:`bench_interleaved`. Any exception is
     caught and reported in its tool's cell; a build raising ImportError means
     ``missing``. ``post_forward[tool](layer)`` adds to the cell's extra after the first
-    call."""
+    call. ``sync`` (e.g. ``torch.cuda.synchronize``) runs after every timed call, so
+    that a GPU's queued work is inside the time."""
     post_forward = post_forward or {}
     cells, prepared = {}, {}
     for tool, make_layer in builders.items():
         cells[tool], prepared[tool] = _prepare_cell(tool, make_layer, params, ref, weights,
                                                     post_forward.get(tool), timeout_hint)
+        if sync is not None:
+            prepared[tool].forward = _synced(prepared[tool].forward, sync)
+            prepared[tool].forward_backward = _synced(prepared[tool].forward_backward, sync)
     forward = {t: p.forward for t, p in prepared.items() if p.forward is not None}
     timings, errors = bench_interleaved(forward, budget, max_repeats)
     for tool in forward:
@@ -321,6 +327,16 @@ def run_cells(builders: Dict[str, Callable[[], Callable[..., torch.Tensor]]],
             res.extra["grad_note"] = "non-finite gradient"
         res.extra["grads"] = [None if g is None else g.detach().clone() for g in grads]
     return cells
+
+
+def _synced(fn, sync):
+    if fn is None:
+        return None
+
+    def run():
+        fn()
+        sync()
+    return run
 
 
 def _prepare_cell(tool, make_layer, params, ref, weights, post_forward, timeout_hint):
@@ -702,7 +718,8 @@ def solver_info(layer) -> Dict[str, object]:
     return out
 
 
-def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int = 1):
+def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int = 1,
+                device="cpu", dtype=DTYPE, sync: Optional[Callable[[], None]] = None):
     """Time the per-iteration linear algebra of our QP path on random data of the
     same size: ``solvers.interior_point.constraint_space_kernel``, one Cholesky
     factorization of W + diag(D) (B, m, m) plus the predictor's and corrector's
@@ -715,8 +732,14 @@ def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int =
     W = F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
     D = torch.rand(B, m, **kw) + 0.01
     rhs = torch.randn(B, m, **kw)
+    W, D, rhs = (t.to(device, dtype) for t in (W, D, rhs))
+
+    def kernel():
+        constraint_space_kernel(W, D, rhs)
+        if sync is not None:
+            sync()
     with torch.no_grad():
-        t = bench(lambda: constraint_space_kernel(W, D, rhs), budget, max_repeats=200, min_repeats=5)
+        t = bench(kernel, budget, max_repeats=200, min_repeats=5)
     return t, "solvers.interior_point.constraint_space_kernel"
 
 

@@ -3,6 +3,7 @@
     python benchmarks/qp.py                 # full table + floor + scaling plot
     python benchmarks/qp.py --quick         # smaller budgets, no B=512 / n=500
     python benchmarks/qp.py --shapes 32,10,10,2 128,50,50,10 --no-scaling
+    python benchmarks/qp.py --device cuda --dtype float32   # GPU rows: ours and qpth
 
 Problem family (float64, every instance strictly feasible):
 
@@ -16,6 +17,11 @@ after one warm-up call, plus the max abs error of x* against a CVXPY/Clarabel
 reference (tight tolerance, then polished on the active set). The tools of a shape are
 timed in interleaved rounds (:func:`common.bench_interleaved`), so that the machine's
 slow spells do not fall on one tool alone.
+
+``--device cuda`` / ``--dtype float32`` run the same family (generated in float64 on
+the CPU, then moved and cast) on a GPU or in single precision, ours against qpth by
+default (cvxpylayers solves on the CPU), with a synchronization after every timed call;
+the results go to their own RESULTS.md section and plot.
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ ours_post_forward = C.solver_info
 def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
     B, n, m, p = shape
     d = C.make_qp(B, n, m, p, seed=seed)
-    params = [d[k] for k in PARAM_ORDER]
+    params = [d[k].to(args.device, args.dtype) for k in PARAM_ORDER]
     ref = None
     if with_ref:
         ref = C.qp_reference(d)
@@ -115,8 +121,9 @@ def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
         builders[tool] = BUILDERS[tool](n, m, p, **kw)
     # every tool timed in the same interleaved rounds (slow peers: fewer repeats, bounded
     # by the per-cell budget)
-    cells = C.run_cells(builders, params, xref, d["w"], budget, max_repeats=args.max_repeats,
-                        post_forward=post, timeout_hint=args.cold_limit)
+    cells = C.run_cells(builders, params, xref, d["w"].to(args.device, args.dtype), budget,
+                        max_repeats=args.max_repeats, post_forward=post, timeout_hint=args.cold_limit,
+                        sync=args.sync)
     if not with_ref:
         for c in cells.values():
             c.err = None
@@ -124,7 +131,7 @@ def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
     o = cells.get("ours")
     if args.floor and o is not None and o.ok and "iters_max" in o.extra:
         try:
-            kt, desc = C.time_kernel(B, n, m, p)
+            kt, desc = C.time_kernel(B, n, m, p, device=args.device, dtype=args.dtype, sync=args.sync)
             floor = dict(kernel=kt.median, iters=o.extra["iters_max"],
                          floor=kt.median * o.extra["iters_max"], desc=desc)
         except Exception as e:  # noqa: BLE001
@@ -188,7 +195,7 @@ def floor_table(results):
     return C.md_table(hdr, rows), desc
 
 
-def target_check(results):
+def target_check(results, err_target=1e-7):
     lines = []
     for r in results:
         cells = r["cells"]
@@ -200,8 +207,8 @@ def target_check(results):
             lines.append(f"- {shape}: ours did not run ({o.status if not o.ok else o.fb_status})")
             continue
         msgs = []
-        if o.err is not None and not (o.err <= 1e-7):
-            msgs.append(f"error {C.fmt_err(o.err)} > 1e-7")
+        if o.err is not None and not (o.err <= err_target):
+            msgs.append(f"error {C.fmt_err(o.err)} > {err_target:g}")
         for peer, tgt in (("qpth", 3.0), ("cvxpylayers", 30.0)):
             if peer in cells:
                 rr = ratio(cells[peer], o, "fb")
@@ -333,19 +340,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller budgets and shapes")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, help="shapes B,n,m,p")
-    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--tools", nargs="+", default=None, choices=TOOLS,
+                    help="default: all three on the CPU, ours and qpth on a GPU")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per cell")
     ap.add_argument("--max-repeats", type=int, default=100)
     ap.add_argument("--cold-limit", type=float, default=60.0,
                     help="a forward slower than this (s) is reported from its single call")
     ap.add_argument("--cvxpylayers-solver", choices=sorted(CVXPYLAYERS_SOLVER_ARGS), default="Clarabel",
                     help="diffcp solve_method for cvxpylayers (see README.md)")
-    ap.add_argument("--tol", type=float, default=1e-9)
+    ap.add_argument("--tol", type=float, default=None,
+                    help="ours: default 1e-9 in float64, the layer's own in float32")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--no-floor", dest="floor", action="store_false")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
     ap.add_argument("--scaling-budget", type=float, default=None)
-    ap.add_argument("--plot", default=str(C.BENCH_DIR / "scaling.png"))
+    ap.add_argument("--plot", default=None, help="default: benchmarks/scaling.png (CPU, float64), "
+                                                  "else scaling-<device>-<dtype>.png")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--no-write", dest="write", action="store_false", help="don't touch RESULTS.md")
@@ -353,6 +365,16 @@ def main(argv=None):
                     help="call dl.retain_cpu_memory() first (process-wide: every tool runs with it); "
                          "recorded in its own RESULTS.md section")
     args = ap.parse_args(argv)
+    variant = "" if (args.device, args.dtype) == ("cpu", "float64") else f"-{args.device.replace(':', '')}-{args.dtype}"
+    args.dtype = getattr(torch, args.dtype)
+    args.sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    if args.tol is None and args.dtype == torch.float64:
+        args.tol = 1e-9
+    if args.plot is None:
+        args.plot = str(C.BENCH_DIR / f"scaling{variant}.png")
+    if args.tools is None:
+        # cvxpylayers solves on the CPU: on a GPU the comparison is with qpth
+        args.tools = list(TOOLS) if args.device == "cpu" else ["ours", "qpth"]
     if args.retain_memory and not C.import_declarative().retain_cpu_memory():
         ap.error("--retain-memory needs glibc (dl.retain_cpu_memory() returned False)")
     if args.budget is None:
@@ -379,12 +401,15 @@ def main(argv=None):
     title = "Batched QP (benchmarks/qp.py)"
     if args.retain_memory:
         title = "Batched QP, freed memory retained (benchmarks/qp.py --retain-memory)"
+    if variant:
+        where = torch.cuda.get_device_name(args.device) if args.sync else args.device
+        title = f"Batched QP on {where}, {str(args.dtype)[6:]} (benchmarks/qp.py --device --dtype)"
     body = [C.section_header(title, ["benchmarks/qp.py"] + (argv if argv is not None else sys.argv[1:])),
             "Times: median wall time after one warm-up, the tools timed in interleaved rounds; `fwd` under `torch.no_grad()`, "
             "`fwd+bwd` = forward + backward of sum(w * x*) w.r.t. Q, q, G, h, A, b. "
             "`err` = max |x - x_ref| over the batch; reference = CVXPY + Clarabel "
             "(tol 1e-12, polished on the active set). Ratios > 1 mean ours is faster.\n",
-            f"Settings: ours `to_torch(tol={args.tol:g}, max_iter={args.max_iter})`; "
+            f"Settings: ours `to_torch(tol={'default' if args.tol is None else f'{args.tol:g}'}, max_iter={args.max_iter})`; "
             f"qpth `QPFunction({', '.join(f'{k}={v}' for k, v in QPTH_KW.items())})`; "
             f"cvxpylayers `CvxpyLayer` (diffcp) with solver_args `{CVXPYLAYERS_ARGS}`, "
             "objective 0.5*sum_squares(chol(Q)' x) + q'x.\n",
@@ -395,8 +420,9 @@ def main(argv=None):
                  f"Kernel: `{desc}` timed on random data of the same size; floor = kernel time x "
                  "max iterations over the batch.", "", ft, ""]
     if "ours" in tools:
-        body += ["### Targets (fwd+bwd >= 3x qpth, >= 30x cvxpylayers, err <= 1e-7)", "",
-                 target_check(results), ""]
+        err_target = 1e-7 if args.dtype == torch.float64 else 1e-3
+        body += [f"### Targets (fwd+bwd >= 3x qpth, >= 30x cvxpylayers, err <= {err_target:g})", "",
+                 target_check(results, err_target), ""]
         gc = grad_check_block(results)
         if gc:
             body += ["### Gradient agreement", "", gc, ""]
@@ -422,7 +448,7 @@ def main(argv=None):
     print()
     print(md)
     if args.write:
-        C.write_results_section("qp-retained" if args.retain_memory else "qp", md)
+        C.write_results_section(("qp-retained" if args.retain_memory else "qp") + variant, md)
         print(f"\nwritten to {C.RESULTS_MD}")
 
 

@@ -896,7 +896,8 @@ def primal_dual(
         # a solution, all residuals counted: on complementarity alone, mu could collapse
         # while stationarity was still far off, and the steps then stalled at the boundary
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
-        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, torch.cat([s, lam], -1), mu, fraction)
+        v = torch.cat([s, lam], -1)
+        (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
         ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
@@ -913,7 +914,7 @@ def primal_dual(
                 # search along it instead (an instance that finds no step there either
                 # keeps alpha = 0 and stops below)
                 (dv_n, dz_n, dnu_n) = direction(torch.addcmul(-target[:, None], s, lam))
-                alpha_n = _step_to_boundary(torch.cat([s, lam], -1), dv_n, fraction)
+                alpha_n = _step_to_boundary(v, dv_n, fraction)
                 alpha_n, _, _ = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz_n, dv_n[:, :m], dv_n[:, m:],
                                              dnu_n, alpha_n.masked_fill(~lost, 0.0), target, lost)
                 alpha = torch.where(lost, alpha_n, alpha)

@@ -300,12 +300,12 @@ def _index_set(idx, device):
     """Rows or columns for ``x[:, idx]``: a slice where they are a contiguous increasing
     run (indexing is then a view, not a gather, and a scatter is one slice assignment),
     else an int64 tensor on ``device``. Read on the host, once per layer."""
-    t = torch.as_tensor(idx, dtype=torch.int64).cpu().reshape(-1)
+    t = torch.as_tensor(idx, dtype=torch.int64, device="cpu").reshape(-1)
     k = t.numel()
     if k == 0:
         return slice(0, 0)
     first = int(t[0])
-    if torch.equal(t, torch.arange(first, first + k)):
+    if torch.equal(t, torch.arange(first, first + k, device="cpu")):
         return slice(first, first + k)
     return t.to(device)
 
@@ -370,7 +370,7 @@ class BoundedJacobian:
     def index_sets(bound_rows, bound_cols, bound_signs, general_rows, dtype, device):
         """(bound_rows, bound_cols, bound_signs, general_rows) in the compact form: slices
         for contiguous runs, one float for a shared sign."""
-        signs = torch.as_tensor(bound_signs, dtype=torch.float64).cpu().reshape(-1)
+        signs = torch.as_tensor(bound_signs, dtype=torch.float64, device="cpu").reshape(-1)
         if signs.numel() and bool((signs == signs[0]).all()):
             sign = float(signs[0])
         else:

@@ -459,7 +459,7 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     comp = inf_norm(y_ineq.clamp(min=0.0) * slack.clamp(min=0.0))
     status_t = torch.from_numpy(status)
     failed = (status_t != OPTIMAL) & (status_t != MAX_ITER)
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device="cpu")  # this block is host-side
     primal, dual, comp = (torch.where(failed, nan, r) for r in (primal, dual, comp))
 
     def out(x):

@@ -40,7 +40,11 @@ class SolveInfo:
         One of 'optimal', 'infeasible', 'max_iter', 'numerical_error', 'unbounded' per
         instance (NaN inputs give 'numerical_error').
     status_code, iterations : torch.Tensor
-        ``(B,)`` int64.
+        ``(B,)`` int64; ``iterations`` counts interior-point iterations.
+    active_set_rounds : torch.Tensor or None
+        ``(B,)`` int64, for QPs with positive definite ``Q``: the rounds (equality-QP
+        solves) of the active-set iteration that runs before the interior point. An
+        instance it solves reports 0 iterations. None for other problems.
     primal_residual, dual_residual, complementarity : torch.Tensor
         ``(B,)`` final residuals.
     problem_class : str
@@ -54,6 +58,7 @@ class SolveInfo:
     dual_residual: torch.Tensor
     complementarity: torch.Tensor
     problem_class: str
+    active_set_rounds: Optional[torch.Tensor] = None
 
     def copied(self) -> "SolveInfo":
         """This report with its tensors copied (out of inference mode, see forward)."""
@@ -70,9 +75,12 @@ class SolveInfo:
         for s in self.status:
             counts[s] = counts.get(s, 0) + 1
         its = self.iterations.float()
+        rounds = "" if self.active_set_rounds is None else (
+            f"active-set rounds mean {self.active_set_rounds.float().mean().item():.1f} "
+            f"max {int(self.active_set_rounds.max())}, ")
         return (
             f"SolveInfo({self.problem_class}, batch={len(self.status)}, status={counts}, "
-            f"iterations mean {its.mean().item():.1f} max {int(self.iterations.max())}, "
+            f"{rounds}iterations mean {its.mean().item():.1f} max {int(self.iterations.max())}, "
             f"max primal residual {self.primal_residual.max().item():.2e}, "
             f"max dual residual {self.dual_residual.max().item():.2e})"
         )
@@ -380,6 +388,7 @@ class OptimizationLayer(torch.nn.Module):
             dual_residual=result.dual_residual,
             complementarity=result.complementarity,
             problem_class=self.problem_class,
+            active_set_rounds=result.active_set_rounds,
         )
         failed = status != ipm.OPTIMAL
         n_failed = int(failed.sum())

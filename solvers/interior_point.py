@@ -14,6 +14,8 @@ complement (:class:`ReducedKKT`), never an LU of the full KKT matrix. The same l
 serves every problem class:
 
 * LP/QP (``solve_qp``): H, Jg, Jh are constant; the full step to the boundary is taken.
+  A QP with positive definite Q first tries the primal-dual active-set iteration and
+  runs the loop in constraint space (:func:`_constraint_space_solve`).
 * smooth NLP (``solve_nlp``): exact Hessian of the Lagrangian from the compiler,
   inertia correction (H + delta I until the Cholesky succeeds) and a backtracking line
   search on the KKT residual that also rejects points outside the functions' domain.
@@ -47,6 +49,18 @@ _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # _CROSSOVER_RETRY: a success ends the solve exactly
 _CROSSOVER = 1e-3
 _CROSSOVER_RETRY = 1e-3
+# A QP solved in constraint space first tries the primal-dual active-set iteration
+# (Hintermueller, Ito and Kunisch 2002) from the interior point's start: the equality QP
+# of a guessed active set, with the violated constraints added and those of negative
+# multiplier dropped, this many rounds at most. On random well-posed QPs it ends in
+# 6-12 rounds, each one factorization like an interior-point iteration but with a third
+# of its small ops (1.2-1.4x faster on the benchmark shapes than the interior point
+# from the start). The instances it leaves (cycling on degenerate constraints,
+# infeasible ones) go on with the interior point; the iteration gives up after
+# _ACTIVE_SET_PATIENCE rounds without progress (problems with many active constraints,
+# where it wanders: there it costs 12-16 % over the interior point alone)
+_ACTIVE_SET_ROUNDS = 12
+_ACTIVE_SET_PATIENCE = 2
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
 # it. A fixed 0.99 leaves the multipliers of inactive constraints (and the residuals they
@@ -87,6 +101,9 @@ class InteriorPointResult:
     #: for polished instances, their active set (B, m) and its factor (B, m, m)
     active_set: Optional[torch.Tensor] = None
     active_factor: Optional[torch.Tensor] = None
+    #: (B,) int64: the rounds (equality-QP solves) of the active-set iteration that runs
+    #: before the interior point (:func:`_constraint_space_solve`); None where none ran
+    active_set_rounds: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -689,14 +706,15 @@ class QPFactor:
     #: the blocks that live in constraint space (no n-sized dimension)
     CONSTRAINT_SPACE = ("W", "GY", "delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
 
-    def select(self, rows):
-        """The constraint-space blocks of the instances ``rows`` (an index tensor): enough
-        for :meth:`solve_active_set`; the n-space blocks are left out (None), since
-        copying them would cost as much as using them."""
+    def select(self, rows, n_space=False):
+        """The instances ``rows`` (an index tensor). Without ``n_space`` only the
+        constraint-space blocks, enough for :meth:`solve_active_set`; the n-space blocks
+        are left out (None), since copying them would cost as much as using them."""
         sub = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
-                setattr(sub, name, value.index_select(0, rows) if name in self.CONSTRAINT_SPACE else None)
+                keep = n_space or name in self.CONSTRAINT_SPACE
+                setattr(sub, name, value.index_select(0, rows) if keep else None)
         return sub
 
     def solve_active_set(self, h, b, active):
@@ -1015,9 +1033,9 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     """Batched convex QP/LP: minimize z'Qz/2 + c'z s.t. Gz <= hv, Az = b.
 
     Q (B, n, n) PSD, c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p).
-    With Q positive definite (the common case in layers) the iteration runs in
-    constraint space (:func:`_constraint_space_ipm`); otherwise (LPs, singular Q) it
-    runs the general loop with the n-space reduction.
+    With Q positive definite (the common case in layers) the solve runs in constraint
+    space, active set first (:func:`_constraint_space_solve`); otherwise (LPs, singular
+    Q) it runs the general loop with the n-space reduction.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
@@ -1035,8 +1053,8 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
     if m:
         factor = QPFactor(Q, c, G, A)
         if bool(factor.usable.all()):
-            result = _constraint_space_ipm(factor, c, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                           tol=tol, max_iter=max_iter, skip=skip)
+            result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                             tol=tol, max_iter=max_iter, skip=skip)
             result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
             result = _verify(result, residuals, scale_dual, scale_primal, tol)
             return _certify_infeasible(result, G, hv, A, b, skip)
@@ -1095,8 +1113,94 @@ def _certify_infeasible(result, G, hv, A, b, skip):
     return dataclasses.replace(result, status=status)
 
 
-def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
-    """Mehrotra's method for a QP with positive definite Q, entirely in constraint space.
+def _solve_dual(f: "QPFactor", L, r_ineq, r_eq):
+    """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY),
+    with L the Cholesky factor of W + D."""
+    rhs = r_ineq - _mtv(f.T, r_eq) if f.p else r_ineq
+    dlam = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    if not f.p:
+        return dlam, r_eq.new_zeros(r_eq.shape)
+    dnu = _chol_solve((r_eq - _mtv(f.K12, dlam)).unsqueeze(-1), f.L22).squeeze(-1)
+    return dlam, dnu
+
+
+@dataclass
+class _Start:
+    """The constraint-space start (B, ...): the Newton system with D = I, i.e.
+    min z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, gives z0 = qc - Q^-1 (G'y + A'nu) and
+    ``G_z0``; s and lam are CVXOPT's shift of its slack and multiplier estimate (-slack)
+    just inside the positive orthant. ``failed``: the factorization of W + I failed."""
+
+    y: torch.Tensor
+    nu: torch.Tensor
+    G_z0: torch.Tensor
+    s: torch.Tensor
+    lam: torch.Tensor
+    failed: torch.Tensor
+
+    def select(self, rows):
+        return _Start(*(getattr(self, k.name).index_select(0, rows) for k in dataclasses.fields(self)))
+
+
+def _least_squares_start(f: "QPFactor", hv, b) -> _Start:
+    W1 = f.W.clone()
+    W1.diagonal(dim1=-2, dim2=-1).add_(f.delta[:, None] + 1.0)
+    L1, info = torch.linalg.cholesky_ex(W1, out=(W1, torch.empty_like(f.delta, dtype=torch.int32)))
+    y, nu = _solve_dual(f, L1, f.G_qc - hv, f.A_qc - b)
+    G_z0 = f.G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if f.p else 0)
+    s_ls = hv - G_z0
+    s = s_ls + (1.0 - s_ls.amin(-1, keepdim=True)).clamp(min=0.0)
+    lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
+    return _Start(y, nu, G_z0, s, lam, info > 0)
+
+
+def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
+    """A QP with positive definite Q: the active-set iteration from the interior point's
+    start first (``_ACTIVE_SET_ROUNDS``), then the interior point
+    (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when
+    they are few (the others' exact solutions are kept)."""
+    B, device = hv.shape[0], hv.device
+    start = _least_squares_start(f, hv, b)
+    skip = start.failed if skip is None else (skip | start.failed)
+    every = torch.arange(B, device=device)
+    options = dict(tol=tol, max_iter=max_iter)
+    if not _ACTIVE_SET_ROUNDS:
+        return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                     skip=skip, **options)
+    sol = _active_set_solution(f, hv, b, start.lam > start.s, tol, scale_dual, scale_primal,
+                               rounds=_ACTIVE_SET_ROUNDS)
+    done = sol.kkt & ~skip
+    left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
+    if not left.numel():
+        zero = torch.zeros_like(scale_dual)
+        result = InteriorPointResult(None, sol.s, sol.lam, sol.nu, torch.full_like(every, OPTIMAL),
+                                     torch.zeros_like(every), sol.rp_n, zero, zero, qp_factor=f)
+        return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
+    if _whole_batch(f, left):
+        # the loop on the whole batch with the solved instances retired from the start
+        result = _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                       skip=skip | done, **options)
+    else:
+        part = _constraint_space_ipm(
+            f.select(left, n_space=True), start.select(left), hv.index_select(0, left), b.index_select(0, left),
+            scale_dual=scale_dual.index_select(0, left), scale_primal=scale_primal.index_select(0, left),
+            skip=skip.index_select(0, left), **options)
+        result = _embed(part, left, B, f)
+    return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
+
+
+def _embed(part: InteriorPointResult, rows, B, f) -> InteriorPointResult:
+    """The result of the instances ``rows`` as a result of the whole batch of ``f``:
+    zeros elsewhere (the caller fills those instances)."""
+    def full(x):
+        return x if x is None else x.new_zeros((B,) + x.shape[1:]).index_copy_(0, rows, x)
+    fields = {k.name: full(getattr(part, k.name)) for k in dataclasses.fields(part) if k.name != "qp_factor"}
+    return InteriorPointResult(**fields, qp_factor=f)
+
+
+def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
+    """Mehrotra's method for a QP with positive definite Q, entirely in constraint space,
+    from ``start`` (:func:`_least_squares_start`).
 
     The Newton matrix ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]]`` (``D = s/lam``) reduces to
     ``(W + D) dlam = ...`` with the constant blocks of :class:`QPFactor`. Because the
@@ -1127,28 +1231,9 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
         # independently, so only that instance's (retired) values go bad
         return L, info > 0
 
-    def solve_dual(L, r_ineq, r_eq):
-        """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY)."""
-        rhs = r_ineq - _mtv(f.T, r_eq) if p else r_ineq
-        dlam = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        if not p:
-            return dlam, r_eq.new_zeros(B, 0)
-        dnu = _chol_solve((r_eq - _mtv(f.K12, dlam)).unsqueeze(-1), f.L22).squeeze(-1)
-        return dlam, dnu
-
-    # start: the Newton system with D = I, i.e. min z'Qz/2 + c'z + |Gz - hv|^2/2, Az = b
-    qc, G_qc = f.qc, f.G_qc  # -Q^-1 c, G (-Q^-1 c)
-    A_qc = f.A_qc
-    L1, failed = factor_w(torch.ones_like(hv))
-    y, nu = solve_dual(L1, G_qc - hv, A_qc - b)
-    z0 = qc - f.back_substitute(y, nu)
-    G_z0 = G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if p else 0)
-    # CVXOPT's shift: the least-squares slack and its multiplier estimate (-slack),
-    # each moved just inside the positive orthant
-    s_ls = hv - G_z0
-    s = s_ls + (1.0 - s_ls.amin(-1, keepdim=True)).clamp(min=0.0)
-    lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
-    skip = failed if skip is None else (skip | failed)
+    qc = f.qc  # -Q^-1 c
+    nu, G_z0, s, lam = start.nu, start.G_z0, start.s, start.lam
+    z0 = qc - f.back_substitute(start.y, nu)
 
     # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Q^-1 (G'lam + A'nu)
     q1 = qc - z0 - f.back_substitute(lam, nu)
@@ -1175,7 +1260,8 @@ def _constraint_space_ipm(f: "QPFactor", c, hv, b, *, scale_dual, scale_primal, 
     crossover = torch.full((B,), max(_CROSSOVER, tol), dtype=dtype, device=device) * scale_dual
     polished = torch.zeros_like(active)
     all_polished = False
-    exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W)  # overwritten where polished
+    exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W,  # overwritten where polished
+                              torch.zeros_like(iterations))
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         sl = s * lam
@@ -1278,23 +1364,43 @@ class ActiveSetSolution:
     #: the active set (B, m) and the Cholesky factor of its matrix (B, m, m)
     active: torch.Tensor
     L: torch.Tensor
+    #: (B,) int64: the equality-QP solves each instance took (the corrections included)
+    solves: torch.Tensor
 
 
-def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
+def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None):
     """Solve the equality QP where the constraints ``active`` (B, m) hold with equality.
 
     A guess from an interior-point iterate can be wrong on near-degenerate constraints:
     violated constraints are added and those with negative multipliers dropped, and
-    the instances concerned (only those) are solved again, a few rounds at most.
+    the instances concerned (only those) are solved again: ``rounds`` solves at most
+    (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
+    method (``_ACTIVE_SET_ROUNDS``).
     """
     lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
-    for _ in range(_POLISH_ROUNDS - 1):
+    solves = torch.ones_like(failed, dtype=torch.int64)
+    fewest, stalls = (math.inf, math.inf), 0
+    for _ in range((rounds or _POLISH_ROUNDS) - 1):
         violated = ~active & (g > tol * scale_primal[:, None])
         negative = active & (lam < -tol * scale_dual[:, None])
-        wrong = (violated | negative).any(-1)
-        if not bool(wrong.any()):
+        changes = violated | negative
+        wrong = changes.any(-1)
+        n_wrong, n_changes = torch.stack([wrong.sum(), changes.sum()]).tolist()
+        if not n_wrong:
             break
+        # converging, the corrections dwindle round by round (by 30-60 % on random QPs);
+        # when for a few rounds neither the wrong instances reach a new low nor the wrong
+        # constraints fall a tenth below theirs, the iteration wanders or cycles (too
+        # many active constraints for it, or degenerate ones): the caller's interior
+        # point takes over
+        if n_wrong < fewest[0] or n_changes < 0.9 * fewest[1]:
+            fewest, stalls = (min(n_wrong, fewest[0]), min(n_changes, fewest[1])), 0
+        else:
+            stalls += 1
+            if stalls == _ACTIVE_SET_PATIENCE:
+                break
         corrected = (active | violated) & ~negative
+        solves.add_(wrong)
         rows = wrong.nonzero().squeeze(-1)
         if _whole_batch(f, rows):
             # the right ones solve the same system and get the same solution
@@ -1320,7 +1426,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal):
     zero = torch.finfo(lam.dtype).eps ** 2
     s = torch.where(active, zero, (-g).clamp(min=zero))
     lam = torch.where(active, lam.clamp(min=zero), zero)
-    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L)
+    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, solves)
 
 
 def _whole_batch(f, rows):

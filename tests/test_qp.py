@@ -281,6 +281,7 @@ def test_interior_point_alone_ends_instances_at_different_iterations(monkeypatch
     # polished after the loop.
     import solvers.interior_point as ipm
 
+    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)  # the interior point from the start
     monkeypatch.setattr(ipm, "_CROSSOVER", 0.0)
     n, m, p, B = 8, 12, 2, 16
     data = random_qp(B, n, m, p, seed=9)
@@ -307,6 +308,7 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
         attempts.append((int(sol.kkt.numel()), int(sol.kkt.sum())))
         return sol
 
+    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)  # the interior point from the start
     monkeypatch.setattr(ipm, "_CROSSOVER", 1e3)
     monkeypatch.setattr(ipm, "_CROSSOVER_RETRY", 0.1)
     monkeypatch.setattr(ipm, "_active_set_solution", spy)
@@ -319,6 +321,92 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
     for i in range(B):
         xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+def test_active_set_phase_agrees_with_the_interior_point(monkeypatch):
+    # The active-set iteration that runs first solves most instances without an
+    # interior-point iteration; solutions and gradients must be those of the interior
+    # point alone, and of CVXPY.
+    import solvers.interior_point as ipm
+
+    n, m, p, B = 10, 15, 3, 24
+    data = random_qp(B, n, m, p, seed=11)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def solve():
+        layer = qp_problem(n, m, p).to_torch(tol=1e-11)
+        leaves = [t.clone().requires_grad_() for t in data]
+        x = layer(*leaves)
+        (w * x).sum().backward()
+        return layer.info, x.detach(), [t.grad for t in leaves]
+
+    info, x, grads = solve()
+    assert info.status == ["optimal"] * B
+    assert int((info.iterations == 0).sum()) >= B // 2, "the active-set phase solved few: the test lost its point"
+    assert bool((info.active_set_rounds >= 1).all())
+    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)
+    info_ipm, x_ipm, grads_ipm = solve()
+    assert bool((info_ipm.iterations > 0).all()) and info_ipm.active_set_rounds is None
+    torch.testing.assert_close(x, x_ipm, atol=1e-9, rtol=0)
+    for g, g_ipm in zip(grads, grads_ipm):
+        torch.testing.assert_close(g, g_ipm, atol=1e-7, rtol=1e-7)
+    for i in range(0, B, 5):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+def test_active_set_phase_gives_up_where_it_does_not_converge():
+    # A large linear term makes half the constraints active: the active-set iteration
+    # wanders instead of converging, and must hand over to the interior point after a
+    # few rounds rather than run all of them.
+    import solvers.interior_point as ipm
+
+    n, m, p, B = 20, 40, 5, 8
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=13)
+    q = 100.0 * q
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(Q, q, G, h, A, b)
+    assert layer.info.status == ["optimal"] * B
+    assert bool((layer.info.iterations > 0).all()), "the active-set phase converged: the test lost its point"
+    assert int(layer.info.active_set_rounds.max()) < ipm._ACTIVE_SET_ROUNDS
+    for i in (0, B - 1):
+        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+@pytest.mark.parametrize("B", [8, 160])
+def test_instances_the_active_set_phase_leaves_go_on_with_the_interior_point(monkeypatch, B):
+    # Two infeasible instances and one with a NaN input stay with the interior point:
+    # at B = 8 the loop runs on the whole batch with the solved instances retired, at
+    # B = 160 on those alone. Statuses, solutions and gradients of the others must
+    # not notice.
+    import solvers.interior_point as ipm
+
+    loop_batches = []
+    original = ipm._constraint_space_ipm
+
+    def spy(f, *args, **kwargs):
+        loop_batches.append(f.W.shape[0])
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(ipm, "_constraint_space_ipm", spy)
+    n, m, p = 12, 12, 2
+    Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=12))
+    for i in (0, 1):  # G_i1 x <= h_i1 contradicts G_i0 x <= h_i0
+        G[i, 1], h[i, 1] = -G[i, 0], -h[i, 0] - 1.0
+    q[2, 0] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (Q, q, G, h, A, b)]
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10, warn=False)
+    x = layer(*leaves)
+    assert layer.info.status == ["infeasible", "infeasible", "numerical_error"] + ["optimal"] * (B - 3)
+    # (at B = 160 with the few instances the active-set iteration cycles on)
+    assert loop_batches == [8] if B == 8 else (len(loop_batches) == 1 and 3 <= loop_batches[0] <= 10)
+    x[3:].sum().backward()
+    for t in leaves:
+        assert torch.isnan(t.grad[:3]).all() and torch.isfinite(t.grad[3:]).all()
+    for i in (3, 4, B - 1):
+        xr, _, _ = qp_reference(*(t[i].detach().numpy() for t in leaves))
+        np.testing.assert_allclose(x[i].detach().numpy(), xr, atol=1e-7)
 
 
 @pytest.mark.parametrize("B,k,r", [(512, 5, 20), (256, 8, 16), (32, 2, 10), (8, 20, 3), (2, 40, 5), (64, 1, 1)])

@@ -710,6 +710,9 @@ def solver_info(layer) -> Dict[str, object]:
     if it is not None:
         out["iters_max"] = int(it.max())
         out["iters_median"] = float(it.float().median())
+    rounds = getattr(getattr(layer, "info", None), "active_set_rounds", None)
+    if rounds is not None:
+        out["rounds_max"] = int(rounds.max())
     if st is not None:
         bad = [s for s in st if str(s).lower() not in ("solved", "optimal", "converged")]
         out["n_not_solved"] = len(bad)
@@ -741,6 +744,30 @@ def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int =
     with torch.no_grad():
         t = bench(kernel, budget, max_repeats=200, min_repeats=5)
     return t, "solvers.interior_point.constraint_space_kernel"
+
+
+def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, device="cpu", dtype=DTYPE,
+                           sync: Optional[Callable[[], None]] = None):
+    """Time one round of our QP path's active-set iteration on random data of the same
+    size: ``solvers.interior_point.active_set_kernel``, one Cholesky factorization of
+    W (B, m, m) restricted to about half the constraints, and one solve."""
+    from solvers.interior_point import active_set_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(generator=g, dtype=DTYPE)
+    F = torch.randn(B, m, m, **kw)
+    W = F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
+    active = torch.rand(B, m, **kw) < 0.5
+    rhs = torch.randn(B, m, **kw)
+    W, rhs, active = W.to(device, dtype), rhs.to(device, dtype), active.to(device)
+
+    def kernel():
+        active_set_kernel(W, active, rhs)
+        if sync is not None:
+            sync()
+    with torch.no_grad():
+        t = bench(kernel, budget, max_repeats=200, min_repeats=5)
+    return t, "solvers.interior_point.active_set_kernel"
 
 
 def time_structured_nlp_kernel(B: int, n: int, k: int, p: int, budget: float = 0.5, seed: int = 1):

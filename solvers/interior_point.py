@@ -58,8 +58,8 @@ _CROSSOVER_RETRY = 1e-3
 # from the start). The instances it leaves (cycling on degenerate constraints,
 # infeasible ones) go on with the interior point; the iteration gives up after
 # _ACTIVE_SET_PATIENCE rounds without progress (problems with many active constraints,
-# where it wanders: there it costs 12-16 % over the interior point alone)
-_ACTIVE_SET_ROUNDS = 12
+# where it wanders; benchmarks/qp_families.py measures what it gains and costs)
+ACTIVE_SET_ROUNDS = 12
 _ACTIVE_SET_PATIENCE = 2
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
@@ -271,6 +271,25 @@ def constraint_space_kernel(W, D, rhs):
     L, _ = torch.linalg.cholesky_ex(M)
     first = _chol_solve(rhs.unsqueeze(-1), L)
     return _chol_solve(first, L).squeeze(-1)
+
+
+def active_set_kernel(W, active, rhs):
+    """The linear algebra of one round of the active-set iteration of a QP solved in
+    constraint space: the Cholesky factorization of W (B, m, m) restricted to the
+    constraints ``active`` (B, m) and one solve for rhs (B, m). Benchmarks time it to
+    show the solver's floor."""
+    M = _active_set_matrix(W, active.to(W.dtype), 0.0)
+    L, _ = torch.linalg.cholesky_ex(M)
+    return _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+
+
+def _active_set_matrix(W, a, shift):
+    """W (B, m, m) with the rows and columns where ``a`` (B, m) is 0 replaced by the
+    identity's, plus ``shift`` on the diagonal: two passes over (B, m, m). Exactly
+    symmetric when W is (``a`` is 0 or 1)."""
+    M = torch.mul(W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
+    M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + shift)
+    return M
 
 
 class ReducedNewton:
@@ -728,12 +747,9 @@ class QPFactor:
         by construction of z. The last output is the Cholesky factor of the active set's
         matrix (the backward pass reuses it)."""
         a = active.to(self.W.dtype)
-        # W with the inactive rows and columns zeroed and a unit diagonal there: two
-        # passes over (B, m, m), factored in place. M is exactly symmetric (W is, and a is
-        # 0 or 1), so its transpose, LAPACK's column-major layout, is M itself
-        M = torch.mul(self.W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
-        M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + self.delta[:, None])
-        M = M.transpose(-1, -2)
+        # factored in place: M is exactly symmetric, so its transpose, LAPACK's
+        # column-major layout, is M itself
+        M = _active_set_matrix(self.W, a, self.delta[:, None]).transpose(-1, -2)
         L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty_like(active[:, 0], dtype=torch.int32)))
         rhs = self.G_qc - h
         if self.p:
@@ -1029,13 +1045,15 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
 # entry points
 # ------------------------------------------------------------------------------------
 
-def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> InteriorPointResult:
+def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
+             active_set_rounds=ACTIVE_SET_ROUNDS) -> InteriorPointResult:
     """Batched convex QP/LP: minimize z'Qz/2 + c'z s.t. Gz <= hv, Az = b.
 
     Q (B, n, n) PSD, c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p).
     With Q positive definite (the common case in layers) the solve runs in constraint
-    space, active set first (:func:`_constraint_space_solve`); otherwise (LPs, singular
-    Q) it runs the general loop with the n-space reduction.
+    space, with at most ``active_set_rounds`` rounds of the active-set iteration first
+    (:func:`_constraint_space_solve`; 0: the interior point alone); otherwise (LPs,
+    singular Q) it runs the general loop with the n-space reduction.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
@@ -1054,7 +1072,8 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None) -> Interio
         factor = QPFactor(Q, c, G, A)
         if bool(factor.usable.all()):
             result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                             tol=tol, max_iter=max_iter, skip=skip)
+                                             tol=tol, max_iter=max_iter, skip=skip,
+                                             active_set_rounds=active_set_rounds)
             result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
             result = _verify(result, residuals, scale_dual, scale_primal, tol)
             return _certify_infeasible(result, G, hv, A, b, skip)
@@ -1154,9 +1173,10 @@ def _least_squares_start(f: "QPFactor", hv, b) -> _Start:
     return _Start(y, nu, G_z0, s, lam, info > 0)
 
 
-def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip):
+def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip,
+                            active_set_rounds):
     """A QP with positive definite Q: the active-set iteration from the interior point's
-    start first (``_ACTIVE_SET_ROUNDS``), then the interior point
+    start first (``active_set_rounds`` at most), then the interior point
     (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when
     they are few (the others' exact solutions are kept)."""
     B, device = hv.shape[0], hv.device
@@ -1164,11 +1184,11 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     skip = start.failed if skip is None else (skip | start.failed)
     every = torch.arange(B, device=device)
     options = dict(tol=tol, max_iter=max_iter)
-    if not _ACTIVE_SET_ROUNDS:
+    if not active_set_rounds:
         return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                      skip=skip, **options)
     sol = _active_set_solution(f, hv, b, start.lam > start.s, tol, scale_dual, scale_primal,
-                               rounds=_ACTIVE_SET_ROUNDS)
+                               rounds=active_set_rounds)
     done = sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
@@ -1375,7 +1395,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     violated constraints are added and those with negative multipliers dropped, and
     the instances concerned (only those) are solved again: ``rounds`` solves at most
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
-    method (``_ACTIVE_SET_ROUNDS``).
+    method (``ACTIVE_SET_ROUNDS``).
     """
     lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
     solves = torch.ones_like(failed, dtype=torch.int64)

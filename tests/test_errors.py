@@ -63,6 +63,10 @@ def test_unknown_option_and_bad_option_values():
         prob.to_torch(tol=-1)
     with pytest.raises(ValueError, match="max_iter"):
         prob.to_torch(max_iter=0)
+    with pytest.raises(ValueError, match="active_set_rounds"):
+        prob.to_torch(active_set_rounds=-1)
+    with pytest.raises(ValueError, match="active_set_rounds"):
+        prob.to_torch(active_set_rounds=2.5)
     with pytest.raises(ValueError, match="do not appear"):
         prob.to_torch(variables=[dl.Variable(3, name="other")])
     with pytest.raises(ValueError, match="missing"):

@@ -281,11 +281,10 @@ def test_interior_point_alone_ends_instances_at_different_iterations(monkeypatch
     # polished after the loop.
     import solvers.interior_point as ipm
 
-    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)  # the interior point from the start
     monkeypatch.setattr(ipm, "_CROSSOVER", 0.0)
     n, m, p, B = 8, 12, 2, 16
     data = random_qp(B, n, m, p, seed=9)
-    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10, active_set_rounds=0)  # the interior point from the start
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
     assert len(set(layer.info.iterations.tolist())) > 1, "all ended together: the test lost its point"
@@ -308,13 +307,12 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
         attempts.append((int(sol.kkt.numel()), int(sol.kkt.sum())))
         return sol
 
-    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)  # the interior point from the start
     monkeypatch.setattr(ipm, "_CROSSOVER", 1e3)
     monkeypatch.setattr(ipm, "_CROSSOVER_RETRY", 0.1)
     monkeypatch.setattr(ipm, "_active_set_solution", spy)
     n, m, p, B = 8, 12, 2, 12
     data = random_qp(B, n, m, p, seed=5)
-    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10, active_set_rounds=0)  # the interior point from the start
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
     assert any(done < tried for tried, done in attempts), "no attempt failed: the test lost its point"
@@ -323,18 +321,16 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
 
 
-def test_active_set_phase_agrees_with_the_interior_point(monkeypatch):
+def test_active_set_phase_agrees_with_the_interior_point():
     # The active-set iteration that runs first solves most instances without an
     # interior-point iteration; solutions and gradients must be those of the interior
     # point alone, and of CVXPY.
-    import solvers.interior_point as ipm
-
     n, m, p, B = 10, 15, 3, 24
     data = random_qp(B, n, m, p, seed=11)
     w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
-    def solve():
-        layer = qp_problem(n, m, p).to_torch(tol=1e-11)
+    def solve(**options):
+        layer = qp_problem(n, m, p).to_torch(tol=1e-11, **options)
         leaves = [t.clone().requires_grad_() for t in data]
         x = layer(*leaves)
         (w * x).sum().backward()
@@ -344,8 +340,7 @@ def test_active_set_phase_agrees_with_the_interior_point(monkeypatch):
     assert info.status == ["optimal"] * B
     assert int((info.iterations == 0).sum()) >= B // 2, "the active-set phase solved few: the test lost its point"
     assert bool((info.active_set_rounds >= 1).all())
-    monkeypatch.setattr(ipm, "_ACTIVE_SET_ROUNDS", 0)
-    info_ipm, x_ipm, grads_ipm = solve()
+    info_ipm, x_ipm, grads_ipm = solve(active_set_rounds=0)
     assert bool((info_ipm.iterations > 0).all()) and info_ipm.active_set_rounds is None
     torch.testing.assert_close(x, x_ipm, atol=1e-9, rtol=0)
     for g, g_ipm in zip(grads, grads_ipm):
@@ -368,7 +363,7 @@ def test_active_set_phase_gives_up_where_it_does_not_converge():
     x = layer(Q, q, G, h, A, b)
     assert layer.info.status == ["optimal"] * B
     assert bool((layer.info.iterations > 0).all()), "the active-set phase converged: the test lost its point"
-    assert int(layer.info.active_set_rounds.max()) < ipm._ACTIVE_SET_ROUNDS
+    assert int(layer.info.active_set_rounds.max()) < ipm.ACTIVE_SET_ROUNDS
     for i in (0, B - 1):
         xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)

@@ -724,47 +724,54 @@ class QPFactor:
 
     #: the blocks that live in constraint space (no n-sized dimension)
     CONSTRAINT_SPACE = ("W", "GY", "delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
+    #: what :meth:`solve_active_set` reads
+    ACTIVE_SET = ("W", "delta")
 
-    def select(self, rows, n_space=False):
-        """The instances ``rows`` (an index tensor). Without ``n_space`` only the
-        constraint-space blocks, enough for :meth:`solve_active_set`; the n-space blocks
-        are left out (None), since copying them would cost as much as using them."""
+    def select(self, rows, blocks=CONSTRAINT_SPACE):
+        """The instances ``rows`` (an index tensor) of the tensors named in ``blocks``
+        (None: all of them); the others are left out (None). The constraint-space blocks
+        serve :meth:`solve_active_set` and :meth:`equality_multipliers`; the n-space
+        ones, whose copies cost about as much as using them, only the interior point."""
         sub = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
-                keep = n_space or name in self.CONSTRAINT_SPACE
+                keep = blocks is None or name in blocks
                 setattr(sub, name, value.index_select(0, rows) if keep else None)
         return sub
 
-    def solve_active_set(self, h, b, active):
-        """Solve the equality-constrained QP where ``active`` (B, m) constraints hold with
-        equality and the others are dropped: ``Q z + c + G_a' lam_a + A' nu = 0``,
-        ``G_a z = h_a``, ``A z = b``, in constraint space.
+    def active_set_rhs(self, h, b):
+        """``G z0 - h`` (B, m) at the minimizer z0 under the equalities alone: the
+        right-hand side of every active set's system (:meth:`solve_active_set`)."""
+        g0 = self.G_qc - h
+        return g0 - _mtv(self.T, self.A_qc - b) if self.p else g0
 
-        Returns lam (B, m) (zero off the active set), nu (B, p), the constraint values
-        ``G z - h`` (B, m) and ``A z - b`` (B, p), and a (B,) mask of failed
-        factorizations; z itself is ``qc - back_substitute(lam, nu)``. Stationarity holds
-        by construction of z. The last output is the Cholesky factor of the active set's
-        matrix (the backward pass reuses it)."""
+    def solve_active_set(self, g0, active):
+        """The equality-constrained QP where ``active`` (B, m) constraints hold with
+        equality and the others are dropped (``Q z + c + G_a' lam_a + A' nu = 0``,
+        ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0`` of
+        :meth:`active_set_rhs`.
+
+        Returns lam (B, m) (zero off the active set), the constraint values ``G z - h =
+        g0 - W lam`` (B, m), a (B,) mask of failed factorizations and the Cholesky factor
+        of the active set's matrix (the backward pass reuses it). The multipliers of the
+        equalities follow from lam (:meth:`equality_multipliers`), and z is
+        ``qc - back_substitute(lam, nu)``, stationary by construction."""
         a = active.to(self.W.dtype)
         # factored in place: M is exactly symmetric, so its transpose, LAPACK's
         # column-major layout, is M itself
         M = _active_set_matrix(self.W, a, self.delta[:, None]).transpose(-1, -2)
         L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty_like(active[:, 0], dtype=torch.int32)))
-        rhs = self.G_qc - h
-        if self.p:
-            c2 = self.A_qc - b
-            rhs = rhs - _mtv(self.T, c2)
-        lam = _chol_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
-        g = self.G_qc - _mv(self.GY, lam) - h  # G z - h with G z = G qc - G Q^-1 (G'lam + A'nu)
-        if self.p:
-            c2_lam = c2 - _mtv(self.K12, lam)
-            nu = _chol_solve(c2_lam.unsqueeze(-1), self.L22).squeeze(-1)
-            g = g - _mv(self.K12, nu)
-            e = c2_lam - _mv(self.K22, nu)
-        else:
-            nu = e = b.new_zeros(b.shape)
-        return lam, nu, g, e, info > 0, L
+        lam = _chol_solve((a * g0).unsqueeze(-1), L).squeeze(-1).mul_(a)
+        return lam, g0 - _mv(self.W, lam), info > 0, L
+
+    def equality_multipliers(self, lam, b):
+        """nu (B, p) for the inequality multipliers lam (B, m), and the residual ``A z - b``
+        (B, p) the solve leaves."""
+        if not self.p:
+            return b.new_zeros(b.shape), b.new_zeros(b.shape)
+        r = self.A_qc - b - _mtv(self.K12, lam)
+        nu = _chol_solve(r.unsqueeze(-1), self.L22).squeeze(-1)
+        return nu, r - _mv(self.K22, nu)
 
 
 # ------------------------------------------------------------------------------------
@@ -1202,7 +1209,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
                                        skip=skip | done, **options)
     else:
         part = _constraint_space_ipm(
-            f.select(left, n_space=True), start.select(left), hv.index_select(0, left), b.index_select(0, left),
+            f.select(left, None), start.select(left), hv.index_select(0, left), b.index_select(0, left),
             scale_dual=scale_dual.index_select(0, left), scale_primal=scale_primal.index_select(0, left),
             skip=skip.index_select(0, left), **options)
         result = _embed(part, left, B, f)
@@ -1397,12 +1404,14 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
     method (``ACTIVE_SET_ROUNDS``).
     """
-    lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
+    g0 = f.active_set_rhs(hv, b)
+    lam, g, failed, L = f.solve_active_set(g0, active)
     solves = torch.ones_like(failed, dtype=torch.int64)
+    tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     fewest, stalls = (math.inf, math.inf), 0
     for _ in range((rounds or _POLISH_ROUNDS) - 1):
-        violated = ~active & (g > tol * scale_primal[:, None])
-        negative = active & (lam < -tol * scale_dual[:, None])
+        violated = (g > tol_p) & ~active
+        negative = (lam < -tol_d) & active
         changes = violated | negative
         wrong = changes.any(-1)
         n_wrong, n_changes = torch.stack([wrong.sum(), changes.sum()]).tolist()
@@ -1425,19 +1434,17 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         if _whole_batch(f, rows):
             # the right ones solve the same system and get the same solution
             active = corrected
-            lam, nu, g, h, failed, L = f.solve_active_set(hv, b, active)
+            lam, g, failed, L = f.solve_active_set(g0, active)
             continue
         retry = corrected.index_select(0, rows)
-        sub = f.select(rows)
-        h_r, b_r = hv.index_select(0, rows), b.index_select(0, rows)
-        lam_r, nu_r, g_r, e_r, failed_r, L_r = sub.solve_active_set(h_r, b_r, retry)
+        lam_r, g_r, failed_r, L_r = f.select(rows, f.ACTIVE_SET).solve_active_set(g0.index_select(0, rows), retry)
         # L is this function's own factor: patched in place, not copied whole
         active, L = active.index_copy(0, rows, retry), L.index_copy_(0, rows, L_r)
-        lam, nu = lam.index_copy(0, rows, lam_r), nu.index_copy(0, rows, nu_r)
-        g, h = g.index_copy(0, rows, g_r), h.index_copy(0, rows, e_r)
+        lam, g = lam.index_copy(0, rows, lam_r), g.index_copy(0, rows, g_r)
         failed = failed.index_copy(0, rows, failed_r)
-    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(h))
-    ok = ~failed & (lam >= -tol * scale_dual[:, None]).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
+    nu, e = f.equality_multipliers(lam, b)
+    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(e))
+    ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
     kkt = ok & (rp_n <= tol * scale_primal)
     # The polished point has exact zeros (s on the active set, lam off it). They stay
     # strictly positive for the backward, which divides by them, but far below every

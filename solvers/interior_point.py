@@ -748,8 +748,8 @@ class QPFactor:
     def solve_active_set(self, g0, active):
         """The equality-constrained QP where ``active`` (B, m) constraints hold with
         equality and the others are dropped (``Q z + c + G_a' lam_a + A' nu = 0``,
-        ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0`` of
-        :meth:`active_set_rhs`.
+        ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0`` (B, 1, m) of
+        :meth:`active_set_rhs` as a row.
 
         Returns lam (B, m) (zero off the active set), the constraint values ``G z - h =
         g0 - W lam`` (B, m), a (B,) mask of failed factorizations and the Cholesky factor
@@ -761,8 +761,11 @@ class QPFactor:
         # column-major layout, is M itself
         M = _active_set_matrix(self.W, a, self.delta[:, None]).transpose(-1, -2)
         L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty_like(active[:, 0], dtype=torch.int32)))
-        lam = _chol_solve((a * g0).unsqueeze(-1), L).squeeze(-1).mul_(a)
-        return lam, g0 - _mv(self.W, lam), info > 0, L
+        # the inactive rows of M are the identity's, decoupled from the rest: lam is
+        # exactly zero there. W is symmetric, so W lam is the row lam'W, the faster
+        # batched product (see _mv)
+        lam = _chol_solve((a.unsqueeze(-2) * g0).transpose(-1, -2), L).transpose(-1, -2)
+        return lam.squeeze(-2), torch.baddbmm(g0, lam, self.W, alpha=-1.0).squeeze(-2), info > 0, L
 
     def equality_multipliers(self, lam, b):
         """nu (B, p) for the inequality multipliers lam (B, m), and the residual ``A z - b``
@@ -1203,7 +1206,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         result = InteriorPointResult(None, sol.s, sol.lam, sol.nu, torch.full_like(every, OPTIMAL),
                                      torch.zeros_like(every), sol.rp_n, zero, zero, qp_factor=f)
         return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
-    if _whole_batch(f, left):
+    if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
         result = _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                        skip=skip | done, **options)
@@ -1404,15 +1407,16 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
     method (``ACTIVE_SET_ROUNDS``).
     """
-    g0 = f.active_set_rhs(hv, b)
+    g0 = f.active_set_rhs(hv, b).unsqueeze(-2)
     lam, g, failed, L = f.solve_active_set(g0, active)
     solves = torch.ones_like(failed, dtype=torch.int64)
     tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
+    minus_tol_d = -tol_d
     fewest, stalls = (math.inf, math.inf), 0
     for _ in range((rounds or _POLISH_ROUNDS) - 1):
-        violated = (g > tol_p) & ~active
-        negative = (lam < -tol_d) & active
-        changes = violated | negative
+        # the constraints to switch: active ones with a negative multiplier, inactive
+        # ones violated
+        changes = torch.where(active, lam < minus_tol_d, g > tol_p)
         wrong = changes.any(-1)
         n_wrong, n_changes = torch.stack([wrong.sum(), changes.sum()]).tolist()
         if not n_wrong:
@@ -1428,14 +1432,14 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
             stalls += 1
             if stalls == _ACTIVE_SET_PATIENCE:
                 break
-        corrected = (active | violated) & ~negative
+        corrected = active ^ changes
         solves.add_(wrong)
-        rows = wrong.nonzero().squeeze(-1)
-        if _whole_batch(f, rows):
+        if _whole_batch(f, n_wrong):
             # the right ones solve the same system and get the same solution
             active = corrected
             lam, g, failed, L = f.solve_active_set(g0, active)
             continue
+        rows = wrong.nonzero().squeeze(-1)
         retry = corrected.index_select(0, rows)
         lam_r, g_r, failed_r, L_r = f.select(rows, f.ACTIVE_SET).solve_active_set(g0.index_select(0, rows), retry)
         # L is this function's own factor: patched in place, not copied whole
@@ -1456,19 +1460,19 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, solves)
 
 
-def _whole_batch(f, rows):
-    """Whether work on the instances ``rows`` of the factor ``f`` is cheaper on the whole
+def _whole_batch(f, count):
+    """Whether work on ``count`` instances of the factor ``f`` is cheaper on the whole
     batch: copying blocks out and back costs about as much as using them, so when most
     instances are wanted, and when the blocks are small (the ~20 calls that gather them
     cost more than a small solve)."""
-    return 2 * rows.numel() > f.W.shape[0] or f.W.numel() <= _SMALL_BLOCKS
+    return 2 * count > f.W.shape[0] or f.W.numel() <= _SMALL_BLOCKS
 
 
 def _select_rows(f, mask, *tensors):
     """The instances ``mask`` (B,) of the factor and of ``tensors``: ``(rows, f, *tensors)``,
     or the whole batch (``rows`` every index; the caller masks) when :func:`_whole_batch`."""
     rows = mask.nonzero().squeeze(-1)
-    if _whole_batch(f, rows):
+    if _whole_batch(f, rows.numel()):
         return (torch.arange(mask.shape[0], device=mask.device), f, *tensors)
     return (rows, f.select(rows), *(t.index_select(0, rows) for t in tensors))
 

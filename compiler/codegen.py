@@ -101,9 +101,10 @@ def _outer_sum(pairs, scale):
     (B, r, K) x (B, K, c) matrix product instead of K outer products and K - 1 sums
     over (B, r, c) temporaries."""
     batch = max(x.shape[0] for pair in pairs for x in pair)
-    left = torch.stack([a.expand(batch, a.shape[-1]) for a, _ in pairs], -1)
-    right = torch.stack([b.expand(batch, b.shape[-1]) for _, b in pairs], -2)
-    return (left if scale == 1.0 else scale * left) @ right
+    left = torch.stack([a if a.shape[0] == batch else a.expand(batch, -1) for a, _ in pairs], -1)
+    right = torch.stack([b if b.shape[0] == batch else b.expand(batch, -1) for _, b in pairs], -2)
+    # bmm, not @: matmul's shape dispatch costs about as much as a small product
+    return torch.bmm(left if scale == 1.0 else scale * left, right)
 '''
 
 

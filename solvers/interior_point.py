@@ -1142,27 +1142,17 @@ def _certify_infeasible(result, G, hv, A, b, skip):
     return dataclasses.replace(result, status=status)
 
 
-def _solve_dual(f: "QPFactor", L, r_ineq, r_eq):
-    """dlam, dnu of [[W' + D, K12], [K21, K22]] [dlam; dnu] = [r_ineq; r_eq] (W' = GY),
-    with L the Cholesky factor of W + D."""
-    rhs = r_ineq - _mtv(f.T, r_eq) if f.p else r_ineq
-    dlam = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    if not f.p:
-        return dlam, r_eq.new_zeros(r_eq.shape)
-    dnu = _chol_solve((r_eq - _mtv(f.K12, dlam)).unsqueeze(-1), f.L22).squeeze(-1)
-    return dlam, dnu
-
-
 @dataclass
 class _Start:
     """The constraint-space start (B, ...): the Newton system with D = I, i.e.
-    min z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, gives z0 = qc - Q^-1 (G'y + A'nu) and
-    ``G_z0``; s and lam are CVXOPT's shift of its slack and multiplier estimate (-slack)
-    just inside the positive orthant. ``failed``: the factorization of W + I failed."""
+    min z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, has the multipliers y of the
+    inequalities (those of the equalities follow, :meth:`QPFactor.equality_multipliers`)
+    and the slack ``s_ls = hv - G z0``; s and lam are CVXOPT's shift of that slack and of
+    its multiplier estimate (-slack) just inside the positive orthant. ``failed``: the
+    factorization of W + I failed."""
 
     y: torch.Tensor
-    nu: torch.Tensor
-    G_z0: torch.Tensor
+    s_ls: torch.Tensor
     s: torch.Tensor
     lam: torch.Tensor
     failed: torch.Tensor
@@ -1171,16 +1161,17 @@ class _Start:
         return _Start(*(getattr(self, k.name).index_select(0, rows) for k in dataclasses.fields(self)))
 
 
-def _least_squares_start(f: "QPFactor", hv, b) -> _Start:
+def _least_squares_start(f: "QPFactor", g0) -> _Start:
+    """From ``g0`` of :meth:`QPFactor.active_set_rhs`: y = (W + I)^-1 g0, and G z0 - hv
+    is g0 - W y (the same identity as an active set's constraint values)."""
     W1 = f.W.clone()
     W1.diagonal(dim1=-2, dim2=-1).add_(f.delta[:, None] + 1.0)
     L1, info = torch.linalg.cholesky_ex(W1, out=(W1, torch.empty_like(f.delta, dtype=torch.int32)))
-    y, nu = _solve_dual(f, L1, f.G_qc - hv, f.A_qc - b)
-    G_z0 = f.G_qc - _mv(f.GY, y) - (_mv(f.K12, nu) if f.p else 0)
-    s_ls = hv - G_z0
+    y = _chol_solve(g0.unsqueeze(-1), L1).squeeze(-1)
+    s_ls = _mv(f.W, y) - g0
     s = s_ls + (1.0 - s_ls.amin(-1, keepdim=True)).clamp(min=0.0)
     lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
-    return _Start(y, nu, G_z0, s, lam, info > 0)
+    return _Start(y, s_ls, s, lam, info > 0)
 
 
 def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip,
@@ -1190,7 +1181,8 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when
     they are few (the others' exact solutions are kept)."""
     B, device = hv.shape[0], hv.device
-    start = _least_squares_start(f, hv, b)
+    g0 = f.active_set_rhs(hv, b)
+    start = _least_squares_start(f, g0)
     skip = start.failed if skip is None else (skip | start.failed)
     every = torch.arange(B, device=device)
     options = dict(tol=tol, max_iter=max_iter)
@@ -1198,7 +1190,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                      skip=skip, **options)
     sol = _active_set_solution(f, hv, b, start.lam > start.s, tol, scale_dual, scale_primal,
-                               rounds=active_set_rounds)
+                               rounds=active_set_rounds, g0=g0)
     done = sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
@@ -1262,13 +1254,14 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
         return L, info > 0
 
     qc = f.qc  # -Q^-1 c
-    nu, G_z0, s, lam = start.nu, start.G_z0, start.s, start.lam
+    nu, _ = f.equality_multipliers(start.y, b)
+    s, lam = start.s, start.lam
     z0 = qc - f.back_substitute(start.y, nu)
 
     # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Q^-1 (G'lam + A'nu)
     q1 = qc - z0 - f.back_substitute(lam, nu)
     rd0_n = _inf_norm(_mv(Q, q1))  # |rd| = |Q q1|
-    rp0 = G_z0 - hv + s
+    rp0 = s - start.s_ls
     re0 = _mv(A, z0) - b
     u = _mv(G, q1) + rp0           # G q1 + rp: the constraint-space right-hand side
     v_eq = _mv(A, q1) + re0 if p else re0
@@ -1398,16 +1391,17 @@ class ActiveSetSolution:
     solves: torch.Tensor
 
 
-def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None):
+def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None, g0=None):
     """Solve the equality QP where the constraints ``active`` (B, m) hold with equality.
 
     A guess from an interior-point iterate can be wrong on near-degenerate constraints:
     violated constraints are added and those with negative multipliers dropped, and
     the instances concerned (only those) are solved again: ``rounds`` solves at most
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
-    method (``ACTIVE_SET_ROUNDS``).
+    method (``ACTIVE_SET_ROUNDS``). ``g0``: :meth:`QPFactor.active_set_rhs`, if the
+    caller has it.
     """
-    g0 = f.active_set_rhs(hv, b).unsqueeze(-2)
+    g0 = (f.active_set_rhs(hv, b) if g0 is None else g0).unsqueeze(-2)
     lam, g, failed, L = f.solve_active_set(g0, active)
     solves = torch.ones_like(failed, dtype=torch.int64)
     tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
@@ -1648,16 +1642,15 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
     if p:
         r_eq = _mv(f.A, qw) if w_nu is None else _mv(f.A, qw) - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
-    if a is None:
-        y = _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    else:
-        y = _chol_solve((a * rhs).unsqueeze(-1), L).squeeze(-1) * a
-    G_uz = Gqw - _mv(f.GY, y)
+    # (the active set's factor: y is exactly zero off the active set, see solve_active_set)
+    y = _chol_solve((rhs if a is None else a * rhs).unsqueeze(-1), L).squeeze(-1)
+    # the inactive rows' G u_z - w_lam, with G u_z = G Q^-1 (w_z - G'y - A'u_nu): rhs - W y,
+    # the identity of an active set's constraint values (solve_active_set)
+    G_uz = rhs - _mv(f.W, y)
     if p:
         u_nu = _chol_solve((r_eq - _mtv(f.K12, y)).unsqueeze(-1), f.L22).squeeze(-1)
-        G_uz = G_uz - _mv(f.K12, u_nu)
     else:
         u_nu = lam.new_zeros(lam.shape[0], 0)
     u_z = qw - f.back_substitute(y, u_nu)
-    u_lam = torch.where(lam > s, y / lam, (G_uz if w_lam is None else G_uz - w_lam) / s)
+    u_lam = torch.where(lam > s, y / lam, G_uz / s)
     return u_z, u_lam, u_nu, failed

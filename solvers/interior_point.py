@@ -50,15 +50,15 @@ _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 _CROSSOVER = 1e-3
 _CROSSOVER_RETRY = 1e-3
 # A QP solved in constraint space first tries the primal-dual active-set iteration
-# (Hintermueller, Ito and Kunisch 2002) from the interior point's start: the equality QP
-# of a guessed active set, with the violated constraints added and those of negative
-# multiplier dropped, this many rounds at most. On random well-posed QPs it ends in
-# 6-12 rounds, each one factorization like an interior-point iteration but with a third
-# of its small ops (1.2-1.4x faster on the benchmark shapes than the interior point
-# from the start). The instances it leaves (cycling on degenerate constraints,
-# infeasible ones) go on with the interior point; the iteration gives up after
-# _ACTIVE_SET_PATIENCE rounds without progress (problems with many active constraints,
-# where it wanders; benchmarks/qp_families.py measures what it gains and costs)
+# (Hintermueller, Ito and Kunisch 2002): the equality QP of a guessed active set (at
+# first the constraints the minimizer under the equalities alone violates), with the
+# violated constraints added and those of negative multiplier dropped, this many rounds
+# at most. On random well-posed QPs it ends in 4-12 rounds, each one factorization like
+# an interior-point iteration but with a fraction of its small ops. The instances it
+# leaves (cycling on degenerate constraints, infeasible ones) go on with the interior
+# point; the iteration gives up after _ACTIVE_SET_PATIENCE rounds without progress
+# (problems with many active constraints, where it wanders).
+# benchmarks/qp_families.py measures what it gains and costs
 ACTIVE_SET_ROUNDS = 12
 _ACTIVE_SET_PATIENCE = 2
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
@@ -1157,9 +1157,6 @@ class _Start:
     lam: torch.Tensor
     failed: torch.Tensor
 
-    def select(self, rows):
-        return _Start(*(getattr(self, k.name).index_select(0, rows) for k in dataclasses.fields(self)))
-
 
 def _least_squares_start(f: "QPFactor", g0) -> _Start:
     """From ``g0`` of :meth:`QPFactor.active_set_rhs`: y = (W + I)^-1 g0, and G z0 - hv
@@ -1176,22 +1173,28 @@ def _least_squares_start(f: "QPFactor", g0) -> _Start:
 
 def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip,
                             active_set_rounds):
-    """A QP with positive definite Q: the active-set iteration from the interior point's
-    start first (``active_set_rounds`` at most), then the interior point
-    (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when
-    they are few (the others' exact solutions are kept)."""
+    """A QP with positive definite Q: the active-set iteration first (``active_set_rounds``
+    at most), from the constraints the minimizer under the equalities alone violates,
+    then the interior point (:func:`_constraint_space_ipm`) for the instances it leaves,
+    on those alone when they are few (the others' exact solutions are kept)."""
     B, device = hv.shape[0], hv.device
     g0 = f.active_set_rhs(hv, b)
-    start = _least_squares_start(f, g0)
-    skip = start.failed if skip is None else (skip | start.failed)
     every = torch.arange(B, device=device)
     options = dict(tol=tol, max_iter=max_iter)
-    if not active_set_rounds:
+
+    def interior_point(skip):
+        start = _least_squares_start(f, g0)
+        skip = start.failed if skip is None else (skip | start.failed)
         return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                      skip=skip, **options)
-    sol = _active_set_solution(f, hv, b, start.lam > start.s, tol, scale_dual, scale_primal,
+
+    if not active_set_rounds:
+        return interior_point(skip)
+    # that guess took 0-1.5 rounds fewer on random QPs than the interior point's
+    # least-squares start (lam > s there), and needs no factorization of its own
+    sol = _active_set_solution(f, hv, b, g0 > tol * scale_primal[:, None], tol, scale_dual, scale_primal,
                                rounds=active_set_rounds, g0=g0)
-    done = sol.kkt & ~skip
+    done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
         zero = torch.zeros_like(scale_dual)
@@ -1200,13 +1203,15 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
     if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
-        result = _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                       skip=skip | done, **options)
+        result = interior_point(done if skip is None else skip | done)
     else:
+        sub = f.select(left, None)
+        start = _least_squares_start(sub, g0.index_select(0, left))
+        skip_r = start.failed if skip is None else skip.index_select(0, left) | start.failed
         part = _constraint_space_ipm(
-            f.select(left, None), start.select(left), hv.index_select(0, left), b.index_select(0, left),
+            sub, start, hv.index_select(0, left), b.index_select(0, left),
             scale_dual=scale_dual.index_select(0, left), scale_primal=scale_primal.index_select(0, left),
-            skip=skip.index_select(0, left), **options)
+            skip=skip_r, **options)
         result = _embed(part, left, B, f)
     return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
 

@@ -53,14 +53,20 @@ _CROSSOVER_RETRY = 1e-3
 # (Hintermueller, Ito and Kunisch 2002): the equality QP of a guessed active set (at
 # first the constraints the minimizer under the equalities alone violates), with the
 # violated constraints added and those of negative multiplier dropped, this many rounds
-# at most. On random well-posed QPs it ends in 4-12 rounds, each one factorization like
-# an interior-point iteration but with a fraction of its small ops. The instances it
-# leaves (cycling on degenerate constraints, infeasible ones) go on with the interior
-# point; the iteration gives up after _ACTIVE_SET_PATIENCE rounds without progress
-# (problems with many active constraints, where it wanders).
-# benchmarks/qp_families.py measures what it gains and costs
-ACTIVE_SET_ROUNDS = 12
+# at most. On random well-posed QPs it ends in 4-10 rounds (the last instances of a
+# batch of 512 in 14-17), each one factorization like an interior-point iteration but
+# with a fraction of its small ops. An instance back at an active set it had switches
+# only its worst constraint (the iteration is deterministic in the set: it cycles
+# otherwise). The instances it leaves (infeasible ones, degenerate ones) go on with the
+# interior point; the iteration gives up after _ACTIVE_SET_PATIENCE rounds without
+# progress (problems with many active constraints, where it wanders), or 4 on small
+# blocks: there a round costs a few small ops, and handing even one instance over
+# costs a whole interior-point solve of such ops (a lone instance's corrections went 3,
+# 4, 3, 2, 1: solved at the sixth round). benchmarks/qp_families.py measures what it
+# gains and costs
+ACTIVE_SET_ROUNDS = 20
 _ACTIVE_SET_PATIENCE = 2
+_ACTIVE_SET_PATIENCE_SMALL = 4
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
 # it. A fixed 0.99 leaves the multipliers of inactive constraints (and the residuals they
@@ -1412,14 +1418,30 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     minus_tol_d = -tol_d
     fewest, stalls = (math.inf, math.inf), 0
-    for _ in range((rounds or _POLISH_ROUNDS) - 1):
+    patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
+    n_rounds = rounds or _POLISH_ROUNDS
+    weights = _fingerprint_weights(active.shape[-1], active.device)
+    seen = torch.empty(active.shape[0], n_rounds, dtype=torch.float64, device=active.device)
+    k_seen = 0
+    for _ in range(n_rounds - 1):
         # the constraints to switch: active ones with a negative multiplier, inactive
         # ones violated
         changes = torch.where(active, lam < minus_tol_d, g > tol_p)
         wrong = changes.any(-1)
-        n_wrong, n_changes = torch.stack([wrong.sum(), changes.sum()]).tolist()
+        # the iteration is deterministic in the active set: an instance back at a set it
+        # had is in a cycle (of period 4 on a random QP at (32, 10, 10, 2)). Those switch
+        # only their worst constraint this round, which leaves the cycle
+        fp = torch.mv(active.to(weights.dtype), weights)
+        stuck = (seen[:, :k_seen] == fp[:, None]).any(-1) & wrong
+        seen[:, k_seen] = fp
+        k_seen += 1
+        n_wrong, n_changes, n_stuck = torch.stack([wrong.sum(), changes.sum(), stuck.sum()]).tolist()
         if not n_wrong:
             break
+        if n_stuck:
+            score = torch.where(active, lam / minus_tol_d, g / tol_p)
+            single = changes & (score >= score.amax(-1, keepdim=True))
+            changes = torch.where(stuck[:, None], single, changes)
         # converging, the corrections dwindle round by round (by 30-60 % on random QPs);
         # when for a few rounds neither the wrong instances reach a new low nor the wrong
         # constraints fall a tenth below theirs, the iteration wanders or cycles (too
@@ -1429,7 +1451,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
             fewest, stalls = (min(n_wrong, fewest[0]), min(n_changes, fewest[1])), 0
         else:
             stalls += 1
-            if stalls == _ACTIVE_SET_PATIENCE:
+            if stalls == patience:
                 break
         corrected = active ^ changes
         solves.add_(wrong)
@@ -1457,6 +1479,19 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     s = torch.where(active, zero, (-g).clamp(min=zero))
     lam = torch.where(active, lam.clamp(min=zero), zero)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, solves)
+
+
+_FINGERPRINT_WEIGHTS = {}
+
+
+def _fingerprint_weights(m, device):
+    """Random weights (m,) whose sum over an active set is its fingerprint: two sets
+    collide only if their sums agree to rounding in float64."""
+    key = (m, device)
+    if key not in _FINGERPRINT_WEIGHTS:
+        w = torch.rand(m, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+        _FINGERPRINT_WEIGHTS[key] = w.to(device)
+    return _FINGERPRINT_WEIGHTS[key]
 
 
 def _whole_batch(f, count):

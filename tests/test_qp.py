@@ -369,6 +369,21 @@ def test_active_set_phase_gives_up_where_it_does_not_converge():
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
 
 
+def test_active_set_iteration_leaves_a_cycle():
+    # Instance 8 of this batch cycles through four active sets (the iteration is
+    # deterministic in the set); back at a set it had, it switches only its worst
+    # constraint, leaves the cycle and is solved without the interior point.
+    n, m, p, B = 10, 10, 2, 32
+    data = random_qp(B, n, m, p, seed=1)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-9)
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    assert int(layer.info.iterations.max()) == 0
+    assert int(layer.info.active_set_rounds[8]) > 5
+    xr, _, _ = qp_reference(*(t[8].numpy() for t in data))
+    np.testing.assert_allclose(x[8].numpy(), xr, atol=1e-7)
+
+
 @pytest.mark.parametrize("B", [8, 160])
 def test_instances_the_active_set_phase_leaves_go_on_with_the_interior_point(monkeypatch, B):
     # Two infeasible instances and one with a NaN input stay with the interior point:

@@ -202,8 +202,8 @@ class OptimizationLayer(torch.nn.Module):
         """Solve for a batch of parameter values; see the class docstring."""
         tensors = self._bind(args, kwargs)
         batch, dtype, device, batched = self._check(tensors)
-        params = [t.to(dtype) if t.shape[:1] == (batch,) and b else t.to(dtype).unsqueeze(0)
-                  for t, b in zip(tensors, batched)]
+        params = [t if t.dtype == dtype else t.to(dtype) for t in tensors]  # (a no-op .to costs a dispatch)
+        params = [t if t.shape[:1] == (batch,) and b else t.unsqueeze(0) for t, b in zip(params, batched)]
         params = [params[k] for k in self._param_pos]
         batched_spec = [batched[k] for k in self._param_pos]
         # An inference call (no gradient to record) keeps its solver state until the next

@@ -284,17 +284,17 @@ def active_set_kernel(W, active, rhs):
     constraint space: the Cholesky factorization of W (B, m, m) restricted to the
     constraints ``active`` (B, m) and one solve for rhs (B, m). Benchmarks time it to
     show the solver's floor."""
-    M = _active_set_matrix(W, active.to(W.dtype), 0.0)
+    M = _active_set_matrix(W, active.to(W.dtype), 1.0)
     L, _ = torch.linalg.cholesky_ex(M)
     return _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
 
 
-def _active_set_matrix(W, a, shift):
+def _active_set_matrix(W, a, unit_shift):
     """W (B, m, m) with the rows and columns where ``a`` (B, m) is 0 replaced by the
-    identity's, plus ``shift`` on the diagonal: two passes over (B, m, m). Exactly
-    symmetric when W is (``a`` is 0 or 1)."""
+    identity's, plus ``unit_shift - 1`` on the diagonal: two passes over (B, m, m).
+    Exactly symmetric when W is (``a`` is 0 or 1)."""
     M = torch.mul(W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
-    M.diagonal(dim1=-2, dim2=-1).add_(1.0 - a + shift)
+    M.diagonal(dim1=-2, dim2=-1).add_(unit_shift).sub_(a)
     return M
 
 
@@ -720,6 +720,7 @@ class QPFactor:
         # static regularization of W + D, scaled by W alone: D = s/lam reaches 1e15 on
         # inactive rows, and a delta that grew with it would spoil the active ones
         self.delta = _regularization(Q.dtype) * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+        self.unit_delta = (self.delta + 1.0)[:, None]  # an active set's matrix: W, or 1, plus delta
 
     def back_substitute(self, y, nu=None):
         """Q^-1 (G'y + A'nu) for y (B, m), nu (B, p)."""
@@ -729,9 +730,9 @@ class QPFactor:
         return torch.linalg.solve_triangular(_mT(self.L_Q), r.unsqueeze(-1), upper=True).squeeze(-1)
 
     #: the blocks that live in constraint space (no n-sized dimension)
-    CONSTRAINT_SPACE = ("W", "GY", "delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
+    CONSTRAINT_SPACE = ("W", "GY", "delta", "unit_delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
     #: what :meth:`solve_active_set` reads
-    ACTIVE_SET = ("W", "delta")
+    ACTIVE_SET = ("W", "unit_delta")
 
     def select(self, rows, blocks=CONSTRAINT_SPACE):
         """The instances ``rows`` (an index tensor) of the tensors named in ``blocks``
@@ -751,22 +752,22 @@ class QPFactor:
         g0 = self.G_qc - h
         return g0 - _mtv(self.T, self.A_qc - b) if self.p else g0
 
-    def solve_active_set(self, g0, active):
-        """The equality-constrained QP where ``active`` (B, m) constraints hold with
-        equality and the others are dropped (``Q z + c + G_a' lam_a + A' nu = 0``,
-        ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0`` (B, 1, m) of
-        :meth:`active_set_rhs` as a row.
+    def solve_active_set(self, g0, a, info=None):
+        """The equality-constrained QP where the constraints ``a`` (B, m; 1.0 or 0.0, in
+        the dtype of W) hold with equality and the others are dropped (``Q z + c + G_a'
+        lam_a + A' nu = 0``, ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0``
+        (B, 1, m) of :meth:`active_set_rhs` as a row. ``info``: an int32 (B,) buffer.
 
         Returns lam (B, m) (zero off the active set), the constraint values ``G z - h =
         g0 - W lam`` (B, m), a (B,) mask of failed factorizations and the Cholesky factor
         of the active set's matrix (the backward pass reuses it). The multipliers of the
         equalities follow from lam (:meth:`equality_multipliers`), and z is
         ``qc - back_substitute(lam, nu)``, stationary by construction."""
-        a = active.to(self.W.dtype)
         # factored in place: M is exactly symmetric, so its transpose, LAPACK's
         # column-major layout, is M itself
-        M = _active_set_matrix(self.W, a, self.delta[:, None]).transpose(-1, -2)
-        L, info = torch.linalg.cholesky_ex(M, out=(M, torch.empty_like(active[:, 0], dtype=torch.int32)))
+        M = _active_set_matrix(self.W, a, self.unit_delta).transpose(-1, -2)
+        info = a.new_empty(a.shape[0], dtype=torch.int32) if info is None else info
+        L, info = torch.linalg.cholesky_ex(M, out=(M, info))
         # the inactive rows of M are the identity's, decoupled from the rest: lam is
         # exactly zero there. W is symmetric, so W lam is the row lam'W, the faster
         # batched product (see _mv)
@@ -1413,7 +1414,10 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     caller has it.
     """
     g0 = (f.active_set_rhs(hv, b) if g0 is None else g0).unsqueeze(-2)
-    lam, g, failed, L = f.solve_active_set(g0, active)
+    dtype = f.W.dtype
+    a = active.to(dtype)
+    info = a.new_empty(a.shape[0], dtype=torch.int32)  # every whole-batch round's
+    lam, g, failed, L = f.solve_active_set(g0, a, info)
     solves = torch.ones_like(failed, dtype=torch.int64)
     tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     minus_tol_d = -tol_d
@@ -1421,21 +1425,20 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
     n_rounds = rounds or _POLISH_ROUNDS
     weights = _fingerprint_weights(active.shape[-1], active.device)
-    seen = torch.empty(active.shape[0], n_rounds, dtype=torch.float64, device=active.device)
-    k_seen = 0
-    for _ in range(n_rounds - 1):
+    seen = torch.full((active.shape[0], n_rounds), math.nan, dtype=torch.float64, device=active.device)
+    for k in range(n_rounds - 1):
         # the constraints to switch: active ones with a negative multiplier, inactive
         # ones violated
         changes = torch.where(active, lam < minus_tol_d, g > tol_p)
-        wrong = changes.any(-1)
+        per_instance = changes.sum(-1)
+        wrong = per_instance > 0
         # the iteration is deterministic in the active set: an instance back at a set it
         # had is in a cycle (of period 4 on a random QP at (32, 10, 10, 2)). Those switch
         # only their worst constraint this round, which leaves the cycle
-        fp = torch.mv(active.to(weights.dtype), weights)
-        stuck = (seen[:, :k_seen] == fp[:, None]).any(-1) & wrong
-        seen[:, k_seen] = fp
-        k_seen += 1
-        n_wrong, n_changes, n_stuck = torch.stack([wrong.sum(), changes.sum(), stuck.sum()]).tolist()
+        fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
+        stuck = (seen == fp[:, None]).any(-1) & wrong  # (NaN, the rounds to come, equals nothing)
+        seen[:, k] = fp
+        n_changes, n_wrong, n_stuck = torch.stack([per_instance, wrong, stuck]).sum(-1).tolist()
         if not n_wrong:
             break
         if n_stuck:
@@ -1457,14 +1460,16 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         solves.add_(wrong)
         if _whole_batch(f, n_wrong):
             # the right ones solve the same system and get the same solution
-            active = corrected
-            lam, g, failed, L = f.solve_active_set(g0, active)
+            active, a = corrected, corrected.to(dtype)
+            lam, g, failed, L = f.solve_active_set(g0, a, info)
             continue
         rows = wrong.nonzero().squeeze(-1)
         retry = corrected.index_select(0, rows)
-        lam_r, g_r, failed_r, L_r = f.select(rows, f.ACTIVE_SET).solve_active_set(g0.index_select(0, rows), retry)
+        lam_r, g_r, failed_r, L_r = f.select(rows, f.ACTIVE_SET).solve_active_set(
+            g0.index_select(0, rows), retry.to(dtype))
         # L is this function's own factor: patched in place, not copied whole
         active, L = active.index_copy(0, rows, retry), L.index_copy_(0, rows, L_r)
+        a = active.to(dtype)
         lam, g = lam.index_copy(0, rows, lam_r), g.index_copy(0, rows, g_r)
         failed = failed.index_copy(0, rows, failed_r)
     nu, e = f.equality_multipliers(lam, b)

@@ -42,6 +42,7 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
+_FARKAS_RADIUS = 1e6  # an infeasibility certificate excludes z this far out (relative)
 _STALL = 1e-12  # a step shorter than this makes no progress
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # a QP instance tries its active set when complementarity falls below _CROSSOVER
@@ -1133,7 +1134,13 @@ def _verify(result, residuals, scale_dual, scale_primal, tol):
 def _certify_infeasible(result, G, hv, A, b, skip):
     """Mark unsolved instances INFEASIBLE when their duals are a Farkas certificate:
     lam >= 0 with G'lam + A'nu ~ 0 and hv'lam + b'nu < 0 (then no z has Gz <= hv, Az = b).
-    An interior point on an infeasible problem drives (lam, nu) towards such a ray."""
+    An interior point on an infeasible problem drives (lam, nu) towards such a ray.
+
+    With r = G'lam + A'nu and gap = hv'lam + b'nu, every feasible z has r'z <= gap, so
+    none lies within |z|_1 < -gap / |r|_inf: the certificate counts when that radius is
+    beyond _FARKAS_RADIUS times the iterate's size. (A residual small only relative to
+    the largest entry of G let a stalled solve of a feasible problem whose rows span ten
+    decades pass with a radius below 1; true certificates here had 1e11.)"""
     unsolved = result.status != OPTIMAL
     if skip is not None:
         unsolved = unsolved & ~skip
@@ -1142,9 +1149,9 @@ def _certify_infeasible(result, G, hv, A, b, skip):
     lam, nu = result.lam, result.nu
     size = lam.abs().sum(-1) + nu.abs().sum(-1)
     ray = _mtv(G, lam) + (_mtv(A, nu) if nu.shape[-1] else 0)
-    data = torch.maximum(_inf_norm(G.flatten(1)), _inf_norm(A.flatten(1))).clamp(min=1.0)
     gap = (hv * lam).sum(-1) + (b * nu).sum(-1)
-    certified = unsolved & (_inf_norm(ray) <= 1e-6 * data * size) & (gap < -1e-9 * size)
+    radius = _FARKAS_RADIUS * (1.0 + _inf_norm(result.z))
+    certified = unsolved & (gap < -1e-9 * size) & (_inf_norm(ray) * radius <= -gap)
     status = torch.where(certified, torch.full_like(result.status, INFEASIBLE), result.status)
     return dataclasses.replace(result, status=status)
 

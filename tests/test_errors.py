@@ -5,6 +5,7 @@ import torch
 
 import declarative as dl
 from conftest import random_qp
+from references import qp_reference
 from test_qp import qp_problem
 
 
@@ -138,3 +139,21 @@ def test_max_iter_is_reported():
     assert layer.info.status == ["max_iter", "max_iter"]
     assert (layer.info.iterations == 2).all()
     assert torch.isfinite(out).all()  # max_iter returns the last iterate
+
+
+def test_badly_scaled_feasible_rows_are_never_called_infeasible():
+    # Strictly feasible instances (h = G x0 + s0) whose constraint rows are scaled over
+    # ten decades: the solve may fail on some (numerical_error), but a failure must not
+    # pass as an infeasibility certificate, and what is reported optimal must be right.
+    n, m, p, B = 10, 15, 2, 32
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=4)
+    scale = 10.0 ** (10 * torch.rand(B, m, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 5)
+    G, h = G * scale, h * scale[..., 0]
+    layer = qp_problem(n, m, p).to_torch(warn=False)
+    x = layer(Q, q, G, h, A, b)
+    assert "infeasible" not in layer.info.status
+    optimal = [i for i, s in enumerate(layer.info.status) if s == "optimal"]
+    assert optimal, "nothing solved: the test lost its point"
+    for i in optimal[:4]:
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)

@@ -719,8 +719,12 @@ class QPFactor:
         # exactly symmetric, so that either triangle (or the transpose) may be copied
         self.W = (W + _mT(W)).mul_(0.5)
         # static regularization of W + D, scaled by W alone: D = s/lam reaches 1e15 on
-        # inactive rows, and a delta that grew with it would spoil the active ones
-        self.delta = _regularization(Q.dtype) * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+        # inactive rows, and a delta that grew with it would spoil the active ones. At
+        # least 8 ulps of the diagonal: below that it vanishes in rounding (float32), and
+        # an active set with a constraint written twice (after row scaling, the same
+        # row) has a singular matrix
+        reg = max(_regularization(Q.dtype), 8 * torch.finfo(Q.dtype).eps)
+        self.delta = reg * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
         self.unit_delta = (self.delta + 1.0)[:, None]  # an active set's matrix: W, or 1, plus delta
 
     def back_substitute(self, y, nu=None):
@@ -1072,8 +1076,38 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
     space, with at most ``active_set_rounds`` rounds of the active-set iteration first
     (:func:`_constraint_space_solve`; 0: the interior point alone); otherwise (LPs,
     singular Q) it runs the general loop with the n-space reduction.
+
+    Every constraint row is first divided by its largest entry (rows of G and hv, of A
+    and b), so that the tolerance means the same for each: with the rows as given, a
+    row a million times smaller than the others could be violated by its own size and
+    still pass a test relative to the data. The result is in the caller's units;
+    ``qp_factor.row_scale`` holds the factors for :func:`qp_adjoint`.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
+    r_G, r_A = _row_scale(G), _row_scale(A)
+    G, hv = G * r_G.unsqueeze(-1), hv * r_G
+    A, b = A * r_A.unsqueeze(-1), b * r_A
+    return _in_caller_units(_solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds),
+                            r_G, r_A)
+
+
+def _row_scale(M):
+    """1 / the largest |entry| of each row of M (B, k, n): (B, k), 1 for a zero row."""
+    if not M.shape[-2]:
+        return M.new_ones(M.shape[:-1])
+    largest = M.abs().amax(-1)
+    return torch.where(largest > 0, largest, 1.0).reciprocal_()
+
+
+def _in_caller_units(result: InteriorPointResult, r_G, r_A) -> InteriorPointResult:
+    """Row-scaled rows G_s = diag(r_G) G have slacks s_s = r_G s and multipliers
+    lam_s = lam / r_G (G_s'lam_s = G'lam), and likewise nu_s = nu / r_A."""
+    if result.qp_factor is not None:
+        result.qp_factor.row_scale = (r_G, r_A)
+    return dataclasses.replace(result, s=result.s / r_G, lam=result.lam * r_G, nu=result.nu * r_A)
+
+
+def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds):
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
     scale_dual = 1.0 + _inf_norm(c)
     scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
@@ -1667,6 +1701,11 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
 def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None, active_factor=None):
     """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
 
+    ``s``, ``lam`` and the cotangents are in the caller's units; the factor is of the
+    row-scaled problem (:func:`solve_qp`, ``f.row_scale``). The KKT residuals of the two
+    agree but for the rows of the equalities, scaled by r_A, so the adjoints agree but
+    for u_nu = r_A u_nu_s.
+
     With y = lam * u_lam the transposed system is the forward's Newton matrix
     ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]] [u_z; y; u_nu] = [w_z; w_lam; w_nu]``,
     D = s/lam at the solution: one (m, m) Cholesky factorization on top of the blocks the
@@ -1676,6 +1715,11 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
     failure mask is None when the active set's factor is reused: nothing is factored.
     """
     m, p = lam.shape[-1], f.p
+    r_G, r_A = getattr(f, "row_scale", (None, None))
+    if r_G is not None:
+        s, lam = s * r_G, lam / r_G
+        w_lam = None if w_lam is None else w_lam * r_G
+        w_nu = None if w_nu is None else w_nu * r_A
     if active_factor is None:
         eye = torch.eye(m, dtype=lam.dtype, device=lam.device)
         L, info = torch.linalg.cholesky_ex(f.W + torch.diag_embed(s / lam + f.delta[:, None]))
@@ -1705,4 +1749,4 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         u_nu = lam.new_zeros(lam.shape[0], 0)
     u_z = qw - f.back_substitute(y, u_nu)
     u_lam = torch.where(lam > s, y / lam, G_uz / s)
-    return u_z, u_lam, u_nu, failed
+    return u_z, u_lam, u_nu if r_A is None else u_nu * r_A, failed

@@ -403,8 +403,7 @@ class OptimizationLayer(torch.nn.Module):
             problem_class=self.problem_class,
             active_set_rounds=result.active_set_rounds,
         )
-        failed = status != ipm.OPTIMAL
-        n_failed = int(failed.sum())
+        n_failed = sum(name != "optimal" for name in self.info.status)  # on the host already
         if n_failed and self.warn:
             counts = {}
             for s in self.info.status:
@@ -421,7 +420,7 @@ class OptimizationLayer(torch.nn.Module):
         # iterate for max_iter) and the backward pass skips it
         if n_failed:
             usable = status == ipm.MAX_ITER
-            valid = ~failed
+            valid = status == ipm.OPTIMAL
             safe = valid[:, None]
             z = torch.where(safe, result.z, torch.zeros_like(result.z))
             s = torch.where(safe, result.s, torch.ones_like(result.s))

@@ -1476,10 +1476,14 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         # the iteration is deterministic in the active set: an instance back at a set it
         # had is in a cycle (of period 4 on a random QP at (32, 10, 10, 2)). Those switch
         # only their worst constraint this round, which leaves the cycle
+        # (a set can come back two rounds later at the earliest: compared from k = 2 on)
         fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
-        stuck = (seen == fp[:, None]).any(-1) & wrong  # (NaN, the rounds to come, equals nothing)
+        if k >= 2:
+            stuck = (seen == fp[:, None]).any(-1) & wrong  # (NaN, the rounds to come, equals nothing)
+            n_changes, n_wrong, n_stuck = torch.stack([per_instance, wrong, stuck]).sum(-1).tolist()
+        else:
+            n_changes, n_wrong, n_stuck = *torch.stack([per_instance, wrong]).sum(-1).tolist(), 0
         seen[:, k] = fp
-        n_changes, n_wrong, n_stuck = torch.stack([per_instance, wrong, stuck]).sum(-1).tolist()
         if not n_wrong:
             break
         if n_stuck:

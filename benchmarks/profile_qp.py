@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 import common as C  # noqa: E402
 
-PHASES = ("QPFactor", "_constraint_space_ipm", "_active_set_solution", "_polish", "_verify",
+PHASES = ("QPFactor", "_constraint_space_solve", "_constraint_space_ipm", "_active_set_solution", "_polish", "_verify",
           "_certify_infeasible", "qp_adjoint")
 
 

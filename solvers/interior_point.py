@@ -1085,10 +1085,9 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
     """
     tol = default_tol(Q.dtype) if tol is None else tol
     r_G, r_A = _row_scale(G), _row_scale(A)
-    G, hv = G * r_G.unsqueeze(-1), hv * r_G
-    A, b = A * r_A.unsqueeze(-1), b * r_A
-    return _in_caller_units(_solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds),
-                            r_G, r_A)
+    result = _solve_qp_rows_scaled(Q, c, G * r_G.unsqueeze(-1), hv * r_G, A * r_A.unsqueeze(-1), b * r_A,
+                                   tol, max_iter, skip, active_set_rounds)
+    return _in_caller_units(result, r_G, r_A, G, A)
 
 
 def _row_scale(M):
@@ -1099,10 +1098,13 @@ def _row_scale(M):
     return torch.where(largest > 0, largest, 1.0).reciprocal_()
 
 
-def _in_caller_units(result: InteriorPointResult, r_G, r_A) -> InteriorPointResult:
+def _in_caller_units(result: InteriorPointResult, r_G, r_A, G, A) -> InteriorPointResult:
     """Row-scaled rows G_s = diag(r_G) G have slacks s_s = r_G s and multipliers
-    lam_s = lam / r_G (G_s'lam_s = G'lam), and likewise nu_s = nu / r_A."""
+    lam_s = lam / r_G (G_s'lam_s = G'lam), and likewise nu_s = nu / r_A. The factor, kept
+    for the backward, holds the caller's G and A with the scales rather than scaled
+    copies of them (:func:`qp_adjoint`)."""
     if result.qp_factor is not None:
+        result.qp_factor.G, result.qp_factor.A = G, A
         result.qp_factor.row_scale = (r_G, r_A)
     return dataclasses.replace(result, s=result.s / r_G, lam=result.lam * r_G, nu=result.nu * r_A)
 
@@ -1706,9 +1708,9 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
     """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
 
     ``s``, ``lam`` and the cotangents are in the caller's units; the factor is of the
-    row-scaled problem (:func:`solve_qp`, ``f.row_scale``). The KKT residuals of the two
-    agree but for the rows of the equalities, scaled by r_A, so the adjoints agree but
-    for u_nu = r_A u_nu_s.
+    row-scaled problem (:func:`solve_qp`, ``f.row_scale``; its G and A are the caller's).
+    The KKT residuals of the two agree but for the rows of the equalities, scaled by r_A,
+    so the adjoints agree but for u_nu = r_A u_nu_s.
 
     With y = lam * u_lam the transposed system is the forward's Newton matrix
     ``[[Q, G', A'], [G, -D, 0], [A, 0, 0]] [u_z; y; u_nu] = [w_z; w_lam; w_nu]``,
@@ -1737,10 +1739,11 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         L, a = active_factor, active_set.to(lam.dtype)
         failed = None
     qw = _chol_solve(w_z.unsqueeze(-1), f.L_Q).squeeze(-1)  # Q^-1 w_z
-    Gqw = _mv(f.G, qw)
+    Gqw = _mv(f.G, qw) if r_G is None else _mv(f.G, qw).mul_(r_G)
     rhs = Gqw if w_lam is None else Gqw - w_lam
     if p:
-        r_eq = _mv(f.A, qw) if w_nu is None else _mv(f.A, qw) - w_nu
+        Aqw = _mv(f.A, qw) if r_A is None else _mv(f.A, qw).mul_(r_A)
+        r_eq = Aqw if w_nu is None else Aqw - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
     # (the active set's factor: y is exactly zero off the active set, see solve_active_set)
     y = _chol_solve((rhs if a is None else a * rhs).unsqueeze(-1), L).squeeze(-1)

@@ -736,21 +736,12 @@ def time_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed: int =
     triangular solves. (n and p only enter the once-per-call setup, not the floor.)"""
     from solvers.interior_point import constraint_space_kernel
 
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(generator=g, dtype=DTYPE)
-    F = torch.randn(B, m, m, **kw)
-    W = F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
+    kw, W = _random_w(B, m, seed)
     D = torch.rand(B, m, **kw) + 0.01
     rhs = torch.randn(B, m, **kw)
     W, D, rhs = (t.to(device, dtype) for t in (W, D, rhs))
-
-    def kernel():
-        constraint_space_kernel(W, D, rhs)
-        if sync is not None:
-            sync()
-    with torch.no_grad():
-        t = bench(kernel, budget, max_repeats=200, min_repeats=5)
-    return t, "solvers.interior_point.constraint_space_kernel"
+    return _time_synced(lambda: constraint_space_kernel(W, D, rhs), budget, sync), \
+        "solvers.interior_point.constraint_space_kernel"
 
 
 def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, device="cpu", dtype=DTYPE,
@@ -760,21 +751,28 @@ def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, d
     W (B, m, m) restricted to about half the constraints, and one solve."""
     from solvers.interior_point import active_set_kernel
 
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(generator=g, dtype=DTYPE)
-    F = torch.randn(B, m, m, **kw)
-    W = F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
+    kw, W = _random_w(B, m, seed)
     active = torch.rand(B, m, **kw) < 0.5
     rhs = torch.randn(B, m, **kw)
     W, rhs, active = W.to(device, dtype), rhs.to(device, dtype), active.to(device)
+    return _time_synced(lambda: active_set_kernel(W, active, rhs), budget, sync), \
+        "solvers.interior_point.active_set_kernel"
 
-    def kernel():
-        active_set_kernel(W, active, rhs)
+
+def _random_w(B, m, seed):
+    """The generator's keywords and a random well-conditioned W (B, m, m) like G P G'."""
+    kw = dict(generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    F = torch.randn(B, m, m, **kw)
+    return kw, F @ F.transpose(-1, -2) / m + 0.1 * torch.eye(m, dtype=DTYPE)
+
+
+def _time_synced(kernel, budget, sync):
+    def call():
+        kernel()
         if sync is not None:
             sync()
     with torch.no_grad():
-        t = bench(kernel, budget, max_repeats=200, min_repeats=5)
-    return t, "solvers.interior_point.active_set_kernel"
+        return bench(call, budget, max_repeats=200, min_repeats=5)
 
 
 def time_structured_nlp_kernel(B: int, n: int, k: int, p: int, budget: float = 0.5, seed: int = 1):
@@ -810,6 +808,15 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+def publish(md: str, section: str, write: bool) -> None:
+    """Print a script's markdown and, with ``write``, put it in RESULTS.md as ``section``."""
+    print()
+    print(md)
+    if write:
+        write_results_section(section, md)
+        print(f"\nwritten to {RESULTS_MD}")
 
 
 def write_results_section(name: str, body: str, path: Path = RESULTS_MD) -> None:

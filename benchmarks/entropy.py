@@ -220,11 +220,7 @@ def main(argv=None):
              f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average "
              f"at the end: {C._loadavg()}"]
     md = "\n".join(body)
-    print()
-    print(md)
-    if args.write:
-        C.write_results_section("entropy", md)
-        print(f"\nwritten to {C.RESULTS_MD}")
+    C.publish(md, "entropy", args.write)
 
 
 _post = C.solver_info

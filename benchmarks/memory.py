@@ -152,11 +152,7 @@ def main(argv=None):
         C.md_table(["max_iter", "iterations used (min-max)", "peak RSS increase (fwd+bwd)",
                     "held fwd->bwd", "time fwd+bwd", "status"], rows), "",
         verdict])
-    print()
-    print(md)
-    if args.write:
-        C.write_results_section("memory", md)
-        print(f"\nwritten to {C.RESULTS_MD}")
+    C.publish(md, "memory", args.write)
 
 
 if __name__ == "__main__":

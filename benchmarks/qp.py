@@ -457,11 +457,7 @@ def main(argv=None):
             body += ["(plot skipped: matplotlib not installed)", ""]
     body.append(f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()} (other busy processes invalidate the timings, see README)")
     md = "\n".join(body)
-    print()
-    print(md)
-    if args.write:
-        C.write_results_section(("qp-retained" if args.retain_memory else "qp") + variant, md)
-        print(f"\nwritten to {C.RESULTS_MD}")
+    C.publish(md, ("qp-retained" if args.retain_memory else "qp") + variant, args.write)
 
 
 if __name__ == "__main__":

@@ -143,11 +143,7 @@ def main(argv=None):
             C.md_table(hdr, rows), "",
             f"Total wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()}"]
     md = "\n".join(body)
-    print()
-    print(md)
-    if args.write:
-        C.write_results_section("qp-families", md)
-        print(f"\nwritten to {C.RESULTS_MD}")
+    C.publish(md, "qp-families", args.write)
 
 
 if __name__ == "__main__":

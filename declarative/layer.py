@@ -106,11 +106,11 @@ class OptimizationLayer(torch.nn.Module):
         interior-point iteration limit (default 100)
     active_set_rounds
         QPs with positive definite ``Q``: rounds of the primal-dual active-set iteration
-        tried before the interior point (default 12; 0 turns it off). It solves most
-        well-posed QPs exactly in 6-12 rounds, each cheaper than an interior-point
+        tried before the interior point (default 20; 0 turns it off). It solves most
+        well-posed QPs exactly in 4-10 rounds, each cheaper than an interior-point
         iteration, and hands what it cannot solve to the interior point; where it does
-        not converge (many active or degenerate constraints) it costs up to a quarter
-        more (``benchmarks/qp_families.py``).
+        not converge (many active constraints) it costs up to a fifth more
+        (``benchmarks/qp_families.py``).
     return_duals
         also return the constraint duals (default False)
     warn

@@ -1212,7 +1212,7 @@ def _least_squares_start(f: "QPFactor", g0) -> _Start:
     """From ``g0`` of :meth:`QPFactor.active_set_rhs`: y = (W + I)^-1 g0, and G z0 - hv
     is g0 - W y (the same identity as an active set's constraint values)."""
     W1 = f.W.clone()
-    W1.diagonal(dim1=-2, dim2=-1).add_(f.delta[:, None] + 1.0)
+    W1.diagonal(dim1=-2, dim2=-1).add_(f.unit_delta)
     L1, info = torch.linalg.cholesky_ex(W1, out=(W1, torch.empty_like(f.delta, dtype=torch.int32)))
     y = _chol_solve(g0.unsqueeze(-1), L1).squeeze(-1)
     s_ls = _mv(f.W, y) - g0
@@ -1231,15 +1231,8 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     g0 = f.active_set_rhs(hv, b)
     every = torch.arange(B, device=device)
     options = dict(tol=tol, max_iter=max_iter)
-
-    def interior_point(skip):
-        start = _least_squares_start(f, g0)
-        skip = start.failed if skip is None else (skip | start.failed)
-        return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                     skip=skip, **options)
-
     if not active_set_rounds:
-        return interior_point(skip)
+        return _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
     # that guess took 0-1.5 rounds fewer on random QPs than the interior point's
     # least-squares start (lam > s there), and needs no factorization of its own
     sol = _active_set_solution(f, hv, b, g0 > tol * scale_primal[:, None], tol, scale_dual, scale_primal,
@@ -1253,17 +1246,23 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
     if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
-        result = interior_point(done if skip is None else skip | done)
+        result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, done if skip is None else skip | done,
+                                 **options)
     else:
-        sub = f.select(left, None)
-        start = _least_squares_start(sub, g0.index_select(0, left))
-        skip_r = start.failed if skip is None else skip.index_select(0, left) | start.failed
-        part = _constraint_space_ipm(
-            sub, start, hv.index_select(0, left), b.index_select(0, left),
-            scale_dual=scale_dual.index_select(0, left), scale_primal=scale_primal.index_select(0, left),
-            skip=skip_r, **options)
+        rows = (g0, hv, b, scale_dual, scale_primal, skip)
+        part = _interior_point(f.select(left, None), *(None if t is None else t.index_select(0, left) for t in rows),
+                               **options)
         result = _embed(part, left, B, f)
     return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
+
+
+def _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, *, tol, max_iter):
+    """:func:`_constraint_space_ipm` from the least-squares start; instances whose start
+    fails to factor are skipped too."""
+    start = _least_squares_start(f, g0)
+    skip = start.failed if skip is None else (skip | start.failed)
+    return _constraint_space_ipm(f, start, hv, b, scale_dual=scale_dual, scale_primal=scale_primal, skip=skip,
+                                 tol=tol, max_iter=max_iter)
 
 
 def _embed(part: InteriorPointResult, rows, B, f) -> InteriorPointResult:

@@ -5,8 +5,9 @@ default) against the interior point from the start, side by side.
     python benchmarks/qp_families.py --no-write --budget 0.5
 
 A QP with positive definite Q first runs the primal-dual active-set iteration from the
-interior point's start (``to_torch(active_set_rounds=12)`` rounds at most); the
-instances it leaves go on with the interior point. It pays where it converges in a few
+constraints the minimizer under the equalities violates (``to_torch(active_set_rounds=20)``
+rounds at most); the instances it leaves go on with the interior point, and a batch
+where its first solve says it would crawl goes there after that solve. It pays where it converges in a few
 rounds and costs where it does not; this script measures both on families with
 different active sets. Each row times forward+backward of sum(w * x*) w.r.t. every
 parameter for two layers of the same problem, ``active_set_rounds`` default and 0,
@@ -68,6 +69,8 @@ FAMILIES = {
     "ill-conditioned Q (ridge 1e-4), (64, 30, 30, 5)": (
         64, 30, 30, 5, lambda s: _random_qp(64, 30, 30, 5, s, ridge=1e-4)),
     "box and hyperplane projection, (64, 50, 100, 1)": (64, 50, 100, 1, lambda s: _box_projection(64, 50, s)),
+    "rows 2 (n - p), (64, 12, 20, 2)": (64, 12, 20, 2, lambda s: _random_qp(64, 12, 20, 2, s)),
+    "rows 1.5 (n - p), (64, 50, 60, 10)": (64, 50, 60, 10, lambda s: _random_qp(64, 50, 60, 10, s)),
     "many rows, (32, 20, 80, 1)": (32, 20, 80, 1, lambda s: _random_qp(32, 20, 80, 1, s)),
     "large linear term (q x 100), (64, 20, 40, 5)": (64, 20, 40, 5, lambda s: _random_qp(64, 20, 40, 5, s, linear=100.0)),
     "degenerate (half the slacks 0, q = 0), (64, 20, 20, 5)": (

@@ -68,6 +68,20 @@ _CROSSOVER_RETRY = 1e-3
 ACTIVE_SET_ROUNDS = 20
 _ACTIVE_SET_PATIENCE = 2
 _ACTIVE_SET_PATIENCE_SMALL = 4
+# A batch wins from the iteration only if all its instances end in fewer rounds than
+# the interior point's iterations. On random families with m >= 1.5 (n - p) it crawls
+# (corrections shrink by 10-25 % a round, not 30-50 %: up to 2x the time of the
+# interior point alone), and after the first solve 65-85 % of the first active sets'
+# constraints needed correcting; with m <= 1.33 (n - p) it paid (1.2-1.5x), and on
+# the box and hyperplane projection (m = 2 (n - p)) too, with 11 % corrected. A batch
+# of at least _JUDGED_BATCH instances (a lone one's statistics are noisy, and its
+# rounds cost less than iterations) with more than _CRAWL_ROWS (n - p) rows and more
+# than _CRAWL_WRONG of its first constraints corrected goes to the interior point
+# after that solve; so does one where most first active sets hold more than n - p
+# constraints (their matrices are singular: it wandered on all such families)
+_CRAWL_ROWS = 1.4
+_CRAWL_WRONG = 0.5
+_JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
 # it. A fixed 0.99 leaves the multipliers of inactive constraints (and the residuals they
@@ -686,6 +700,7 @@ class QPFactor:
 
     def __init__(self, Q, c, G, A):
         self.Q, self.G, self.A = Q, G, A
+        self.n, self.p = Q.shape[-1], A.shape[-2]
         self.L_Q, info = torch.linalg.cholesky_ex(Q)
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
         # Q must be safely positive definite for Q^-1 to be usable
@@ -702,7 +717,6 @@ class QPFactor:
         self.qc = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
         self.G_qc = _mv(G, self.qc)
         W = self.GY
-        self.p = A.shape[-2]
         if self.p:
             self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
             self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
@@ -1237,6 +1251,9 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     # least-squares start (lam > s there), and needs no factorization of its own
     sol = _active_set_solution(f, hv, b, g0 > tol * scale_primal[:, None], tol, scale_dual, scale_primal,
                                rounds=active_set_rounds, g0=g0)
+    if sol is None:  # it would crawl: the interior point, after its one solve
+        result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
+        return dataclasses.replace(result, active_set_rounds=torch.ones_like(every))
     done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
@@ -1253,7 +1270,9 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         part = _interior_point(f.select(left, None), *(None if t is None else t.index_select(0, left) for t in rows),
                                **options)
         result = _embed(part, left, B, f)
-    return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
+    if left.numel() < B:  # (none solved: nothing to take)
+        result = _take_polished(result, f, done, every, sol)
+    return dataclasses.replace(result, active_set_rounds=sol.solves)
 
 
 def _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, *, tol, max_iter):
@@ -1452,8 +1471,9 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     violated constraints are added and those with negative multipliers dropped, and
     the instances concerned (only those) are solved again: ``rounds`` solves at most
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
-    method (``ACTIVE_SET_ROUNDS``). ``g0``: :meth:`QPFactor.active_set_rhs`, if the
-    caller has it.
+    method (``ACTIVE_SET_ROUNDS``), and then None where the first solve says it would
+    crawl (:func:`_crawls`). ``g0``: :meth:`QPFactor.active_set_rhs`, if the caller
+    has it.
     """
     g0 = (f.active_set_rhs(hv, b) if g0 is None else g0).unsqueeze(-2)
     dtype = f.W.dtype
@@ -1467,6 +1487,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
     n_rounds = rounds or _POLISH_ROUNDS
     weights = _fingerprint_weights(active.shape[-1], active.device)
+    free = f.n - f.p  # the dimensions the equalities leave
     seen = torch.full((active.shape[0], n_rounds), math.nan, dtype=torch.float64, device=active.device)
     for k in range(n_rounds - 1):
         # the constraints to switch: active ones with a negative multiplier, inactive
@@ -1482,6 +1503,13 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         if k >= 2:
             stuck = (seen == fp[:, None]).any(-1) & wrong  # (NaN, the rounds to come, equals nothing)
             n_changes, n_wrong, n_stuck = torch.stack([per_instance, wrong, stuck]).sum(-1).tolist()
+        elif k == 0 and rounds:
+            sizes = active.sum(-1)
+            n_changes, n_wrong, size, n_crowded = torch.stack(
+                [per_instance, wrong, sizes, sizes > free]).sum(-1).tolist()
+            if n_wrong and _crawls(n_changes, size, n_crowded, *active.shape, free):
+                return None
+            n_stuck = 0
         else:
             n_changes, n_wrong, n_stuck = *torch.stack([per_instance, wrong]).sum(-1).tolist(), 0
         seen[:, k] = fp
@@ -1533,6 +1561,15 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
 
 
 _FINGERPRINT_WEIGHTS = {}
+
+
+def _crawls(corrections, size, crowded, B, m, free):
+    """Whether the active-set iteration will crawl, judged after its first solve (see
+    _CRAWL_ROWS): ``crowded`` of the B first active sets hold more than ``free`` = n - p
+    constraints, ``size`` in all, of which ``corrections`` needed correcting."""
+    if 2 * crowded > B:
+        return True
+    return B >= _JUDGED_BATCH and m > _CRAWL_ROWS * free and corrections > _CRAWL_WRONG * size
 
 
 def _fingerprint_weights(m, device):

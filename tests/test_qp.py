@@ -325,7 +325,7 @@ def test_active_set_phase_agrees_with_the_interior_point():
     # The active-set iteration that runs first solves most instances without an
     # interior-point iteration; solutions and gradients must be those of the interior
     # point alone, and of CVXPY.
-    n, m, p, B = 10, 15, 3, 24
+    n, m, p, B = 12, 12, 3, 24
     data = random_qp(B, n, m, p, seed=11)
     w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -350,12 +350,14 @@ def test_active_set_phase_agrees_with_the_interior_point():
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
 
 
-def test_active_set_phase_gives_up_where_it_does_not_converge():
+def test_active_set_phase_gives_up_where_it_does_not_converge(monkeypatch):
     # A large linear term makes half the constraints active: the active-set iteration
     # wanders instead of converging, and must hand over to the interior point after a
-    # few rounds rather than run all of them.
+    # few rounds rather than run all of them. (Such a batch is handed over after the
+    # first solve, test below; here that is off, to test the patience alone.)
     import solvers.interior_point as ipm
 
+    monkeypatch.setattr(ipm, "_crawls", lambda *args: False)
     n, m, p, B = 20, 40, 5, 8
     Q, q, G, h, A, b = random_qp(B, n, m, p, seed=13)
     q = 100.0 * q
@@ -364,6 +366,67 @@ def test_active_set_phase_gives_up_where_it_does_not_converge():
     assert layer.info.status == ["optimal"] * B
     assert bool((layer.info.iterations > 0).all()), "the active-set phase converged: the test lost its point"
     assert int(layer.info.active_set_rounds.max()) < ipm.ACTIVE_SET_ROUNDS
+    for i in (0, B - 1):
+        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+@pytest.mark.parametrize("crowded", [8, 3])
+def test_active_set_phase_hands_over_a_batch_that_starts_crowded(crowded):
+    # The first ``crowded`` instances violate every row at the minimizer under the
+    # equalities (20 rows, n - p = 15 free dimensions): their first active sets'
+    # matrices are singular, and the iteration wanders. A batch where most instances
+    # start so goes to the interior point after the first solve; where a few do, the
+    # iteration runs and solves the others, and the interior point takes what it leaves.
+    n, m, p, B = 20, 20, 5, 8
+    Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=13))
+    z = -torch.linalg.solve(Q, q)  # the unconstrained minimizer
+    u = torch.randn(B, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    Gu = (G @ u.unsqueeze(-1)).squeeze(-1)
+    G_crowded = G * torch.sign(Gu).unsqueeze(-1)  # G u > 0 on every row
+    x0 = z - 3.0 * u  # strictly feasible, with every row violated at z (A z = b holds nowhere near: b follows x0)
+    h_crowded = (G_crowded @ x0.unsqueeze(-1)).squeeze(-1) + 0.1
+    b_crowded = (A @ x0.unsqueeze(-1)).squeeze(-1)
+    G[:crowded], h[:crowded], b[:crowded] = G_crowded[:crowded], h_crowded[:crowded], b_crowded[:crowded]
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(Q, q, G, h, A, b)
+    assert layer.info.status == ["optimal"] * B
+    rounds, iterations = layer.info.active_set_rounds, layer.info.iterations
+    if crowded == B:
+        assert bool((rounds == 1).all()) and bool((iterations > 0).all())
+    else:
+        assert int(rounds.max()) > 1 and bool((iterations[crowded:] == 0).all())
+    for i in (0, B - 1):
+        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["random", "box"])
+def test_active_set_phase_hands_over_a_batch_that_would_crawl(family):
+    # Twice as many rows as free dimensions n - p: on the random family most of the
+    # first active sets need correcting after the first solve, and the iteration would
+    # crawl, so the batch goes to the interior point; on a box intersected with a
+    # hyperplane (a sparsemax-like projection) few do, and it solves them all.
+    B = 16
+    if family == "random":
+        n, m, p = 12, 20, 2
+        Q, q, G, h, A, b = random_qp(B, n, m, p, seed=4)
+    else:
+        n, m, p = 10, 20, 1
+        gen = torch.Generator().manual_seed(4)
+        eye = torch.eye(n, dtype=torch.float64)
+        Q, G = eye.expand(B, n, n), torch.cat([eye, -eye]).expand(B, m, n)
+        q = -3.0 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+        h = torch.rand(B, m, generator=gen, dtype=torch.float64)
+        A, b = torch.ones(B, p, n, dtype=torch.float64), torch.zeros(B, p, dtype=torch.float64)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(Q, q, G, h, A, b)
+    assert layer.info.status == ["optimal"] * B
+    rounds, iterations = layer.info.active_set_rounds, layer.info.iterations
+    if family == "random":
+        assert bool((rounds == 1).all()) and bool((iterations > 0).all())
+    else:
+        assert bool((iterations == 0).all())
     for i in (0, B - 1):
         xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)

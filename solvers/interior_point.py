@@ -1712,7 +1712,13 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
         [ Jg_act                            -s/lam (act)   0  ] [y_act] = [w_lam_act]
         [ Jh                                 0             0  ] [u_nu ]   [w_nu     ]
 
-    which the same Cholesky/Schur kernel solves with every scale bounded by one.
+    which the same Cholesky/Schur kernel solves with every scale bounded by one. That
+    kernel eliminates u_z first, through the (1, 1) block, which is singular where H is
+    (a QP with a PSD Q, an LP) but the constraints fix the directions H leaves free: so
+    each constraint row c_i (active rows and equalities) adds gamma_i c_i' c_i to it, with
+    its own equation multiplied by gamma_i / (1 + gamma_i e_i) added to the first block
+    row (e_i its -diag entry), an exact transformation of the system with y scaled by
+    1 / (1 + gamma_i e_i); gamma_i |c_i|^2 is H's scale.
 
     Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
     w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
@@ -1732,8 +1738,17 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     rows = torch.cat([Jg * active.unsqueeze(-1).to(Jg.dtype), Jh], -2)
     diag = torch.cat([torch.where(active, 1.0 / sigma, torch.ones_like(sigma)), w_nu.new_zeros(w_nu.shape)], -1)
     r2 = torch.cat([torch.where(active, w_lam, torch.zeros_like(w_lam)), w_nu], -1)
-    kkt = ReducedKKT(H, Jg, rows, sigma_in, schur_diagonal=diag)
+    # the augmented-Lagrangian transformation (above); inactive rows are zero rows
+    row_sq = rows.square().sum(-1)
+    h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+    gamma = torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny), 0.0)
+    stretch = 1.0 + gamma * diag  # y = stretch * y~
+    weight = gamma / stretch
+    H = torch.baddbmm(H, _mT(rows), weight.unsqueeze(-1) * rows)
+    r1 = r1 + _mtv(rows, weight * r2)
+    kkt = ReducedKKT(H, Jg, rows, sigma_in, schur_diagonal=diag * stretch)
     u_z, t = kkt.solve(r1, r2)
+    t = t * stretch
     y_act, u_nu = t[..., :m], t[..., m:]
     u_lam_inactive = (_mv(Jg, u_z) - w_lam) / s if m else w_lam
     u_lam = torch.where(active, y_act / lam, u_lam_inactive)

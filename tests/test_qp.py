@@ -222,6 +222,49 @@ def test_gradcheck_lp():
     assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_gradients_with_a_singular_q_match_the_active_set_derivative():
+    # Q PSD with a 3-dimensional null space, which the box |x_i| <= 2, random rows and
+    # an equality fix: the loop runs in n-space, and the backward's elimination through
+    # the (1, 1) block must not lean on the singular Q. Reference: the derivative of the
+    # equality QP on CVXPY's active set, K^-1 of its KKT matrix (numpy).
+    B, n, m, p = 4, 8, 5, 1
+    gen = torch.Generator().manual_seed(81)
+    U, _ = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))
+    eig = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    eig[:3] = 0.0
+    Q = U @ torch.diag_embed(eig.expand(B, n)) @ U.transpose(-1, -2)
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    q = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    G_r, x0 = torch.randn(B, m, n, generator=gen, dtype=torch.float64), 0.3 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    G = torch.cat([eye, -eye, G_r], 1)
+    h = torch.cat([torch.full((B, 2 * n), 2.0, dtype=torch.float64),
+                   (G_r @ x0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, m, generator=gen, dtype=torch.float64) + 0.1], 1)
+    A = torch.randn(B, p, n, generator=gen, dtype=torch.float64)
+    b = (A @ x0.unsqueeze(-1)).squeeze(-1)
+    w = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    layer = qp_problem(n, 2 * n + m, p).to_torch(tol=1e-12)
+    q_leaf, h_leaf = q.clone().requires_grad_(), h.clone().requires_grad_()
+    x = layer(Q, q_leaf, G, h_leaf, A, b)
+    (w * x).sum().backward()
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        Qi, qi, Gi, hi, Ai, bi = (t[i].numpy() for t in (Q, q, G, h, A, b))
+        xr, lam, _ = qp_reference(Qi, qi, Gi, hi, Ai, bi)
+        np.testing.assert_allclose(x[i].detach().numpy(), xr, atol=1e-7)
+        active = lam > 1e-6
+        slack = hi - Gi @ xr
+        assert np.all(slack[~active] > 1e-6), "a degenerate constraint: the derivative is not unique"
+        C = np.vstack([Ai, Gi[active]])
+        K = np.block([[Qi, C.T], [C, np.zeros((C.shape[0], C.shape[0]))]])
+        K_inv = np.linalg.inv(K)
+        grad_q = -K_inv[:n, :n].T @ w[i].numpy()
+        grad_h = np.zeros(Gi.shape[0])
+        grad_h[active] = K_inv[:n, n + p:].T @ w[i].numpy()
+        np.testing.assert_allclose(q_leaf.grad[i].numpy(), grad_q, atol=1e-6)
+        np.testing.assert_allclose(h_leaf.grad[i].numpy(), grad_h, atol=1e-6)
+
+
 def test_osqp_forward_shares_the_implicit_backward():
     pytest.importorskip("osqp")
     n, m, p, B = 8, 6, 2, 3

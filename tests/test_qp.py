@@ -265,6 +265,34 @@ def test_gradients_with_a_singular_q_match_the_active_set_derivative():
         np.testing.assert_allclose(h_leaf.grad[i].numpy(), grad_h, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1e-6, 1e6])
+def test_objective_scale_changes_nothing_but_the_multipliers(k):
+    # (kQ, kq) has the same minimizer for any k > 0, multipliers k times larger and
+    # derivatives in Q, q 1/k times: at k = 1e-6 every instance used to end in
+    # numerical_error, at 1e6 some "optimal" ones were 3e-5 off.
+    n, m, p, B = 10, 20, 2, 16
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=3)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def solve(scale):
+        layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+        leaves = [t.clone().requires_grad_() for t in (scale * Q, scale * q, G, h, A, b)]
+        x = layer(*leaves)
+        (w * x).sum().backward()
+        assert layer.info.status == ["optimal"] * B
+        return x.detach(), [t.grad for t in leaves]
+
+    x1, grads1 = solve(1.0)
+    xk, gradsk = solve(k)
+    for i in (0, 7, B - 1):  # (CVXPY on the unscaled problem: Clarabel's own tolerances are not scale-free)
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
+        np.testing.assert_allclose(xk[i].numpy(), xr, atol=1e-7)
+    torch.testing.assert_close(xk, x1, atol=1e-9, rtol=0)
+    for j, (g1, gk) in enumerate(zip(grads1, gradsk)):
+        expected = g1 / k if j < 2 else g1
+        torch.testing.assert_close(gk, expected, atol=1e-7 * float(expected.abs().max()), rtol=1e-6)
+
+
 def test_osqp_forward_shares_the_implicit_backward():
     pytest.importorskip("osqp")
     n, m, p, B = 8, 6, 2, 3

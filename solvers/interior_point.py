@@ -1410,7 +1410,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
             # whose active-set solution is a KKT point within tol is solved, exactly.
             rows, sub, h_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
                 f, attempt, hv, b, scale_dual, scale_primal, lam, s)
-            sol = _active_set_solution(sub, h_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
+            sol = _active_set_solution(sub, h_r, b_r, _iterate_guess(s_r, lam_r, f), tol, sd_r, sp_r)
             done = attempt & torch.zeros_like(active).index_copy(0, rows, sol.kkt)
             exact = _scatter(exact, done, rows, sol)
             polished = polished | done
@@ -1642,13 +1642,30 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
         return result
     rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
         factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
-    sol = _active_set_solution(sub, hv_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
+    sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, factor), tol, sd_r, sp_r)
     status_r = result.status.index_select(0, rows)
     better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
     solved = (status_r == OPTIMAL) & better & sol.ok
     rescued = ((status_r == NUMERICAL_ERROR) | (status_r == MAX_ITER)) & sol.kkt
     take = todo & torch.zeros_like(todo).index_copy(0, rows, solved | rescued)
     return _take_polished(result, factor, take, rows, sol)
+
+
+def _iterate_guess(s, lam, f):
+    """The active set an interior-point iterate suggests: lam > s, but at most n - p
+    constraints (those of largest lam / s), as no more can be independent. An iterate
+    that stops on mean complementarity can leave an inactive constraint at lam > s
+    (slack 1.5e-3 on a projection onto a box and a hyperplane); one constraint too many
+    made the active set singular, its corrections wandered, and the iterate, 1e-5 from
+    the solution, was returned instead of the exact one."""
+    guess = lam > s
+    free = f.n - f.p
+    if guess.shape[-1] <= free:
+        return guess
+    if free <= 0:
+        return torch.zeros_like(guess)
+    ratio = lam / s
+    return guess & (ratio >= ratio.topk(free, -1).values[:, -1:])
 
 
 def _put(old, take, rows, new, whole=False):

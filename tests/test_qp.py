@@ -503,6 +503,27 @@ def test_active_set_phase_hands_over_a_batch_that_would_crawl(family):
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
 
 
+@pytest.mark.parametrize("rounds", [20, 0])
+def test_an_iterate_suggests_no_more_active_constraints_than_free_dimensions(rounds):
+    # A projection onto a box and a hyperplane (n = 50, 49 bounds active at the
+    # solution): the interior point stopped with one inactive bound (slack 1.5e-3) at
+    # lam > s, and the active set it suggested (51 constraints in 50 dimensions) was
+    # singular; the iterate, 1.1e-5 from the solution, came back as optimal.
+    B, n, i = 32, 50, 13
+    gen = torch.Generator().manual_seed(50)
+    eye = torch.eye(n, dtype=torch.float64)
+    h = torch.cat([torch.rand(B, n, generator=gen, dtype=torch.float64),
+                   torch.rand(B, n, generator=gen, dtype=torch.float64)], -1)[i:i + 1]
+    q = (-10.0 * torch.randn(B, n, generator=gen, dtype=torch.float64))[i:i + 1]
+    Q, G = eye.expand(1, n, n), torch.cat([eye, -eye]).expand(1, 2 * n, n)
+    A, b = torch.ones(1, 1, n, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    layer = qp_problem(n, 2 * n, 1).to_torch(active_set_rounds=rounds)
+    x = layer(Q, q, G, h, A, b)
+    assert layer.info.status == ["optimal"]
+    xr, _, _ = qp_reference(*(t[0].numpy() for t in (Q, q, G, h, A, b)))
+    np.testing.assert_allclose(x[0].numpy(), xr, atol=1e-8)
+
+
 def test_active_set_iteration_leaves_a_cycle():
     # Instance 8 of this batch cycles through four active sets (the iteration is
     # deterministic in the set); back at a set it had, it switches only its worst

@@ -524,6 +524,34 @@ def test_an_iterate_suggests_no_more_active_constraints_than_free_dimensions(rou
     np.testing.assert_allclose(x[0].numpy(), xr, atol=1e-8)
 
 
+def test_degenerate_vertices_end_optimal_and_exact():
+    # Constructed solutions x*: 16 active constraints in n - p = 16 free dimensions,
+    # 3 of them with zero multipliers (the KKT conditions hold by construction). The
+    # crossover's active set for instance 26 passed in constraint space but its true
+    # residual was 6e-7: it ended numerical_error, or optimal alone; one step of
+    # refinement against the true residuals makes it exact.
+    B, n, m, p = 32, 20, 40, 4
+    gen = torch.Generator().manual_seed(15)
+    kw = dict(generator=gen, dtype=torch.float64)
+    L = torch.randn(B, n, n, **kw)
+    Q = L @ L.transpose(-1, -2) / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    G, A = torch.randn(B, m, n, **kw), torch.randn(B, p, n, **kw)
+    x_star = torch.randn(B, n, **kw)
+    slack = torch.rand(B, m, **kw) + 0.1
+    slack[:, :16] = 0.0
+    lam = torch.rand(B, m, **kw) + 0.1
+    lam[:, :3], lam[:, 16:] = 0.0, 0.0
+    nu = torch.randn(B, p, **kw)
+    mv = lambda M, v: (M @ v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    q = -mv(Q, x_star) - mv(G.transpose(-1, -2), lam) - mv(A.transpose(-1, -2), nu)
+    data = (Q, q, G, mv(G, x_star) + slack, A, mv(A, x_star))
+    for rounds in (20, 0):
+        layer = qp_problem(n, m, p).to_torch(active_set_rounds=rounds)
+        x = layer(*data)
+        assert layer.info.status == ["optimal"] * B
+        torch.testing.assert_close(x, x_star, atol=1e-7, rtol=0)
+
+
 def test_active_set_iteration_leaves_a_cycle():
     # Instance 8 of this batch cycles through four active sets (the iteration is
     # deterministic in the set); back at a set it had, it switches only its worst

@@ -1186,7 +1186,7 @@ def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rou
                                              active_set_rounds=active_set_rounds)
             result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
             result = _verify(result, residuals, scale_dual, scale_primal, tol)
-            result = _refine(result, factor, residuals, hv, scale_dual, scale_primal, tol)
+            result = _refine(result, factor, residuals, hv, b, scale_dual, scale_primal, tol, skip)
             return _certify_infeasible(result, G, hv, A, b, skip)
 
     def derivatives(z, lam, nu):
@@ -1224,33 +1224,65 @@ def _verify(result, residuals, scale_dual, scale_primal, tol):
     return dataclasses.replace(result, status=status, primal_residual=rp_n, dual_residual=rd_n)
 
 
-def _refine(result, f, residuals, hv, scale_dual, scale_primal, tol):
-    """Active-set solutions that :func:`_verify` demoted get one step of iterative
-    refinement against their true residuals, and are verified again.
+def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
+    """Instances that :func:`_verify` found short of the tolerance get the exact
+    solution of their active set (from their iterate, :func:`_iterate_guess`, where
+    they have none), one step of iterative refinement against their true residuals,
+    and a second verification; those that pass it are optimal, the others are left as
+    they were (their iterates feed the infeasibility certificate).
 
     The active set's solve runs in constraint space, through Q^-1: with Q's eigenvalues
     spread over 1e7 or more, or an active set with as many constraints as free
     dimensions and degenerate ones among them, rounding left residuals above the
-    tolerance (numerical_error on the right active set); one step against the true
-    residuals, with the same factors, removes that."""
-    if result.polished is None or result.active_factor is None:
+    tolerance on the right active set (numerical_error, and the polish rejected as
+    not a KKT point in constraint space); one step with the same factors removes
+    that."""
+    failed = result.status == NUMERICAL_ERROR
+    if skip is not None:
+        failed = failed & ~skip
+    if not bool(failed.any()):
         return result
-    retry = result.polished & (result.status == NUMERICAL_ERROR)
-    if not bool(retry.any()):
+    candidate = result
+    fresh = failed if result.polished is None else failed & ~result.polished
+    if bool(fresh.any()):
+        rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
+            f, fresh, hv, b, scale_dual, scale_primal, result.lam, result.s)
+        sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, f), tol, sd_r, sp_r)
+        # (its check in constraint space is what rounding spoils here: signs suffice)
+        take = fresh & torch.zeros_like(fresh).index_copy(0, rows, sol.ok)
+        candidate = _take_polished(result, f, take, rows, sol)
+    if candidate.polished is None or candidate.active_factor is None:
         return result
-    a = result.active_set.to(result.z.dtype)
-    r_d, g, r_eq = residuals(result.z, result.lam, result.nu)
-    dz, dlam, dnu = f.correction(r_d, a * g, r_eq, a, result.active_factor)
-    z, lam, nu = result.z + dz, result.lam + a * dlam, result.nu + dnu
+    retry = failed & candidate.polished
+    active = candidate.active_set
+    a = active.to(candidate.z.dtype)
+    r_d, g, r_eq = residuals(candidate.z, candidate.lam, candidate.nu)
+    dz, dlam, dnu = f.correction(r_d, a * g, r_eq, a, candidate.active_factor)
+    z, lam, nu = candidate.z + dz, candidate.lam + a * dlam, candidate.nu + dnu
     zero = torch.finfo(z.dtype).eps ** 2
-    s = torch.where(result.active_set, zero, (hv - _mv(f.G, z)).clamp(min=zero))
-    lam = torch.where(result.active_set, lam.clamp(min=zero), lam)
-    keep = retry[:, None]
     refined = dataclasses.replace(
-        result, z=torch.where(keep, z, result.z), s=torch.where(keep, s, result.s),
-        lam=torch.where(keep, lam, result.lam), nu=torch.where(keep, nu, result.nu),
-        status=torch.where(retry, OPTIMAL, result.status))
-    return _verify(refined, residuals, scale_dual, scale_primal, tol)
+        candidate, z=z, s=torch.where(active, zero, (hv - _mv(f.G, z)).clamp(min=zero)),
+        lam=torch.where(active, lam.clamp(min=zero), lam), nu=nu,
+        status=torch.where(retry, OPTIMAL, candidate.status))
+    refined = _verify(refined, residuals, scale_dual, scale_primal, tol)
+    passed = retry & (refined.status == OPTIMAL)
+    if not bool(passed.any()):
+        return result
+    return _per_instance(passed, refined, result)
+
+
+def _per_instance(mask, new: InteriorPointResult, old: InteriorPointResult) -> InteriorPointResult:
+    """``new`` where ``mask`` (B,), ``old`` elsewhere, field by field (a field None in
+    ``old`` and not in ``new`` reads as zeros there)."""
+    fields = {}
+    for field in dataclasses.fields(InteriorPointResult):
+        x, y = getattr(new, field.name), getattr(old, field.name)
+        if isinstance(x, torch.Tensor):
+            y = torch.zeros_like(x) if y is None else y
+            fields[field.name] = torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - 1)), x, y)
+        else:
+            fields[field.name] = y if y is not None else x
+    return InteriorPointResult(**fields)
 
 
 def _certify_infeasible(result, G, hv, A, b, skip):

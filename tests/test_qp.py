@@ -552,6 +552,28 @@ def test_degenerate_vertices_end_optimal_and_exact():
         torch.testing.assert_close(x, x_star, atol=1e-7, rtol=0)
 
 
+def test_ill_conditioned_q_ends_optimal():
+    # Q's eigenvalues spread over 1e8 (still positive definite: the constraint-space
+    # path). The interior point's tracked residuals passed but the true ones did not,
+    # and the polish on the right active set was rejected for its residual in
+    # constraint space, where W = G Q^-1 G' carries the rounding: every instance ended
+    # numerical_error. Now the active set's solution, refined once against the true
+    # residuals, is verified instead.
+    B, n, m, p = 8, 20, 40, 2
+    gen = torch.Generator().manual_seed(8)
+    U, _ = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))
+    eig = torch.logspace(0, -8, n, dtype=torch.float64)
+    Q = U @ torch.diag_embed(eig.expand(B, n)) @ U.transpose(-1, -2)
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    _, q, G, h, A, b = random_qp(B, n, m, p, seed=9)
+    layer = qp_problem(n, m, p).to_torch()
+    x = layer(Q, q, G, h, A, b)
+    assert layer.info.status == ["optimal"] * B
+    for i in (0, 3, B - 1):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
+
+
 def test_active_set_iteration_leaves_a_cycle():
     # Instance 8 of this batch cycles through four active sets (the iteration is
     # deterministic in the set); back at a set it had, it switches only its worst

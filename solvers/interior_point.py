@@ -42,7 +42,10 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
-_FARKAS_RADIUS = 1e6  # an infeasibility certificate excludes z this far out (relative)
+# an infeasibility certificate excludes z this far out (relative to the iterate): true
+# certificates reached 1e11 in float64, and 750-3000 in float32, where the ray carries
+# the rounding of float32 products (|G'lam + A'nu| ~ 1e-4 of |lam|)
+_FARKAS_RADIUS = {torch.float64: 1e6, torch.float32: 1e2}
 _STALL = 1e-12  # a step shorter than this makes no progress
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # a QP instance tries its active set when complementarity falls below _CROSSOVER
@@ -1238,6 +1241,8 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     not a KKT point in constraint space); one step with the same factors removes
     that."""
     failed = result.status == NUMERICAL_ERROR
+    if result.polished is not None:  # the iterates _polish could not replace, in float32 say
+        failed = failed | ((result.status == OPTIMAL) & ~result.polished)
     if skip is not None:
         failed = failed & ~skip
     if not bool(failed.any()):
@@ -1304,7 +1309,7 @@ def _certify_infeasible(result, G, hv, A, b, skip):
     size = lam.abs().sum(-1) + nu.abs().sum(-1)
     ray = _mtv(G, lam) + (_mtv(A, nu) if nu.shape[-1] else 0)
     gap = (hv * lam).sum(-1) + (b * nu).sum(-1)
-    radius = _FARKAS_RADIUS * (1.0 + _inf_norm(result.z))
+    radius = _FARKAS_RADIUS.get(lam.dtype, 1e1) * (1.0 + _inf_norm(result.z))
     certified = unsolved & (gap < -1e-9 * size) & (_inf_norm(ray) * radius <= -gap)
     status = torch.where(certified, torch.full_like(result.status, INFEASIBLE), result.status)
     return dataclasses.replace(result, status=status)

@@ -102,6 +102,29 @@ def test_float32_follows_inputs():
     np.testing.assert_allclose(x.numpy(), x64.numpy(), atol=2e-3)
 
 
+def test_float32_solutions_are_polished_and_infeasible_instances_certified():
+    # float32, m = 30 rows on n - p = 16 free dimensions (the interior point's path):
+    # iterates whose active set _polish could not take (its residual in constraint
+    # space) were returned, up to 5e-3 off (now 4e-5); and a float32 Farkas ray carries ~1e-4 of
+    # rounding, so no certificate met float64's radius: infeasible instances ended
+    # numerical_error. Instances 0 and 5 are made infeasible (row 1 = -row 0, shifted).
+    n, m, p, B = 20, 30, 4, 16
+    Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=3))
+    q = 2.0 * q
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[[0, 5]] = True
+    G[:, 1] = torch.where(bad[:, None], -G[:, 0], G[:, 1])
+    h[:, 1] = torch.where(bad, -h[:, 0] - 1.0, h[:, 1])
+    layer = qp_problem(n, m, p).to_torch(warn=False)
+    x = layer(*(t.float() for t in (Q, q, G, h, A, b)))
+    expected = ["infeasible" if flag else "optimal" for flag in bad.tolist()]
+    assert layer.info.status == expected
+    for i in range(B):
+        if not bad[i]:
+            xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
+            np.testing.assert_allclose(x[i].double().numpy(), xr, atol=3e-4 * max(1.0, np.abs(xr).max()))
+
+
 def test_outputs_and_report_are_ordinary_tensors():
     # the solver runs in inference mode; what it hands out must be usable like any tensor
     n, m, p, B = 6, 4, 1, 3

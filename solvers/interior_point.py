@@ -1169,9 +1169,19 @@ def _in_caller_units(result: InteriorPointResult, r_G, r_A, sigma, Q, G, A) -> I
 
 
 def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds):
-    B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
-    scale_dual = 1.0 + _inf_norm(c)
-    scale_primal = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
+    if G.shape[-2]:
+        factor = QPFactor(Q, c, G, A)
+        if bool(factor.usable.all()):
+            result = _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds)
+            return _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip)
+    return _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip)
+
+
+def _qp_residuals(Q, c, G, hv, A, b):
+    """The residual function of the QP's KKT conditions and their scales:
+    ``(residuals(z, lam, nu) -> (Qz + c + G'lam + A'nu, Gz - hv, Az - b), scale_dual,
+    scale_primal)``."""
+    m, p = G.shape[-2], A.shape[-2]
 
     def residuals(z, lam, nu):
         rd = _mv(Q, z) + c
@@ -1181,16 +1191,24 @@ def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rou
             rd = rd + _mtv(A, nu)
         return rd, _mv(G, z) - hv, _mv(A, z) - b
 
-    if m:
-        factor = QPFactor(Q, c, G, A)
-        if bool(factor.usable.all()):
-            result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                             tol=tol, max_iter=max_iter, skip=skip,
-                                             active_set_rounds=active_set_rounds)
-            result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
-            result = _verify(result, residuals, scale_dual, scale_primal, tol)
-            result = _refine(result, factor, residuals, hv, b, scale_dual, scale_primal, tol, skip)
-            return _certify_infeasible(result, G, hv, A, b, skip)
+    return residuals, 1.0 + _inf_norm(c), 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
+
+
+def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds):
+    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
+    result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                     tol=tol, max_iter=max_iter, skip=skip, active_set_rounds=active_set_rounds)
+    result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
+    result = _verify(result, residuals, scale_dual, scale_primal, tol)
+    result = _refine(result, factor, residuals, hv, b, scale_dual, scale_primal, tol, skip)
+    return _certify_infeasible(result, G, hv, A, b, skip)
+
+
+def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
+    """Any convex QP or LP (Q PSD, possibly singular), by the general loop with the
+    n-space reduction, and the polish of :func:`_polish_kkt`."""
+    B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
+    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
 
     def derivatives(z, lam, nu):
         rd, g, h = residuals(z, lam, nu)
@@ -1207,7 +1225,73 @@ def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rou
         Oracle(derivatives, residuals, linear=True), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
     )
+    if m:
+        result = _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip)
     return _certify_infeasible(result, G, hv, A, b, skip)
+
+
+def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
+    """Instances the constraint-space path ended in numerical_error (a Q positive
+    definite but near singular: its factor's solves carry the rounding) get a second
+    solve by the general loop, on their rows alone; where that ends optimal or
+    infeasible it replaces theirs. (The batch takes the constraint-space path only
+    when every instance's Q is safely definite, so without this an instance's status
+    depended on the others in its batch.)"""
+    left = result.status == NUMERICAL_ERROR
+    if skip is not None:
+        left = left & ~skip
+    rows = left.nonzero().squeeze(-1)
+    if not rows.numel():
+        return result
+    part = _general_qp(*(t.index_select(0, rows) for t in (Q, c, G, hv, A, b)), tol, max_iter, None)
+    ok = (part.status == OPTIMAL) | (part.status == INFEASIBLE)
+    take = torch.zeros_like(left).index_copy(0, rows, ok)
+    # (not polished in the constraint-space sense: the backward factors W + D for them)
+    part = dataclasses.replace(part, polished=torch.zeros_like(ok), active_set=None, active_factor=None,
+                               active_set_rounds=None, qp_factor=None)
+    return _per_instance(take, _embed(part, rows, left.shape[0], result.qp_factor), result)
+
+
+def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip):
+    """The general loop's :func:`_polish`: the equality QP of the active set each
+    iterate suggests (:func:`_iterate_guess`), by one dense LU solve of its KKT system
+    (B, n + m + p) (the loop has no constraint-space factor: Q may be singular), kept
+    where it is a KKT point within ``tol`` by its true residuals.
+
+    Along directions where Q is singular an interior-point iterate converges only as
+    its complementarity does: with Q of one to three zero eigenvalues and a box, the
+    iterates at the default tol were up to 6e-4 from the solution (LPs alike)."""
+    todo = result.status != INFEASIBLE
+    if skip is not None:
+        todo = todo & ~skip
+    if not bool(todo.any()):
+        return result
+    B, n = c.shape
+    m, p = G.shape[-2], A.shape[-2]
+    guess = _iterate_guess(result.s, result.lam, n - p)
+    a = guess.to(c.dtype)
+    G_a = G * a.unsqueeze(-1)
+    K = Q.new_zeros(B, n + m + p, n + m + p)
+    K[:, :n, :n] = Q
+    K[:, :n, n:n + m] = _mT(G_a)
+    K[:, n:n + m, :n] = G_a
+    K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
+    if p:
+        K[:, :n, n + m:] = _mT(A)
+        K[:, n + m:, :n] = A
+    x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
+    z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
+    zero = torch.finfo(z.dtype).eps ** 2
+    rd, g, h = residuals(z, lam, nu)
+    s = torch.where(guess, zero, (-g).clamp(min=zero))
+    rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s), _inf_norm(h))
+    take = (todo & (info == 0) & (lam >= -tol * scale_dual[:, None]).all(-1)
+            & (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal))
+    polished = dataclasses.replace(
+        result, z=z, s=s, lam=torch.where(guess, lam.clamp(min=zero), zero), nu=nu,
+        status=torch.full_like(result.status, OPTIMAL), primal_residual=rp_n, dual_residual=rd_n,
+        complementarity=torch.zeros_like(rd_n), polished=take)
+    return _per_instance(take, polished, result)
 
 
 def _verify(result, residuals, scale_dual, scale_primal, tol):
@@ -1252,7 +1336,7 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     if bool(fresh.any()):
         rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
             f, fresh, hv, b, scale_dual, scale_primal, result.lam, result.s)
-        sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, f), tol, sd_r, sp_r)
+        sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, f.n - f.p), tol, sd_r, sp_r)
         # (its check in constraint space is what rounding spoils here: signs suffice)
         take = fresh & torch.zeros_like(fresh).index_copy(0, rows, sol.ok)
         candidate = _take_polished(result, f, take, rows, sol)
@@ -1493,7 +1577,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
             # whose active-set solution is a KKT point within tol is solved, exactly.
             rows, sub, h_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
                 f, attempt, hv, b, scale_dual, scale_primal, lam, s)
-            sol = _active_set_solution(sub, h_r, b_r, _iterate_guess(s_r, lam_r, f), tol, sd_r, sp_r)
+            sol = _active_set_solution(sub, h_r, b_r, _iterate_guess(s_r, lam_r, f.n - f.p), tol, sd_r, sp_r)
             done = attempt & torch.zeros_like(active).index_copy(0, rows, sol.kkt)
             exact = _scatter(exact, done, rows, sol)
             polished = polished | done
@@ -1725,7 +1809,7 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
         return result
     rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
         factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
-    sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, factor), tol, sd_r, sp_r)
+    sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, factor.n - factor.p), tol, sd_r, sp_r)
     status_r = result.status.index_select(0, rows)
     better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
     solved = (status_r == OPTIMAL) & better & sol.ok
@@ -1734,7 +1818,7 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
     return _take_polished(result, factor, take, rows, sol)
 
 
-def _iterate_guess(s, lam, f):
+def _iterate_guess(s, lam, free):
     """The active set an interior-point iterate suggests: lam > s, but at most n - p
     constraints (those of largest lam / s), as no more can be independent. An iterate
     that stops on mean complementarity can leave an inactive constraint at lam > s
@@ -1742,7 +1826,6 @@ def _iterate_guess(s, lam, f):
     made the active set singular, its corrections wandered, and the iterate, 1e-5 from
     the solution, was returned instead of the exact one."""
     guess = lam > s
-    free = f.n - f.p
     if guess.shape[-1] <= free:
         return guess
     if free <= 0:

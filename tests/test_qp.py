@@ -316,6 +316,57 @@ def test_objective_scale_changes_nothing_but_the_multipliers(k):
         torch.testing.assert_close(gk, expected, atol=1e-7 * float(expected.abs().max()), rtol=1e-6)
 
 
+def _box_qp_with_null_space(B, n, m, p, seed, eps, nzero):
+    """Q = U diag(eig) U' with ``nzero`` eigenvalues ``eps`` (the others in [0.5, 1.5)),
+    the box |x_i| <= 2 and m random rows through a strictly feasible point."""
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(generator=gen, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(B, n, n, **kw))
+    eig = torch.rand(n, **kw) + 0.5
+    eig[:nzero] = eps
+    Q = U @ torch.diag_embed(eig.expand(B, n)) @ U.transpose(-1, -2)
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    q = torch.randn(B, n, **kw)
+    G_r, x0 = torch.randn(B, m, n, **kw), 0.3 * torch.randn(B, n, **kw)
+    eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    G = torch.cat([eye, -eye, G_r], 1)
+    h = torch.cat([torch.full((B, 2 * n), 2.0, dtype=torch.float64),
+                   (G_r @ x0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, m, **kw) + 0.1], 1)
+    A = torch.randn(B, p, n, **kw)
+    return Q, q, G, h, A, (A @ x0.unsqueeze(-1)).squeeze(-1)
+
+
+def test_singular_q_solutions_are_polished():
+    # Q with three zero eigenvalues: the general loop, whose iterates converge along
+    # Q's null space only as complementarity does (up to 6e-4 off at the default tol);
+    # the equality QP of the suggested active set, solved by LU, makes them exact.
+    B, n, m, p = 16, 20, 5, 1
+    data = _box_qp_with_null_space(B, n, m, p, seed=7, eps=0.0, nzero=3)
+    layer = qp_problem(n, 2 * n + m, p).to_torch()
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
+def test_an_instance_status_does_not_depend_on_its_batch():
+    # Instance 1's Q (one eigenvalue 1e-11) passes the constraint-space path's
+    # definiteness test, whose solves then carry the rounding: alone it ended
+    # numerical_error, while in a batch with an instance whose Q fails the test the
+    # whole batch took the general loop and it was optimal. Now an instance the
+    # constraint-space path fails gets the general loop on its own.
+    data = _box_qp_with_null_space(8, 10, 10, 2, seed=80, eps=1e-11, nzero=1)
+    layer = qp_problem(10, 30, 2).to_torch()
+    x_alone = layer(*(t[1:2] for t in data))
+    assert layer.info.status == ["optimal"]
+    x_batch = layer(*(t[:3] for t in data))
+    assert layer.info.status == ["optimal"] * 3
+    xr, _, _ = qp_reference(*(t[1].numpy() for t in data))
+    np.testing.assert_allclose(x_alone[0].numpy(), xr, atol=1e-6)
+    np.testing.assert_allclose(x_batch[1].numpy(), xr, atol=1e-6)
+
+
 def test_osqp_forward_shares_the_implicit_backward():
     pytest.importorskip("osqp")
     n, m, p, B = 8, 6, 2, 3

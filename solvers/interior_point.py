@@ -1259,44 +1259,49 @@ def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
 
 def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip):
     """The general loop's :func:`_polish`: the equality QP of the active set each
-    iterate suggests (:func:`_iterate_guess`), by one dense LU solve of its KKT system
-    (B, n + m + p) (the loop has no constraint-space factor: Q may be singular), kept
-    where it is a KKT point within ``tol`` by its true residuals.
+    iterate suggests (lam > s; where that fails and holds more than n - p constraints,
+    :func:`_iterate_guess`), by one dense LU solve of its KKT system (B, n + m + p) (the
+    loop has no constraint-space factor: Q may be singular), kept where it is a KKT
+    point within ``tol`` by its true residuals.
 
     Along directions where Q is singular an interior-point iterate converges only as
     its complementarity does: with Q of one to three zero eigenvalues and a box, the
-    iterates at the default tol were up to 6e-4 from the solution (LPs alike)."""
+    iterates at the default tol were up to 6e-4 from the solution."""
     todo = result.status != INFEASIBLE
     if skip is not None:
         todo = todo & ~skip
-    if not bool(todo.any()):
-        return result
     B, n = c.shape
     m, p = G.shape[-2], A.shape[-2]
-    guess = _iterate_guess(result.s, result.lam, n - p)
-    a = guess.to(c.dtype)
-    G_a = G * a.unsqueeze(-1)
-    K = Q.new_zeros(B, n + m + p, n + m + p)
-    K[:, :n, :n] = Q
-    K[:, :n, n:n + m] = _mT(G_a)
-    K[:, n:n + m, :n] = G_a
-    K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
-    if p:
-        K[:, :n, n + m:] = _mT(A)
-        K[:, n + m:, :n] = A
-    x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
-    z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
-    zero = torch.finfo(z.dtype).eps ** 2
-    rd, g, h = residuals(z, lam, nu)
-    s = torch.where(guess, zero, (-g).clamp(min=zero))
-    rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s), _inf_norm(h))
-    take = (todo & (info == 0) & (lam >= -tol * scale_dual[:, None]).all(-1)
-            & (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal))
-    polished = dataclasses.replace(
-        result, z=z, s=s, lam=torch.where(guess, lam.clamp(min=zero), zero), nu=nu,
-        status=torch.full_like(result.status, OPTIMAL), primal_residual=rp_n, dual_residual=rd_n,
-        complementarity=torch.zeros_like(rd_n), polished=take)
-    return _per_instance(take, polished, result)
+    for capped in (False, True):
+        if capped:
+            todo = todo & ~result.polished & ((result.lam > result.s).sum(-1) > n - p)
+        if not bool(todo.any()):
+            return result
+        guess = _iterate_guess(result.s, result.lam, n - p) if capped else result.lam > result.s
+        a = guess.to(c.dtype)
+        G_a = G * a.unsqueeze(-1)
+        K = Q.new_zeros(B, n + m + p, n + m + p)
+        K[:, :n, :n] = Q
+        K[:, :n, n:n + m] = _mT(G_a)
+        K[:, n:n + m, :n] = G_a
+        K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
+        if p:
+            K[:, :n, n + m:] = _mT(A)
+            K[:, n + m:, :n] = A
+        x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
+        z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
+        zero = torch.finfo(z.dtype).eps ** 2
+        rd, g, h = residuals(z, lam, nu)
+        s = torch.where(guess, zero, (-g).clamp(min=zero))
+        rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s), _inf_norm(h))
+        take = (todo & (info == 0) & (lam >= -tol * scale_dual[:, None]).all(-1)
+                & (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal))
+        polished = dataclasses.replace(
+            result, z=z, s=s, lam=torch.where(guess, lam.clamp(min=zero), zero), nu=nu,
+            status=torch.full_like(result.status, OPTIMAL), primal_residual=rp_n, dual_residual=rd_n,
+            complementarity=torch.zeros_like(rd_n), polished=take)
+        result = _per_instance(take, polished, result)
+    return result
 
 
 def _verify(result, residuals, scale_dual, scale_primal, tol):
@@ -1317,9 +1322,10 @@ def _verify(result, residuals, scale_dual, scale_primal, tol):
 
 
 def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
-    """Instances that :func:`_verify` found short of the tolerance get the exact
-    solution of their active set (from their iterate, :func:`_iterate_guess`, where
-    they have none), one step of iterative refinement against their true residuals,
+    """Instances that :func:`_verify` found short of the tolerance (and optimal ones
+    :func:`_polish` could not polish) get the exact solution of their active set (lam
+    > s of their iterate, where they have none), one step of iterative refinement
+    against their true residuals,
     and a second verification; those that pass it are optimal, the others are left as
     they were (their iterates feed the infeasibility certificate).
 
@@ -1341,7 +1347,7 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     if bool(fresh.any()):
         rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
             f, fresh, hv, b, scale_dual, scale_primal, result.lam, result.s)
-        sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, f.n - f.p), tol, sd_r, sp_r)
+        sol = _active_set_solution(sub, hv_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
         # (its check in constraint space is what rounding spoils here: signs suffice)
         take = fresh & torch.zeros_like(fresh).index_copy(0, rows, sol.ok)
         candidate = _take_polished(result, f, take, rows, sol)
@@ -1582,7 +1588,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
             # whose active-set solution is a KKT point within tol is solved, exactly.
             rows, sub, h_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
                 f, attempt, hv, b, scale_dual, scale_primal, lam, s)
-            sol = _active_set_solution(sub, h_r, b_r, _iterate_guess(s_r, lam_r, f.n - f.p), tol, sd_r, sp_r)
+            sol = _active_set_solution(sub, h_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
             done = attempt & torch.zeros_like(active).index_copy(0, rows, sol.kkt)
             exact = _scatter(exact, done, rows, sol)
             polished = polished | done
@@ -1805,31 +1811,40 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
     The active set is usually right long before that: solving the equality-constrained
     QP on it gives the solution to rounding error. The polished point replaces the
     iterate only where it is a KKT point within the tolerance (lam_a >= 0, G z <= h)
-    and no worse than the iterate. Instances the loop already polished are left alone.
+    and no worse than the iterate. Instances the loop already polished are left alone;
+    those whose suggested set is larger than n - p and fails get a second try with
+    the n - p constraints of largest lam / s (:func:`_iterate_guess`).
     """
     todo = ~result.polished if result.polished is not None else torch.ones_like(result.status, dtype=torch.bool)
     if skip is not None:
         todo = todo & ~skip
-    if not bool(todo.any()):
-        return result
-    rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
-        factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
-    sol = _active_set_solution(sub, hv_r, b_r, _iterate_guess(s_r, lam_r, factor.n - factor.p), tol, sd_r, sp_r)
-    status_r = result.status.index_select(0, rows)
-    better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
-    solved = (status_r == OPTIMAL) & better & sol.ok
-    rescued = ((status_r == NUMERICAL_ERROR) | (status_r == MAX_ITER)) & sol.kkt
-    take = todo & torch.zeros_like(todo).index_copy(0, rows, solved | rescued)
-    return _take_polished(result, factor, take, rows, sol)
+    free = factor.n - factor.p
+    for capped in (False, True):
+        if capped:
+            todo = todo & ~result.polished & ((result.lam > result.s).sum(-1) > free)
+        if not bool(todo.any()):
+            return result
+        rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
+            factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
+        guess = _iterate_guess(s_r, lam_r, free) if capped else lam_r > s_r
+        sol = _active_set_solution(sub, hv_r, b_r, guess, tol, sd_r, sp_r)
+        status_r = result.status.index_select(0, rows)
+        better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
+        solved = (status_r == OPTIMAL) & better & sol.ok
+        rescued = ((status_r == NUMERICAL_ERROR) | (status_r == MAX_ITER)) & sol.kkt
+        take = todo & torch.zeros_like(todo).index_copy(0, rows, solved | rescued)
+        result = _take_polished(result, factor, take, rows, sol)
+    return result
 
 
 def _iterate_guess(s, lam, free):
-    """The active set an interior-point iterate suggests: lam > s, but at most n - p
-    constraints (those of largest lam / s), as no more can be independent. An iterate
-    that stops on mean complementarity can leave an inactive constraint at lam > s
-    (slack 1.5e-3 on a projection onto a box and a hyperplane); one constraint too many
-    made the active set singular, its corrections wandered, and the iterate, 1e-5 from
-    the solution, was returned instead of the exact one."""
+    """The active set an interior-point iterate suggests, capped: lam > s, but at most
+    ``free`` = n - p constraints (those of largest lam / s), as no more can be
+    independent where A has full rank (where it has not, more can: the cap is a second
+    try). An iterate that stops on mean complementarity can leave an inactive
+    constraint at lam > s (slack 1.5e-3 on a projection onto a box and a hyperplane);
+    one constraint too many made the active set singular, its corrections wandered,
+    and the iterate, 1e-5 from the solution, was returned instead of the exact one."""
     guess = lam > s
     if guess.shape[-1] <= free:
         return guess

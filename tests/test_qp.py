@@ -648,6 +648,23 @@ def test_ill_conditioned_q_ends_optimal():
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
 
 
+def test_redundant_equalities_end_polished():
+    # A with 3 rows that combine its 4 others (consistent b): n - p = 13 understates
+    # the 16 free dimensions, so an active set capped at n - p constraints is wrong on
+    # instances with 14-16 active; the cap is a second try only, after lam > s.
+    n, m, p, B = 20, 40, 4, 16
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=19)
+    C = torch.randn(B, 3, p, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    A2, b2 = torch.cat([A, C @ A], 1), torch.cat([b, (C @ b.unsqueeze(-1)).squeeze(-1)], 1)
+    data = (Q, 2.0 * q, G, h, A2, b2)
+    layer = qp_problem(n, m, p + 3).to_torch()
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+
+
 def test_active_set_iteration_leaves_a_cycle():
     # Instance 8 of this batch cycles through four active sets (the iteration is
     # deterministic in the set); back at a set it had, it switches only its worst

@@ -1260,9 +1260,10 @@ def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
 def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip):
     """The general loop's :func:`_polish`: the equality QP of the active set each
     iterate suggests (lam > s; where that fails and holds more than n - p constraints,
-    :func:`_iterate_guess`), by one dense LU solve of its KKT system (B, n + m + p) (the
-    loop has no constraint-space factor: Q may be singular), kept where it is a KKT
-    point within ``tol`` by its true residuals.
+    :func:`_iterate_guess`), by a dense LU solve of its KKT system (B, n + m + p) (the
+    loop has no constraint-space factor: Q may be singular), with up to
+    _POLISH_ROUNDS - 1 corrections (violated constraints added, negative multipliers
+    dropped), kept where it is a KKT point within ``tol`` by its true residuals.
 
     Along directions where Q is singular an interior-point iterate converges only as
     its complementarity does: with Q of one to three zero eigenvalues and a box, the
@@ -1272,30 +1273,40 @@ def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, 
         todo = todo & ~skip
     B, n = c.shape
     m, p = G.shape[-2], A.shape[-2]
+    tol_d, tol_p = tol * scale_dual, tol * scale_primal
+    zero = torch.finfo(c.dtype).eps ** 2
+    K = Q.new_zeros(B, n + m + p, n + m + p)
+    K[:, :n, :n] = Q
+    if p:
+        K[:, :n, n + m:] = _mT(A)
+        K[:, n + m:, :n] = A
+
+    def solve(guess):
+        a = guess.to(c.dtype)
+        G_a = G * a.unsqueeze(-1)
+        K[:, :n, n:n + m] = _mT(G_a)
+        K[:, n:n + m, :n] = G_a
+        K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
+        x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
+        z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
+        rd, g, h = residuals(z, lam, nu)
+        return z, lam, nu, rd, g, h, info == 0
+
     for capped in (False, True):
         if capped:
             todo = todo & ~result.polished & ((result.lam > result.s).sum(-1) > n - p)
         if not bool(todo.any()):
             return result
         guess = _iterate_guess(result.s, result.lam, n - p) if capped else result.lam > result.s
-        a = guess.to(c.dtype)
-        G_a = G * a.unsqueeze(-1)
-        K = Q.new_zeros(B, n + m + p, n + m + p)
-        K[:, :n, :n] = Q
-        K[:, :n, n:n + m] = _mT(G_a)
-        K[:, n:n + m, :n] = G_a
-        K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
-        if p:
-            K[:, :n, n + m:] = _mT(A)
-            K[:, n + m:, :n] = A
-        x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
-        z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
-        zero = torch.finfo(z.dtype).eps ** 2
-        rd, g, h = residuals(z, lam, nu)
+        for k in range(_POLISH_ROUNDS):
+            z, lam, nu, rd, g, h, factored = solve(guess)
+            changes = torch.where(guess, lam < -tol_d[:, None], g > tol_p[:, None]) & todo[:, None]
+            if k == _POLISH_ROUNDS - 1 or not bool(changes.any()):
+                break
+            guess = guess ^ changes
         s = torch.where(guess, zero, (-g).clamp(min=zero))
         rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s), _inf_norm(h))
-        take = (todo & (info == 0) & (lam >= -tol * scale_dual[:, None]).all(-1)
-                & (rd_n <= tol * scale_dual) & (rp_n <= tol * scale_primal))
+        take = (todo & factored & (lam >= -tol_d[:, None]).all(-1) & (rd_n <= tol_d) & (rp_n <= tol_p))
         polished = dataclasses.replace(
             result, z=z, s=s, lam=torch.where(guess, lam.clamp(min=zero), zero), nu=nu,
             status=torch.full_like(result.status, OPTIMAL), primal_residual=rp_n, dual_residual=rd_n,

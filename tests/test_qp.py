@@ -339,9 +339,10 @@ def _box_qp_with_null_space(B, n, m, p, seed, eps, nzero):
 def test_singular_q_solutions_are_polished():
     # Q with three zero eigenvalues: the general loop, whose iterates converge along
     # Q's null space only as complementarity does (up to 6e-4 off at the default tol);
-    # the equality QP of the suggested active set, solved by LU, makes them exact.
-    B, n, m, p = 16, 20, 5, 1
-    data = _box_qp_with_null_space(B, n, m, p, seed=7, eps=0.0, nzero=3)
+    # the equality QP of the suggested active set, solved by LU, makes them exact
+    # (instance 31 after a correction of the suggested set).
+    B, n, m, p = 32, 20, 5, 1
+    data = _box_qp_with_null_space(B, n, m, p, seed=8, eps=0.0, nzero=3)
     layer = qp_problem(n, 2 * n + m, p).to_torch()
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B

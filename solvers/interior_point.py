@@ -1260,8 +1260,9 @@ def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
 def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip):
     """The general loop's :func:`_polish`: the equality QP of the active set each
     iterate suggests (lam > s; where that fails and holds more than n - p constraints,
-    :func:`_iterate_guess`), by a dense LU solve of its KKT system (B, n + m + p) (the
-    loop has no constraint-space factor: Q may be singular), with up to
+    :func:`_iterate_guess`), by the saddle-point kernel of the backward pass
+    (:func:`_saddle_solve`: the loop has no constraint-space factor, and Q may be
+    singular), with up to
     _POLISH_ROUNDS - 1 corrections (violated constraints added, negative multipliers
     dropped), kept where it is a KKT point within ``tol`` by its true residuals.
 
@@ -1275,22 +1276,17 @@ def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, 
     m, p = G.shape[-2], A.shape[-2]
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     zero = torch.finfo(c.dtype).eps ** 2
-    K = Q.new_zeros(B, n + m + p, n + m + p)
-    K[:, :n, :n] = Q
-    if p:
-        K[:, :n, n + m:] = _mT(A)
-        K[:, n + m:, :n] = A
+    no_sigma = c.new_zeros(B, 0)
 
     def solve(guess):
+        # rows: the active ones of G (zero rows elsewhere, where -1 * lam_i = 0) and A
         a = guess.to(c.dtype)
-        G_a = G * a.unsqueeze(-1)
-        K[:, :n, n:n + m] = _mT(G_a)
-        K[:, n:n + m, :n] = G_a
-        K[:, n:n + m, n:n + m] = torch.diag_embed(1.0 - a)  # an inactive constraint: lam_i = 0
-        x, info = torch.linalg.solve_ex(K, torch.cat([-c, a * hv, b], -1))
-        z, lam, nu = x[:, :n], x[:, n:n + m] * a, x[:, n + m:]
+        rows = torch.cat([G * a.unsqueeze(-1), A], -2)
+        diag = torch.cat([1.0 - a, c.new_zeros(B, p)], -1)
+        z, y, failed = _saddle_solve(Q, G[:, :0], no_sigma, rows, diag, -c, torch.cat([a * hv, b], -1))
+        lam, nu = y[:, :m] * a, y[:, m:]
         rd, g, h = residuals(z, lam, nu)
-        return z, lam, nu, rd, g, h, info == 0
+        return z, lam, nu, rd, g, h, ~failed
 
     for capped in (False, True):
         if capped:
@@ -1952,13 +1948,8 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
         [ Jg_act                            -s/lam (act)   0  ] [y_act] = [w_lam_act]
         [ Jh                                 0             0  ] [u_nu ]   [w_nu     ]
 
-    which the same Cholesky/Schur kernel solves with every scale bounded by one. That
-    kernel eliminates u_z first, through the (1, 1) block, which is singular where H is
-    (a QP with a PSD Q, an LP) but the constraints fix the directions H leaves free: so
-    each constraint row c_i (active rows and equalities) adds gamma_i c_i' c_i to it, with
-    its own equation multiplied by gamma_i / (1 + gamma_i e_i) added to the first block
-    row (e_i its -diag entry), an exact transformation of the system with y scaled by
-    1 / (1 + gamma_i e_i); gamma_i |c_i|^2 is H's scale.
+    which the same Cholesky/Schur kernel solves with every scale bounded by one
+    (:func:`_saddle_solve`, which also copes with a singular H).
 
     Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
     w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
@@ -1978,21 +1969,31 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     rows = torch.cat([Jg * active.unsqueeze(-1).to(Jg.dtype), Jh], -2)
     diag = torch.cat([torch.where(active, 1.0 / sigma, torch.ones_like(sigma)), w_nu.new_zeros(w_nu.shape)], -1)
     r2 = torch.cat([torch.where(active, w_lam, torch.zeros_like(w_lam)), w_nu], -1)
-    # the augmented-Lagrangian transformation (above); inactive rows are zero rows
+    u_z, t, failed = _saddle_solve(H, Jg, sigma_in, rows, diag, r1, r2)
+    y_act, u_nu = t[..., :m], t[..., m:]
+    u_lam_inactive = (_mv(Jg, u_z) - w_lam) / s if m else w_lam
+    u_lam = torch.where(active, y_act / lam, u_lam_inactive)
+    return u_z, u_lam, u_nu, failed
+
+
+def _saddle_solve(H, Jg, sigma, rows, diag, r1, r2):
+    """Solve ``[[H + Jg' diag(sigma) Jg, rows'], [rows, -diag(diag)]] [u; y] = [r1; r2]``
+    (diag >= 0) by the Cholesky/Schur kernel (:class:`ReducedKKT`), which eliminates u
+    first, through the (1, 1) block: singular where H is (a PSD Q, an LP) though the
+    rows fix the directions H leaves free. So each row c_i adds gamma_i c_i' c_i to
+    that block, with its equation times gamma_i / (1 + gamma_i diag_i) added to the
+    first block row: an exact transformation, with y scaled by 1 / (1 + gamma_i
+    diag_i) and gamma_i |c_i|^2 at H's scale (zero rows are left alone). Returns
+    (u, y, failed)."""
     row_sq = rows.square().sum(-1)
     h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
     gamma = torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny), 0.0)
     stretch = 1.0 + gamma * diag  # y = stretch * y~
     weight = gamma / stretch
     H = torch.baddbmm(H, _mT(rows), weight.unsqueeze(-1) * rows)
-    r1 = r1 + _mtv(rows, weight * r2)
-    kkt = ReducedKKT(H, Jg, rows, sigma_in, schur_diagonal=diag * stretch)
-    u_z, t = kkt.solve(r1, r2)
-    t = t * stretch
-    y_act, u_nu = t[..., :m], t[..., m:]
-    u_lam_inactive = (_mv(Jg, u_z) - w_lam) / s if m else w_lam
-    u_lam = torch.where(active, y_act / lam, u_lam_inactive)
-    return u_z, u_lam, u_nu, kkt.failed
+    kkt = ReducedKKT(H, Jg, rows, sigma, schur_diagonal=diag * stretch)
+    u, t = kkt.solve(r1 + _mtv(rows, weight * r2), r2)
+    return u, t * stretch, kkt.failed
 
 
 def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None, active_factor=None):

@@ -72,17 +72,18 @@ ACTIVE_SET_ROUNDS = 20
 _ACTIVE_SET_PATIENCE = 2
 _ACTIVE_SET_PATIENCE_SMALL = 4
 # A batch wins from the iteration only if all its instances end in fewer rounds than
-# the interior point's iterations. On random families with m >= 1.5 (n - p) it crawls
-# (corrections shrink by 10-25 % a round, not 30-50 %: up to 2x the time of the
-# interior point alone), and after the first solve 65-85 % of the first active sets'
-# constraints needed correcting; with m <= 1.33 (n - p) it paid (1.2-1.5x), and on
-# the box and hyperplane projection (m = 2 (n - p)) too, with 11 % corrected. A batch
-# of at least _JUDGED_BATCH instances (a lone one's statistics are noisy, and its
-# rounds cost less than iterations) with more than _CRAWL_ROWS (n - p) rows and more
-# than _CRAWL_WRONG of its first constraints corrected goes to the interior point
-# after that solve; so does one where most first active sets hold more than n - p
-# constraints (their matrices are singular: it wandered on all such families)
-_CRAWL_ROWS = 1.4
+# the interior point's iterations. On random families with m > 1.5 (n - p) it crawls
+# (corrections shrink by 10-25 % a round, not 30-50 %): forward+backward took
+# 1.02-2x the time of the interior point alone, and after the first solve 65-85 % of
+# the first active sets' constraints needed correcting. At m = 1.5 (n - p) the two
+# broke even (0.88-1.19x); below, the iteration paid (1.1-1.5x), and on the box and
+# hyperplane projection (m = 2 (n - p)) too, with 11 % corrected. A batch of at least
+# _JUDGED_BATCH instances (a lone one's statistics are noisy, and its rounds cost less
+# than iterations) with more than _CRAWL_ROWS (n - p) rows and more than _CRAWL_WRONG
+# of its first constraints corrected goes to the interior point after that solve; so
+# does one where most first active sets hold more than n - p constraints (their
+# matrices are singular: it wandered on all such families)
+_CRAWL_ROWS = 1.5
 _CRAWL_WRONG = 0.5
 _JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's

@@ -20,6 +20,14 @@ def qp_problem(n, m, p):
     return dl.Problem(dl.Minimize(0.5 * dl.quad_form(x, Q) + q @ x), [G @ x <= h, A @ x == b])
 
 
+def assert_matches_cvxpy(x, data, instances, atol):
+    """x[i] (B, n) against CVXPY on instance i of the batched QP ``data``, for each i in
+    ``instances``."""
+    for i in instances:
+        xr, _, _ = qp_reference(*(t[i].detach().numpy() for t in data))
+        np.testing.assert_allclose(x[i].detach().numpy(), xr, atol=atol)
+
+
 def test_batched_qp_matches_cvxpy():
     n, m, p, B = 10, 6, 2, 8
     prob = qp_problem(n, m, p)
@@ -307,9 +315,8 @@ def test_objective_scale_changes_nothing_but_the_multipliers(k):
 
     x1, grads1 = solve(1.0)
     xk, gradsk = solve(k)
-    for i in (0, 7, B - 1):  # (CVXPY on the unscaled problem: Clarabel's own tolerances are not scale-free)
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
-        np.testing.assert_allclose(xk[i].numpy(), xr, atol=1e-7)
+    # (CVXPY on the unscaled problem: Clarabel's own tolerances are not scale-free)
+    assert_matches_cvxpy(xk, (Q, q, G, h, A, b), (0, 7, B - 1), atol=1e-7)
     torch.testing.assert_close(xk, x1, atol=1e-9, rtol=0)
     for j, (g1, gk) in enumerate(zip(grads1, gradsk)):
         expected = g1 / k if j < 2 else g1
@@ -346,9 +353,7 @@ def test_singular_q_solutions_are_polished():
     layer = qp_problem(n, 2 * n + m, p).to_torch()
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
-    for i in range(B):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
 def test_an_instance_status_does_not_depend_on_its_batch():
@@ -378,9 +383,7 @@ def test_osqp_forward_shares_the_implicit_backward():
     osqp_layer = prob.to_torch(solver="osqp")
     x_osqp = osqp_layer(*a)
     assert osqp_layer.info.status == ["optimal"] * B
-    for i in range(B):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x_osqp[i].detach().numpy(), xr, atol=1e-6)
+    assert_matches_cvxpy(x_osqp, data, range(B), atol=1e-6)
     x_ipm = prob.to_torch()(*b)
     w = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     (w * x_osqp).sum().backward()
@@ -434,9 +437,7 @@ def test_interior_point_alone_ends_instances_at_different_iterations(monkeypatch
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
     assert len(set(layer.info.iterations.tolist())) > 1, "all ended together: the test lost its point"
-    for i in range(B):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
 def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
@@ -462,9 +463,7 @@ def test_crossover_tried_too_early_still_ends_exact(monkeypatch):
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
     assert any(done < tried for tried, done in attempts), "no attempt failed: the test lost its point"
-    for i in range(B):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
 def test_active_set_phase_agrees_with_the_interior_point():
@@ -491,9 +490,7 @@ def test_active_set_phase_agrees_with_the_interior_point():
     torch.testing.assert_close(x, x_ipm, atol=1e-9, rtol=0)
     for g, g_ipm in zip(grads, grads_ipm):
         torch.testing.assert_close(g, g_ipm, atol=1e-7, rtol=1e-7)
-    for i in range(0, B, 5):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, data, range(0, B, 5), atol=1e-7)
 
 
 def test_active_set_phase_gives_up_where_it_does_not_converge(monkeypatch):
@@ -512,9 +509,7 @@ def test_active_set_phase_gives_up_where_it_does_not_converge(monkeypatch):
     assert layer.info.status == ["optimal"] * B
     assert bool((layer.info.iterations > 0).all()), "the active-set phase converged: the test lost its point"
     assert int(layer.info.active_set_rounds.max()) < ipm.ACTIVE_SET_ROUNDS
-    for i in (0, B - 1):
-        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, (Q, q, G, h, A, b), (0, B - 1), atol=1e-7)
 
 
 @pytest.mark.parametrize("crowded", [8, 3])
@@ -542,9 +537,7 @@ def test_active_set_phase_hands_over_a_batch_that_starts_crowded(crowded):
         assert bool((rounds == 1).all()) and bool((iterations > 0).all())
     else:
         assert int(rounds.max()) > 1 and bool((iterations[crowded:] == 0).all())
-    for i in (0, B - 1):
-        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, (Q, q, G, h, A, b), (0, B - 1), atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["random", "box"])
@@ -573,9 +566,7 @@ def test_active_set_phase_hands_over_a_batch_that_would_crawl(family):
         assert bool((rounds == 1).all()) and bool((iterations > 0).all())
     else:
         assert bool((iterations == 0).all())
-    for i in (0, B - 1):
-        xr, _, _ = qp_reference(Q[i].numpy(), q[i].numpy(), G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, (Q, q, G, h, A, b), (0, B - 1), atol=1e-7)
 
 
 @pytest.mark.parametrize("rounds", [20, 0])
@@ -644,9 +635,7 @@ def test_ill_conditioned_q_ends_optimal():
     layer = qp_problem(n, m, p).to_torch()
     x = layer(Q, q, G, h, A, b)
     assert layer.info.status == ["optimal"] * B
-    for i in (0, 3, B - 1):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
+    assert_matches_cvxpy(x, (Q, q, G, h, A, b), (0, 3, B - 1), atol=1e-6)
 
 
 def test_redundant_equalities_end_polished():
@@ -661,9 +650,7 @@ def test_redundant_equalities_end_polished():
     layer = qp_problem(n, m, p + 3).to_torch()
     x = layer(*data)
     assert layer.info.status == ["optimal"] * B
-    for i in range(B):
-        xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
-        np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
 def test_active_set_iteration_leaves_a_cycle():
@@ -711,9 +698,7 @@ def test_instances_the_active_set_phase_leaves_go_on_with_the_interior_point(mon
     x[3:].sum().backward()
     for t in leaves:
         assert torch.isnan(t.grad[:3]).all() and torch.isfinite(t.grad[3:]).all()
-    for i in (3, 4, B - 1):
-        xr, _, _ = qp_reference(*(t[i].detach().numpy() for t in leaves))
-        np.testing.assert_allclose(x[i].detach().numpy(), xr, atol=1e-7)
+    assert_matches_cvxpy(x, leaves, (3, 4, B - 1), atol=1e-7)
 
 
 @pytest.mark.parametrize("B,k,r", [(512, 5, 20), (256, 8, 16), (32, 2, 10), (8, 20, 3), (2, 40, 5), (64, 1, 1)])

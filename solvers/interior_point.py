@@ -1263,9 +1263,9 @@ def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, 
     iterate suggests (lam > s; where that fails and holds more than n - p constraints,
     :func:`_iterate_guess`), by the saddle-point kernel of the backward pass
     (:func:`_saddle_solve`: the loop has no constraint-space factor, and Q may be
-    singular), with up to
-    _POLISH_ROUNDS - 1 corrections (violated constraints added, negative multipliers
-    dropped), kept where it is a KKT point within ``tol`` by its true residuals.
+    singular), with up to _POLISH_ROUNDS - 1 corrections (violated constraints added,
+    negative multipliers dropped), kept where it is a KKT point within ``tol`` by its
+    true residuals.
 
     Along directions where Q is singular an interior-point iterate converges only as
     its complementarity does: with Q of one to three zero eigenvalues and a box, the
@@ -1276,7 +1276,6 @@ def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, 
     B, n = c.shape
     m, p = G.shape[-2], A.shape[-2]
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
-    zero = torch.finfo(c.dtype).eps ** 2
     no_sigma = c.new_zeros(B, 0)
 
     def solve(guess):
@@ -1301,11 +1300,12 @@ def _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, 
             if k == _POLISH_ROUNDS - 1 or not bool(changes.any()):
                 break
             guess = guess ^ changes
-        s = torch.where(guess, zero, (-g).clamp(min=zero))
+        take = todo & factored & (lam >= -tol_d[:, None]).all(-1)
+        s, lam = _exact_point(guess, lam, g)
         rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s), _inf_norm(h))
-        take = (todo & factored & (lam >= -tol_d[:, None]).all(-1) & (rd_n <= tol_d) & (rp_n <= tol_p))
+        take = take & (rd_n <= tol_d) & (rp_n <= tol_p)
         polished = dataclasses.replace(
-            result, z=z, s=s, lam=torch.where(guess, lam.clamp(min=zero), zero), nu=nu,
+            result, z=z, s=s, lam=lam, nu=nu,
             status=torch.full_like(result.status, OPTIMAL), primal_residual=rp_n, dual_residual=rd_n,
             complementarity=torch.zeros_like(rd_n), polished=take)
         result = _per_instance(take, polished, result)
@@ -1333,9 +1333,9 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     """Instances that :func:`_verify` found short of the tolerance (and optimal ones
     :func:`_polish` could not polish) get the exact solution of their active set (lam
     > s of their iterate, where they have none), one step of iterative refinement
-    against their true residuals,
-    and a second verification; those that pass it are optimal, the others are left as
-    they were (their iterates feed the infeasibility certificate).
+    against their true residuals, and a second verification; those that pass it are
+    optimal, the others are left as they were (their iterates feed the infeasibility
+    certificate).
 
     The active set's solve runs in constraint space, through Q^-1: with Q's eigenvalues
     spread over 1e7 or more, or an active set with as many constraints as free
@@ -1366,12 +1366,10 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     a = active.to(candidate.z.dtype)
     r_d, g, r_eq = residuals(candidate.z, candidate.lam, candidate.nu)
     dz, dlam, dnu = f.correction(r_d, a * g, r_eq, a, candidate.active_factor)
-    z, lam, nu = candidate.z + dz, candidate.lam + a * dlam, candidate.nu + dnu
-    zero = torch.finfo(z.dtype).eps ** 2
-    refined = dataclasses.replace(
-        candidate, z=z, s=torch.where(active, zero, (hv - _mv(f.G, z)).clamp(min=zero)),
-        lam=torch.where(active, lam.clamp(min=zero), lam), nu=nu,
-        status=torch.where(retry, OPTIMAL, candidate.status))
+    z = candidate.z + dz
+    s, lam = _exact_point(active, candidate.lam + a * dlam, _mv(f.G, z) - hv)
+    refined = dataclasses.replace(candidate, z=z, s=s, lam=lam, nu=candidate.nu + dnu,
+                                  status=torch.where(retry, OPTIMAL, candidate.status))
     refined = _verify(refined, residuals, scale_dual, scale_primal, tol)
     passed = retry & (refined.status == OPTIMAL)
     if not bool(passed.any()):
@@ -1762,14 +1760,19 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(e))
     ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
     kkt = ok & (rp_n <= tol * scale_primal)
-    # The polished point has exact zeros (s on the active set, lam off it). They stay
-    # strictly positive for the backward, which divides by them, but far below every
-    # other scale (eps^2), so the implicit derivative is the exact one of the active set
-    # rather than that of a nearby central-path point.
-    zero = torch.finfo(lam.dtype).eps ** 2
-    s = torch.where(active, zero, (-g).clamp(min=zero))
-    lam = torch.where(active, lam.clamp(min=zero), zero)
+    s, lam = _exact_point(active, lam, g)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, solves)
+
+
+def _exact_point(active, lam, g):
+    """(s, lam) of an active set's solution, for its constraint values g = G z - h.
+
+    The point has exact zeros (s on the active set, lam off it). They stay strictly
+    positive for the backward, which divides by them, but far below every other scale
+    (eps^2), so the implicit derivative is the exact one of the active set rather than
+    that of a nearby central-path point."""
+    zero = torch.finfo(lam.dtype).eps ** 2
+    return torch.where(active, zero, (-g).clamp(min=zero)), torch.where(active, lam.clamp(min=zero), zero)
 
 
 _FINGERPRINT_WEIGHTS = {}

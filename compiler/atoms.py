@@ -45,6 +45,16 @@ class sigmoid(sympy.Function):
         return self.args[0].is_real
 
 
+class in_domain(sympy.Function):
+    """1 where u > 0, NaN elsewhere, printed as ``_in_domain(u)``. It multiplies the
+    derivative of an atom that is finite outside the atom's domain (log: 1/u), so that
+    a point outside the domain has non-finite residuals, which the solver's line search
+    rejects; without it ``-log(h - G x)`` came back 'optimal' at G x - h = 17."""
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
 @dataclass(frozen=True)
 class ElementwiseAtom:
     name: str
@@ -71,6 +81,23 @@ def power_atom(k: float) -> ElementwiseAtom:
     """x**k; a non-integer power needs x > 0 (read off the definition by domain_of)."""
     k_sym = sympy.Integer(int(k)) if float(k).is_integer() else sympy.Float(k)
     return ElementwiseAtom(f"power({k:g})", lambda u: u**k_sym, description=f"x^{k:g}")
+
+
+def guard_domain(expr: sympy.Expr, derivative: sympy.Expr) -> sympy.Expr:
+    """``derivative`` of ``expr``, NaN where an argument of a log or a non-integer power
+    in ``expr`` is not positive, unless the derivative already needs that itself (that
+    of entropy has the log, that of sqrt the root): see :class:`in_domain`."""
+    if domain_of(expr) != "positive" or domain_of(derivative) == "positive":
+        return derivative
+    return derivative * sympy.Mul(*(in_domain(a) for a in domain_arguments(expr)))
+
+
+def domain_arguments(expr: sympy.Expr):
+    """The subexpressions of ``expr`` that must stay positive: the arguments of its logs
+    and the bases of its non-integer powers (in order, without repeats)."""
+    found = [sub.args[0] for sub in sympy.preorder_traversal(expr)
+             if isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer)]
+    return list(dict.fromkeys(found))
 
 
 def domain_of(expr: sympy.Expr) -> Optional[str]:

@@ -357,17 +357,27 @@ def _broadcast_to(node: Node, shape) -> Node:
 
 
 def _positive_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int], ...]:
-    from .atoms import domain_of
+    """The entries of z that a domain-restricted atom takes as its argument itself (a
+    variable or a slice of one, not an expression of it): at 1, log(x) starts inside its
+    domain, while log(1 - x) would start on its edge and log(h - G x) anywhere (at 0,
+    both are inside when 1 and h are positive)."""
+    from .atoms import domain_arguments
 
     roots = [sf.objective] + [b.expr for b in sf.inequalities + sf.equalities]
     by_name = {v.node.attrs[0]: (off, v.node.shape[0]) for v, off in zip(sf.variables, offsets)}
     ranges = set()
     for node in ir.topological(roots):
-        if node.op == "elementwise" and domain_of(node.attrs.expr) in ("positive", "nonzero"):
-            for arg in node.args:
-                for name in arg.free:
-                    if name in by_name:
-                        ranges.add(by_name[name])
+        if node.op != "elementwise":
+            continue
+        fn = node.attrs
+        direct = {a for a in domain_arguments(fn.expr) if a.is_Symbol}
+        for sym, arg in zip(fn.variables, node.args):
+            if sym not in direct:
+                continue
+            while arg.op in ("index", "reshape"):
+                arg = arg.args[0]
+            if arg.op == "input" and arg.attrs[0] in by_name:
+                ranges.add(by_name[arg.attrs[0]])
     return tuple(sorted(ranges))
 
 

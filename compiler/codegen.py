@@ -33,7 +33,7 @@ import numpy as np
 import sympy
 
 from . import ir
-from .atoms import sigmoid, softplus
+from .atoms import in_domain, sigmoid, softplus
 from .ir import Node
 from .kkt import KKTSystem, LP, QP
 
@@ -44,6 +44,11 @@ import torch
 # zeros and identities are made once per shape, dtype and device: generated code never
 # writes into a tensor it did not create itself
 _CONSTANTS = {}
+
+
+def _in_domain(u):
+    # 1 where u > 0, NaN elsewhere: a derivative finite outside its atom's domain times it
+    return torch.where(u > 0, 1.0, float("nan")).to(u.dtype)
 
 
 def _zeros(ref, shape):
@@ -370,6 +375,8 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
         return f"torch.nn.functional.softplus({p(expr.args[0])})"
     if isinstance(expr, sigmoid):
         return f"torch.sigmoid({p(expr.args[0])})"
+    if isinstance(expr, in_domain):
+        return f"_in_domain({p(expr.args[0])})"
     if isinstance(expr, sympy.Abs):
         return f"torch.abs({p(expr.args[0])})"
     raise NotImplementedError(f"no torch translation for {expr}")

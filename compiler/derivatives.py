@@ -16,6 +16,7 @@ import numpy as np
 import sympy
 
 from . import ir
+from .atoms import guard_domain
 from .ir import Node
 
 #: sympy heads that have no derivative everywhere; canonicalization removes them first
@@ -129,6 +130,7 @@ def _elementwise_pullback(node: Node, g: Node, lead):
         d = sympy.diff(fn.expr, sym)
         if d == 0:
             continue
+        d = guard_domain(fn.expr, d)
         if d.is_number:  # e.g. d(a + b)/da = 1: no need for a tensor of ones
             partial = ir.const(float(d))
         else:

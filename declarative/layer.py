@@ -86,6 +86,9 @@ class SolveInfo:
         )
 
 
+#: the values the entries under a domain-restricted atom try, in order, as the NLP start
+_POSITIVE_STARTS = (1.0, 0.5, 0.1, 2.0, 10.0)
+
 class OptimizationLayer(torch.nn.Module):
     """A differentiable, batched solution map ``theta -> argmin`` of a ``dl.Problem``.
 
@@ -386,10 +389,15 @@ class OptimizationLayer(torch.nn.Module):
                 rd, g, h = code["kkt_residuals"](z, lam, nu, consts, *params)
                 return full(rd, (n,)), full(g, (m,)), full(h, (p,))
 
-            z0 = torch.zeros(batch, n, dtype=dtype, device=device)
+            # the entries a log, entropy, sqrt ... takes as its argument start at 1, the
+            # others at 0; where that is outside the functions' domain (log(x) + log(1 - x)
+            # at x = 1), at 1/2, 1/10, 2 and 10
+            positive = torch.zeros(n, dtype=dtype, device=device)
             for off, size in stacked.positive_start:
-                z0[:, off:off + size] = 1.0
-            result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad)
+                positive[off:off + size] = 1.0
+            z0, *others = (positive.expand(batch, n) * scale for scale in _POSITIVE_STARTS)
+            result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
+                                   other_starts=others if stacked.positive_start else ())
             qp = None
 
         status = result.status

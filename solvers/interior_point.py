@@ -529,7 +529,7 @@ class DiagonalNewton:
     # iteration counts on the entropy family and cost a third of the time
     refinement_rounds = 0
 
-    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s, workspace=None):
+    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s, workspace=None, active=None):
         """``workspace``: a dict the caller keeps across iterations, for the one (B, k, n)
         scratch tensor (fresh, it would be fresh pages at every iteration: page faults
         cost more than the product it feeds)."""
@@ -540,7 +540,8 @@ class DiagonalNewton:
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
         self.D_inv = 1.0 / D
-        self.usable = bool(((D > 0) & torch.isfinite(self.D_inv)).all())
+        safe = (D > 0) & torch.isfinite(self.D_inv)
+        self.usable = bool((safe if active is None else safe | ~active[:, None]).all())
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
         # S = K D^-1 K' with K = [G; Jh] stacked when small: one product per use instead
@@ -634,11 +635,13 @@ def _scratch(workspace, name, shape, dtype, device):
     return buf
 
 
-def _newton_system(H, Jg, Jh, lam, s, workspace=None):
+def _newton_system(H, Jg, Jh, lam, s, workspace=None, active=None):
     """The Newton solver for this iteration: structured when the problem is and its
-    diagonal is safely positive, else the n-space reduction."""
+    diagonal is safely positive on the ``active`` (B,) instances (retired ones take no
+    step: a failed partner must not change the others' solver), else the n-space
+    reduction."""
     if isinstance(H, DiagonalMatrix):
-        newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace)
+        newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace, active)
         if newton.usable:
             return newton
     return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s)
@@ -894,11 +897,14 @@ def _start_status(B, skip, device):
 
 def _step_to_boundary(x, dx, fraction):
     """min(1, fraction * the largest alpha with x + alpha dx >= 0), per instance, for
-    x (B, k) > 0 with k > 0; ``fraction`` a number or (B,).
+    x (B, k) > 0; ``fraction`` a number or (B,).
 
     That alpha is 1 / max_i(-dx_i / x_i) (inf where nothing decreases), so the answer is
     fraction / max(fraction, max_i(-dx_i / x_i)): four ops in all, two of them on (B, k)
-    (a masked ratio with a where took twice as many)."""
+    (a masked ratio with a where took twice as many). With k = 0 nothing bounds the
+    step: 1."""
+    if not x.shape[-1]:
+        return x.new_ones(x.shape[:1])
     return (-fraction) / (dx / x).amin(-1).clamp(max=-fraction)
 
 
@@ -964,7 +970,7 @@ def primal_dual(
         if it == max_iter or not bool(active.any()):
             break
 
-        newton = _newton_system(H, Jg, Jh, lam, s, workspace)
+        newton = _newton_system(H, Jg, Jh, lam, s, workspace, active)
         refine = newton.refinement_rounds
         p = Jh.shape[-2]
 
@@ -988,6 +994,10 @@ def primal_dual(
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
         v = torch.cat([s, lam], -1)
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
+        # a retired instance takes no step, but a zero step along a NaN direction (its
+        # Newton system may be singular now) is NaN: its directions are zeroed
+        keep = active[:, None]
+        dv, dz, dnu = torch.where(keep, dv, 0.0), torch.where(keep, dz, 0.0), torch.where(keep, dnu, 0.0)
         ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
@@ -1911,18 +1921,35 @@ def _take_polished(result, f, take, rows, sol):
     )
 
 
-def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None) -> InteriorPointResult:
+def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None,
+              other_starts=()) -> InteriorPointResult:
     """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
 
-    z0 (B, n) is the starting point; it should lie in the domain of the functions.
+    z0 (B, n) is the starting point; it should lie in the domain of the functions. An
+    instance where it does not (the residuals there are not finite) starts from the
+    first of ``other_starts`` ((B, n) each) where they are; one where none does is
+    skipped (numerical_error).
     """
     tol = default_tol(z0.dtype) if tol is None else tol
     B = z0.shape[0]
     lam0 = z0.new_ones(B, m)
     nu0 = z0.new_zeros(B, p)
-    rd, g, h = residuals(z0, z0.new_zeros(B, m), nu0)
+
+    def at(z):
+        rd, g, h = residuals(z, z.new_zeros(B, m), nu0)
+        return rd, g, h, torch.isfinite(rd).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(h).all(-1)
+
+    rd, g, h, finite = at(z0)
+    usable = finite if skip is None else finite | skip  # (a skipped instance needs no start)
+    for start in other_starts:
+        if bool(usable.all()):
+            break
+        rd_o, g_o, h_o, finite_o = at(start)
+        take = ~usable & finite_o
+        z0 = torch.where(take[:, None], start, z0)
+        rd, g, h = (torch.where(take[:, None], new, old) for new, old in ((rd_o, rd), (g_o, g), (h_o, h)))
+        finite, usable = finite | take, usable | take
     s0 = (-g).clamp(min=1.0)
-    finite = torch.isfinite(rd).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(h).all(-1)
     skip = ~finite if skip is None else (skip | ~finite)
     rd = torch.nan_to_num(rd)
     scale_dual = 1.0 + _inf_norm(rd)

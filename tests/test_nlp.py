@@ -215,3 +215,95 @@ def test_concave_atoms_match_cvxpy():
                                  - cp.sum_squares(yv) + c_t.numpy() @ xv), [xv + yv <= 2, cp.power(xv, 2) <= 4]))
     np.testing.assert_allclose(x_t.numpy(), xv.value, atol=1e-6)
     np.testing.assert_allclose(y_t.numpy(), yv.value, atol=1e-6)
+
+
+# logits (float32, ~20 randn) of instances that fail or converge at different times; see
+# the tests below
+_LOGITS_A = [4.521238327026367, -27.865596771240234, 14.073016166687012, -26.738481521606445, -13.405044555664062,
+             1.9524699449539185, 11.005794525146484, 2.6005072593688965, -40.38557052612305, -25.239721298217773,
+             -16.794029235839844, -2.6218111515045166, -27.68893814086914, -17.532318115234375, 6.8466796875,
+             1.076347827911377, 9.321364402770996, 6.574150562286377, -30.276105880737305, -21.763500213623047]
+_LOGITS_FAILING = [-37.57145309448242, 1.379611849784851, 56.17470169067383, 3.3942558765411377, 41.26129913330078,
+                   52.33330535888672, 18.448335647583008, 49.13341522216797, 4.048742294311523, -31.924190521240234,
+                   -6.408524513244629, 32.72219467163086, 57.03858184814453, 15.236918449401855, -29.22054100036621,
+                   3.442261219024658, -36.751953125, 5.081429481506348, 36.01534652709961, -15.165648460388184]
+_LOGITS_B = [17.29305076599121, -7.476293087005615, -22.355268478393555, -30.994895935058594, -13.979802131652832,
+             -44.61057662963867, 14.996397972106934, -12.600613594055176, 9.625873565673828, 37.36649703979492,
+             23.45991325378418, -23.02269744873047, 17.384979248046875, 23.157140731811523, -14.927130699157715,
+             -19.06593894958496, -2.193837881088257, -32.028465270996094, 29.41469955444336, -48.107276916503906]
+_LOGITS_C = [37.115665435791016, 34.00880432128906, -39.084224700927734, -19.3773250579834, 13.28625774383545,
+             15.797344207763672, 14.731284141540527, -1.4173065423965454, 9.102416038513184, 13.060428619384766,
+             -1.5574253797531128, 20.546039581298828, -45.189945220947266, 12.675869941711426, -20.681053161621094,
+             19.173555374145508, -4.573688507080078, -17.775745391845703, 7.478043079376221, -18.226669311523438]
+
+
+@pytest.mark.parametrize("partner", ["failing", "converging later"])
+def test_an_instance_does_not_notice_its_partner(partner):
+    # float32 softmax layers. With a partner that fails (numerical_error at iteration
+    # 46), the batch's Newton solver fell back from the structured one for all: the
+    # other instance ended max_iter instead of optimal. With a partner that converges
+    # later, the retired instance was stepped by 0 along a NaN direction: its output
+    # became NaN under status 'optimal'.
+    first, second = (_LOGITS_A, _LOGITS_FAILING) if partner == "failing" else (_LOGITS_B, _LOGITS_C)
+    layer = softmax_layer(20, warn=False)
+    theta = torch.tensor([first, second], dtype=torch.float32)
+    alone = layer(theta[:1])
+    status, iterations = layer.info.status[0], int(layer.info.iterations[0])
+    both = layer(theta)
+    assert status == "optimal" and layer.info.status[0] == "optimal"
+    assert int(layer.info.iterations[0]) == iterations
+    torch.testing.assert_close(both[:1], alone, atol=0, rtol=0)
+    torch.testing.assert_close(alone.double(), torch.softmax(theta[:1].double(), -1), atol=1e-6, rtol=0)
+
+
+def test_nlp_without_inequalities():
+    # min -sum(log x) + theta'x s.t. sum(x) = 1: the domain x > 0 is the line search's
+    # business, and m = 0 (a step-length computation on no constraints used to raise).
+    n, B = 5, 4
+    x = dl.Variable(n, name="x")
+    th = dl.Parameter(n, name="theta")
+    layer = dl.Problem(dl.Minimize(-dl.sum(dl.log(x)) + th @ x), [dl.sum(x) == 1]).to_torch()
+    theta = torch.rand(B, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    out = layer(theta)
+    assert layer.info.status == ["optimal"] * B
+    # closed form: x_i = 1 / (theta_i + nu), nu the root of sum_i x_i = 1 (bisection)
+    low, high = -theta.amin(-1, keepdim=True), n - theta.amin(-1, keepdim=True)
+    for _ in range(200):
+        nu = 0.5 * (low + high)
+        above = (1.0 / (theta + nu)).sum(-1, keepdim=True) > 1.0
+        low, high = torch.where(above, nu, low), torch.where(above, high, nu)
+    torch.testing.assert_close(out, 1.0 / (theta + 0.5 * (low + high)), atol=1e-9, rtol=0)
+
+
+def test_log_of_an_affine_expression_stays_in_its_domain():
+    # min c'x - sum(log(h - G x)) with no explicit constraint: d/du log(u) = 1/u is finite
+    # for u < 0, and the solver used to leave the domain ('optimal' at G x - h = 17, or
+    # 'unbounded'); the derivative is NaN outside it now, which the line search rejects.
+    rng = np.random.default_rng(1)
+    B, n, m = 6, 5, 6
+    G0 = rng.standard_normal((B, m, n))
+    G_v, h_v, c_v = np.concatenate([G0, -G0], 1), rng.uniform(0.5, 1.5, (B, 2 * m)), rng.standard_normal((B, n))
+    x = dl.Variable(n, name="x")
+    c, G, h = dl.Parameter(n, name="c"), dl.Parameter((2 * m, n), name="G"), dl.Parameter(2 * m, name="h")
+    layer = dl.Problem(dl.Minimize(c @ x - dl.sum(dl.log(h - G @ x)))).to_torch()
+    out = layer(c=torch.tensor(c_v), G=torch.tensor(G_v), h=torch.tensor(h_v))
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        xv = cp.Variable(n)
+        solve(cp.Problem(cp.Minimize(c_v[i] @ xv - cp.sum(cp.log(h_v[i] - G_v[i] @ xv)))))
+        np.testing.assert_allclose(out[i].numpy(), xv.value, atol=1e-6)
+
+
+def test_start_inside_the_domain_of_every_atom():
+    # theta x - log(x) - log(1 - x): the entries under a log start at 1, on the edge of
+    # log(1 - x); they now try 1/2 there. Closed form: the root in (0, 1) of
+    # theta x^2 - (theta + 2) x + 1 = 0 (x = 1/2 at theta = 0).
+    x = dl.Variable(4, name="x")
+    th = dl.Parameter(4, name="theta")
+    layer = dl.Problem(dl.Minimize(th @ x - dl.sum(dl.log(x)) - dl.sum(dl.log(1 - x)))).to_torch()
+    theta = torch.tensor([[0.5, -1.0, 2.0, 0.0]], dtype=torch.float64)
+    out = layer(theta)
+    assert layer.info.status == ["optimal"]
+    t = theta[0, :3]
+    roots = ((t + 2) - torch.sqrt((t + 2) ** 2 - 4 * t)) / (2 * t)
+    torch.testing.assert_close(out[0], torch.cat([roots, torch.tensor([0.5], dtype=torch.float64)]), atol=1e-8, rtol=0)

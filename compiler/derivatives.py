@@ -27,8 +27,15 @@ class NotSmoothError(ValueError):
     """Raised when differentiation meets an expression with no derivative."""
 
 
-def vjp(output: Node, cotangent: Node, wrt: Sequence[Node], extra: int = 0) -> Dict[Node, Node]:
+def vjp(output: Node, cotangent: Node, wrt: Sequence[Node], extra: int = 0,
+        guard_domains: bool = False) -> Dict[Node, Node]:
     """Vector-Jacobian products of ``output`` for each input node in ``wrt``.
+
+    ``guard_domains``: the derivatives of atoms that are finite outside the atom's
+    domain are NaN there (:func:`compiler.atoms.guard_domain`). The solver needs it in
+    the stationarity residual only, which it evaluates without the objective: elsewhere
+    (Jacobians, Hessian, the backward) a value of the same evaluation is already
+    non-finite outside the domain.
 
     Parameters
     ----------
@@ -48,7 +55,7 @@ def vjp(output: Node, cotangent: Node, wrt: Sequence[Node], extra: int = 0) -> D
             if node.op == "input" and g is not None:
                 adjoint[node] = g
             continue
-        for arg, contribution in _pullback(node, g, lead):
+        for arg, contribution in _pullback(node, g, lead, guard_domains):
             if not (arg.free & names):
                 continue
             prev = adjoint.get(arg)
@@ -63,23 +70,23 @@ def jacobian(output: Node, wrt: Node) -> Node:
     return vjp(output, ir.eye(output.shape[0]), [wrt], extra=1)[wrt]
 
 
-def gradient(output: Node, wrt: Sequence[Node]) -> Dict[Node, Node]:
+def gradient(output: Node, wrt: Sequence[Node], guard_domains: bool = False) -> Dict[Node, Node]:
     """Gradient of a scalar ``output`` with respect to each input of ``wrt``."""
     if output.shape != ():
         raise ValueError(f"gradient of a non-scalar of shape {output.shape}")
-    return vjp(output, ir.const(1.0), wrt)
+    return vjp(output, ir.const(1.0), wrt, guard_domains=guard_domains)
 
 
 # ------------------------------------------------------------------------------------
 
-def _pullback(node: Node, g: Node, lead):
+def _pullback(node: Node, g: Node, lead, guard_domains=False):
     op = node.op
     t = len(lead)
     prefix = tuple(slice(0, d, 1) for d in lead)
     if op == "einsum":
         yield from _einsum_pullback(node, g, t)
     elif op == "elementwise":
-        yield from _elementwise_pullback(node, g, lead)
+        yield from _elementwise_pullback(node, g, lead, guard_domains)
     elif op == "index":
         (arg,) = node.args
         yield arg, ir.scatter(g, prefix + node.attrs[0], lead + arg.shape)
@@ -120,7 +127,7 @@ def _einsum_pullback(node: Node, g: Node, t: int):
         yield arg, ir.einsum(spec, *operands)
 
 
-def _elementwise_pullback(node: Node, g: Node, lead):
+def _elementwise_pullback(node: Node, g: Node, lead, guard_domains=False):
     fn: sympy.Lambda = node.attrs
     if fn.expr.has(*NONSMOOTH_HEADS):
         raise NotSmoothError(
@@ -130,7 +137,8 @@ def _elementwise_pullback(node: Node, g: Node, lead):
         d = sympy.diff(fn.expr, sym)
         if d == 0:
             continue
-        d = guard_domain(fn.expr, d)
+        if guard_domains:
+            d = guard_domain(fn.expr, d)
         if d.is_number:  # e.g. d(a + b)/da = 1: no need for a tensor of ones
             partial = ir.const(float(d))
         else:

@@ -70,7 +70,7 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
 
     lagrangian = ir.add(ir.add(f, ir.dot(lam, g)), ir.dot(nu, h))
     grad_f = gradient(f, variables)
-    grad_l = gradient(lagrangian, variables)
+    grad_l = gradient(lagrangian, variables, guard_domains=True)
     stationarity = tuple(grad_l[v] for v in variables)
     jac_g = vjp(g, ir.eye(problem.m), variables, extra=1) if problem.m else {v: ir.zeros((0,) + v.shape) for v in variables}
     jac_h = vjp(h, ir.eye(problem.p), variables, extra=1) if problem.p else {v: ir.zeros((0,) + v.shape) for v in variables}

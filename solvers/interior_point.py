@@ -529,7 +529,7 @@ class DiagonalNewton:
     # iteration counts on the entropy family and cost a third of the time
     refinement_rounds = 0
 
-    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s, workspace=None, active=None):
+    def __init__(self, H: DiagonalMatrix, Jg: BoundedJacobian, Jh, lam, s, workspace=None, retired=None):
         """``workspace``: a dict the caller keeps across iterations, for the one (B, k, n)
         scratch tensor (fresh, it would be fresh pages at every iteration: page faults
         cost more than the product it feeds)."""
@@ -541,7 +541,7 @@ class DiagonalNewton:
         D = H.d + Jg.bound_diagonal(self.sigma)
         self.D_inv = 1.0 / D
         safe = (D > 0) & torch.isfinite(self.D_inv)
-        self.usable = bool((safe if active is None else safe | ~active[:, None]).all())
+        self.usable = bool((safe if retired is None else safe | retired).all())
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
         # S = K D^-1 K' with K = [G; Jh] stacked when small: one product per use instead
@@ -635,13 +635,13 @@ def _scratch(workspace, name, shape, dtype, device):
     return buf
 
 
-def _newton_system(H, Jg, Jh, lam, s, workspace=None, active=None):
+def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None):
     """The Newton solver for this iteration: structured when the problem is and its
-    diagonal is safely positive on the ``active`` (B,) instances (retired ones take no
+    diagonal is safely positive on the instances not ``retired`` (B, 1) (those take no
     step: a failed partner must not change the others' solver), else the n-space
     reduction."""
     if isinstance(H, DiagonalMatrix):
-        newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace, active)
+        newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace, retired)
         if newton.usable:
             return newton
     return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s)
@@ -970,7 +970,8 @@ def primal_dual(
         if it == max_iter or not bool(active.any()):
             break
 
-        newton = _newton_system(H, Jg, Jh, lam, s, workspace, active)
+        retired = (~active).unsqueeze(-1)
+        newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired)
         refine = newton.refinement_rounds
         p = Jh.shape[-2]
 
@@ -996,8 +997,7 @@ def primal_dual(
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
         # a retired instance takes no step, but a zero step along a NaN direction (its
         # Newton system may be singular now) is NaN: its directions are zeroed
-        keep = active[:, None]
-        dv, dz, dnu = torch.where(keep, dv, 0.0), torch.where(keep, dz, 0.0), torch.where(keep, dnu, 0.0)
+        dv, dz, dnu = dv.masked_fill_(retired, 0.0), dz.masked_fill_(retired, 0.0), dnu.masked_fill_(retired, 0.0)
         ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
@@ -1952,12 +1952,57 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     s0 = (-g).clamp(min=1.0)
     skip = ~finite if skip is None else (skip | ~finite)
     rd = torch.nan_to_num(rd)
+    # an objective far below unit scale (its gradient at the start, the only scale the
+    # loop knows) is divided by it, as a QP's objective by its largest coefficient: the
+    # stopping test's 1 + |grad| would otherwise be absolute, and a softmax layer whose
+    # objective was scaled by 1e-8 came back 'optimal' at its start, 0.86 off
+    sigma = _objective_scale_nlp(rd, skip)
+    if sigma is not None:
+        derivatives, residuals = _scaled_objective(derivatives, residuals, sigma)
+        rd = rd / sigma[:, None]
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
-    return primal_dual(
+    result = primal_dual(
         Oracle(derivatives, residuals, linear=False), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
     )
+    if sigma is None:
+        return result
+    return dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],
+                               dual_residual=result.dual_residual * sigma)
+
+
+def _objective_scale_nlp(grad0, skip):
+    """|grad f(z0)|_inf (B,) for the instances where it is below 1 / _OBJECTIVE_RANGE
+    (but not zero), 1 for the others; None where there are none. A large gradient needs
+    no scaling (1 + |grad| is relative already), and dividing by it is no good guess:
+    exp(y) - theta'y with theta over 16 decades, divided by its gradient at the start,
+    failed on an instance."""
+    size = _inf_norm(grad0)
+    if skip is not None:
+        size = size.masked_fill(skip, 1.0)
+    small = (size < 1.0 / _OBJECTIVE_RANGE) & (size > 0)
+    if not bool(small.any()):
+        return None
+    return torch.where(small, size, 1.0)
+
+
+def _scaled_objective(derivatives, residuals, sigma):
+    """The oracle of the problem with its objective divided by ``sigma`` (B,), in the
+    multipliers of that problem (lam_s = lam / sigma, nu_s = nu / sigma): the
+    Lagrangian's gradient and Hessian are the caller's at (lam, nu), divided by sigma."""
+    inv = (1.0 / sigma)[:, None]
+
+    def scaled_residuals(z, lam, nu):
+        rd, g, h = residuals(z, lam * sigma[:, None], nu * sigma[:, None])
+        return rd * inv, g, h
+
+    def scaled_derivatives(z, lam, nu):
+        rd, g, h, Jg, Jh, H = derivatives(z, lam * sigma[:, None], nu * sigma[:, None])
+        H = DiagonalMatrix(H.d * inv) if isinstance(H, DiagonalMatrix) else H * inv.unsqueeze(-1)
+        return rd * inv, g, h, Jg, Jh, H
+
+    return scaled_derivatives, scaled_residuals
 
 
 def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):

@@ -307,3 +307,18 @@ def test_start_inside_the_domain_of_every_atom():
     t = theta[0, :3]
     roots = ((t + 2) - torch.sqrt((t + 2) ** 2 - 4 * t)) / (2 * t)
     torch.testing.assert_close(out[0], torch.cat([roots, torch.tensor([0.5], dtype=torch.float64)]), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-8])
+def test_a_small_objective_is_solved_to_the_same_relative_accuracy(scale):
+    # softmax as optimization with its objective times a small constant: the same
+    # minimizer. The stopping test's 1 + |grad f| is absolute for such an objective, and
+    # at 1e-8 the start passed it: 'optimal', 0.86 off.
+    n, B = 10, 8
+    z = dl.Variable(n, name="z")
+    th = dl.Parameter(n, name="theta")
+    layer = dl.Problem(dl.Maximize(scale * (th @ z + dl.sum(dl.entropy(z)))), [dl.sum(z) == 1, z >= 0]).to_torch()
+    theta = 3 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = layer(theta)
+    assert layer.info.status == ["optimal"] * B
+    torch.testing.assert_close(out, torch.softmax(theta, -1), atol=1e-10, rtol=0)

@@ -92,11 +92,13 @@ def guard_domain(expr: sympy.Expr, derivative: sympy.Expr) -> sympy.Expr:
     return derivative * sympy.Mul(*(in_domain(a) for a in domain_arguments(expr)))
 
 
-def domain_arguments(expr: sympy.Expr):
+def domain_arguments(expr: sympy.Expr, nonzero: bool = False):
     """The subexpressions of ``expr`` that must stay positive: the arguments of its logs
-    and the bases of its non-integer powers (in order, without repeats)."""
+    and the bases of its non-integer powers (in order, without repeats); with
+    ``nonzero``, also those that must not be zero (bases of negative powers)."""
     found = [sub.args[0] for sub in sympy.preorder_traversal(expr)
-             if isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer)]
+             if isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer)
+             or (nonzero and isinstance(sub, sympy.Pow) and sub.exp.is_negative)]
     return list(dict.fromkeys(found))
 
 

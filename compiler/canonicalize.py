@@ -370,7 +370,7 @@ def _positive_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int], ...]:
         if node.op != "elementwise":
             continue
         fn = node.attrs
-        direct = {a for a in domain_arguments(fn.expr) if a.is_Symbol}
+        direct = {a for a in domain_arguments(fn.expr, nonzero=True) if a.is_Symbol}
         for sym, arg in zip(fn.variables, node.args):
             if sym not in direct:
                 continue

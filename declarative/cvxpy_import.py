@@ -239,11 +239,13 @@ def _power(e, args, tr):
         return ex.square(a)
     if p == 0.5:
         return ex.sqrt(a)
-    if p.is_integer() and p > 2 and int(p) % 2 == 1:
-        # cvxpy's power(x, 3) is x^3 on x >= 0 and +inf elsewhere (convex); the DSL's
-        # x^3 is defined everywhere, so the domain becomes an explicit constraint
+    if (p.is_integer() and p > 2 and int(p) % 2 == 1) or p < 0:
+        # cvxpy's power(x, 3) is x^3 on x >= 0 and +inf elsewhere (convex), and
+        # inv_pos(x) = x^-1 is +inf for x <= 0; the DSL's x^3 is defined everywhere and
+        # its x^-1 for x != 0, so the domain becomes an explicit constraint (without it
+        # sum(inv_pos(x)) + c'x was 'unbounded' towards x -> 0-)
         tr.domain.append(a >= 0)
-    # non-integer and negative exponents: the DSL keeps x > 0, cvxpy's domain too
+    # non-integer exponents: the DSL keeps x > 0, cvxpy's domain too
     return ex.power(a, p)
 
 
@@ -610,9 +612,10 @@ def from_cvxpy(problem) -> CvxpyProblem:
     Constraints that cvxpy keeps implicit become explicit ones, appended after the
     problem's own constraints (so ``return_duals=True`` lists the problem's duals first):
     variable attributes (``nonneg``, ``nonpos``, ``pos``, ``neg``, ``bounds``) and the
-    domain ``x >= 0`` of ``power(x, p)`` for odd integers ``p >= 3`` (cvxpy's ``x**3`` is
-    +inf for x < 0; the DSL's would be defined there). The domains of ``log``, ``entr``,
-    ``sqrt`` and non-integer or negative powers (x > 0) are the DSL atoms' own.
+    domain ``x >= 0`` of ``power(x, p)`` for odd integers ``p >= 3`` and for negative ``p``
+    (``inv_pos``) (cvxpy's ``x**3`` and ``x**-1`` are +inf for x < 0; the DSL's are
+    defined there). The domains of ``log``, ``entr``, ``sqrt`` and non-integer powers
+    (x > 0) are the DSL atoms' own.
     """
     try:
         import cvxpy as cp

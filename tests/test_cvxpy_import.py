@@ -203,3 +203,18 @@ def test_unsupported_atom_is_named():
         dl.from_cvxpy(cp.Problem(cp.Minimize(cp.sum_squares(cp.Variable(2, name="my x")))))
     with pytest.raises(TypeError, match="cvxpy.Problem"):
         dl.from_cvxpy("min x")
+
+
+def test_inv_pos_keeps_its_domain():
+    # cvxpy's inv_pos(x) is +inf for x <= 0, the DSL's x^-1 is defined for x != 0: the
+    # domain becomes x >= 0, else sum(inv_pos(x)) + exp(th)'x was 'unbounded' towards
+    # x -> 0- on half the instances. Closed form: x = exp(-th / 2).
+    n = 5
+    x = cp.Variable(n, name="x")
+    th = cp.Parameter(n, name="th")
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.inv_pos(x)) + cp.exp(th) @ x))
+    layer = dl.from_cvxpy(prob).to_torch(parameters=[th], variables=[x])
+    theta = torch.randn(16, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (out,) = layer(theta)
+    assert layer.info.status == ["optimal"] * 16
+    torch.testing.assert_close(out, torch.exp(-theta / 2), atol=1e-6, rtol=0)

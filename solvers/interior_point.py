@@ -1153,7 +1153,8 @@ def _objective_scale(Q, c):
     _OBJECTIVE_RANGE of 1 (the common case: then nothing is copied). An objective of
     scale 1e-6 failed every instance of a random batch (numerical_error), one of scale
     1e6 left errors of 3e-5."""
-    largest = torch.cat([Q.diagonal(dim1=-2, dim2=-1), c.abs()], -1).amax(-1)
+    # (an instance with NaN or inf data, skipped by the solve, must not decide for the others)
+    largest = torch.cat([Q.diagonal(dim1=-2, dim2=-1), c.abs()], -1).amax(-1).nan_to_num_(nan=1.0, posinf=1.0)
     low, high = torch.stack(torch.aminmax(largest)).tolist()
     if 1.0 / _OBJECTIVE_RANGE <= low and high <= _OBJECTIVE_RANGE:
         return None

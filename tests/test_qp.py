@@ -726,3 +726,18 @@ def test_large_batch_with_few_equalities_matches_cvxpy():
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
         np.testing.assert_allclose(lam[i].numpy(), lr, atol=1e-6)
         np.testing.assert_allclose(nu[i].numpy(), nr, atol=1e-6)
+
+
+def test_a_nan_instance_leaves_the_others_bit_for_bit():
+    # solve_qp called directly (the layer replaces a bad instance's data itself): an
+    # instance with NaN data must leave the others' solutions exactly those of the batch
+    # without it (its NaN once made the whole batch's objective scaling kick in:
+    # differences of 2e-14).
+    import solvers.interior_point as ipm
+
+    data = [t.clone() for t in random_qp(8, 10, 10, 2, seed=3)]
+    without = ipm.solve_qp(*(t[1:] for t in data))
+    data[1][0, 0] = float("nan")
+    result = ipm.solve_qp(*data)
+    assert result.status[0] != ipm.OPTIMAL and bool((result.status[1:] == ipm.OPTIMAL).all())
+    assert torch.equal(result.z[1:], without.z)

@@ -1364,9 +1364,7 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     candidate = result
     fresh = failed if result.polished is None else failed & ~result.polished
     if bool(fresh.any()):
-        rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
-            f, fresh, hv, b, scale_dual, scale_primal, result.lam, result.s)
-        sol = _active_set_solution(sub, hv_r, b_r, lam_r > s_r, tol, sd_r, sp_r)
+        rows, _, sol = _suggested_solution(result, f, fresh, hv, b, scale_dual, scale_primal, tol)
         # (its check in constraint space is what rounding spoils here: signs suffice)
         take = fresh & torch.zeros_like(fresh).index_copy(0, rows, sol.ok)
         candidate = _take_polished(result, f, take, rows, sol)
@@ -1846,10 +1844,7 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
             todo = todo & ~result.polished & ((result.lam > result.s).sum(-1) > free)
         if not bool(todo.any()):
             return result
-        rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
-            factor, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
-        guess = _iterate_guess(s_r, lam_r, free) if capped else lam_r > s_r
-        sol = _active_set_solution(sub, hv_r, b_r, guess, tol, sd_r, sp_r)
+        rows, sp_r, sol = _suggested_solution(result, factor, todo, hv, b, scale_dual, scale_primal, tol, capped)
         status_r = result.status.index_select(0, rows)
         better = sol.rp_n <= torch.maximum(result.primal_residual.index_select(0, rows), tol * sp_r)
         solved = (status_r == OPTIMAL) & better & sol.ok
@@ -1857,6 +1852,17 @@ def _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip):
         take = todo & torch.zeros_like(todo).index_copy(0, rows, solved | rescued)
         result = _take_polished(result, factor, take, rows, sol)
     return result
+
+
+def _suggested_solution(result, f, todo, hv, b, scale_dual, scale_primal, tol, capped=False):
+    """The active-set solution (:func:`_active_set_solution`) of the set each iterate
+    ``todo`` (B,) suggests: lam > s, or with ``capped`` :func:`_iterate_guess`. Returns
+    (rows, scale_primal of those rows, the solution), ``rows`` the instances it holds
+    (every index where :func:`_select_rows` takes the whole batch)."""
+    rows, sub, hv_r, b_r, sd_r, sp_r, lam_r, s_r = _select_rows(
+        f, todo, hv, b, scale_dual, scale_primal, result.lam, result.s)
+    guess = _iterate_guess(s_r, lam_r, f.n - f.p) if capped else lam_r > s_r
+    return rows, sp_r, _active_set_solution(sub, hv_r, b_r, guess, tol, sd_r, sp_r)
 
 
 def _iterate_guess(s, lam, free):

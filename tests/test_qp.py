@@ -525,7 +525,7 @@ def test_active_set_phase_hands_over_a_batch_that_starts_crowded(crowded):
     u = torch.randn(B, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     Gu = (G @ u.unsqueeze(-1)).squeeze(-1)
     G_crowded = G * torch.sign(Gu).unsqueeze(-1)  # G u > 0 on every row
-    x0 = z - 3.0 * u  # strictly feasible, with every row violated at z (A z = b holds nowhere near: b follows x0)
+    x0 = z - 3.0 * u  # the strictly feasible point (h, b below follow it), far from z against every row
     h_crowded = (G_crowded @ x0.unsqueeze(-1)).squeeze(-1) + 0.1
     b_crowded = (A @ x0.unsqueeze(-1)).squeeze(-1)
     G[:crowded], h[:crowded], b[:crowded] = G_crowded[:crowded], h_crowded[:crowded], b_crowded[:crowded]

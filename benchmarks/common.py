@@ -184,6 +184,15 @@ def fmt_ratio(r: Optional[float]) -> str:
     return f"{r:.3g}x"
 
 
+def cvxpylayers_args(solver_args: dict) -> dict:
+    """The peer's solver_args for one call.  diffcp takes ``mode`` (how its backward
+    solves the derivative system) only with a derivative; cvxpylayers' forward under
+    ``no_grad`` hands every argument to the solver itself, which rejects it."""
+    if torch.is_grad_enabled():
+        return solver_args
+    return {k: v for k, v in solver_args.items() if k != "mode"}
+
+
 def short_reason(exc: BaseException, limit: int = 60) -> str:
     msg = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
     msg = re.sub(r"\s+", " ", msg)

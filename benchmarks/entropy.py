@@ -34,7 +34,7 @@ TOOLS = ("ours", "cvxpylayers")
 
 # diffcp's Clarabel path is the most accurate cvxpylayers option for exp cones
 # here (SCS stalls around 1e-5 at n = 100); see README.md.
-CVXPYLAYERS_ARGS = dict(solve_method="Clarabel", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+CVXPYLAYERS_ARGS = dict(solve_method="Clarabel", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, mode="dense")
 
 
 def _param(dl, shape, name, **kw):
@@ -95,7 +95,7 @@ def make_cvxpylayers(n, weighted):
         lay = CvxpyLayer(prob, parameters=pars, variables=[z])
 
         def layer(*ps):
-            return lay(*ps, solver_args=CVXPYLAYERS_ARGS)[0]
+            return lay(*ps, solver_args=C.cvxpylayers_args(CVXPYLAYERS_ARGS))[0]
         return layer
     return build
 

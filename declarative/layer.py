@@ -463,7 +463,7 @@ class _KKTLinearization(Linearization):
     """The KKT residual F = [grad_z L; lam * g; h] at the solution."""
 
     def __init__(self, layer, params, batched, consts, z, s, lam, nu, qp, derivatives, valid, qp_factor=None,
-                 active_set=(None, None)):
+                 active_set=(None, None, None)):
         self.layer, self.params, self.consts = layer, params, consts
         self.z, self.s, self.lam, self.nu = z, s, lam, nu
         self.qp, self.derivatives, self.qp_factor = qp, derivatives, qp_factor
@@ -528,11 +528,12 @@ class _KKTLinearization(Linearization):
 
 
 def _active_set_of(result):
-    """(active set, its factor) when every instance's solution is an exact active-set
-    solution whose factorization the backward can reuse, else (None, None)."""
+    """(active set, its factor, the factor's row order) when every instance's solution
+    is an exact active-set solution whose factorization the backward can reuse, else
+    Nones."""
     if result.polished is None or result.active_factor is None or not bool(result.polished.all()):
-        return (None, None)
-    return (result.active_set, result.active_factor)
+        return (None, None, None)
+    return (result.active_set, result.active_factor, result.active_order)
 
 
 def _choose(available, chosen, what, kind, subset=False):

@@ -85,6 +85,14 @@ _ACTIVE_SET_PATIENCE_SMALL = 4
 # matrices are singular: it wandered on all such families)
 _CRAWL_ROWS = 1.5
 _CRAWL_WRONG = 0.5
+# an active set's matrix is factored on its own rows (QPFactor.solve_active_set) from
+# this many constraints on, in batches of at least _COMPACT_WORK / m^3 instances: a
+# Cholesky factorization costs ~k^3, and the active sets of the benchmark family hold
+# 55-70 % of the rows; below, gathering the rows costs more than it saves (on the CPU,
+# ~1.35x the time of a round at (64, 24), 1.1x at (32, 48), 1.0-1.15x at (16, 64);
+# 0.7-0.8x at (32, 100) and (4, 250))
+_COMPACT_ROWS = 48
+_COMPACT_WORK = 1 << 23
 _JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
@@ -123,9 +131,11 @@ class InteriorPointResult:
     qp_factor: Optional["QPFactor"] = None
     #: (B,) bool: the solution is the exact solution of an active set (see ``_polish``)
     polished: Optional[torch.Tensor] = None
-    #: for polished instances, their active set (B, m) and its factor (B, m, m)
+    #: for polished instances, their active set (B, m) and its factor (B, k, k) on the
+    #: rows ``active_order[:, :k]`` (B, m) (see :meth:`QPFactor.solve_active_set`)
     active_set: Optional[torch.Tensor] = None
     active_factor: Optional[torch.Tensor] = None
+    active_order: Optional[torch.Tensor] = None
     #: (B,) int64: the rounds (equality-QP solves) of the active-set iteration that runs
     #: before the interior point (:func:`_constraint_space_solve`); None where none ran
     active_set_rounds: Optional[torch.Tensor] = None
@@ -315,6 +325,26 @@ def _active_set_matrix(W, a, unit_shift):
     M = torch.mul(W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
     M.diagonal(dim1=-2, dim2=-1).add_(unit_shift).sub_(a)
     return M
+
+
+def _active_set_solve(r, a, L, order):
+    """y (B, m), zero off the active set ``a`` (B, m), with the active set's matrix times
+    y = a * r (B, m), for its Cholesky factor L (B, k, k) on the rows ``order[:, :k]``
+    (:meth:`QPFactor.solve_active_set`)."""
+    rows = order[:, :L.shape[-1]]
+    y = _chol_solve((a * r).gather(-1, rows).unsqueeze(-1), L).squeeze(-1)
+    return torch.zeros_like(r).scatter_(-1, rows, y)
+
+
+def _pad_factor(L, k):
+    """A factor L (B, j, j) of an active set's matrix on j rows as one on k >= j: the
+    rows added are inactive ones, the identity's."""
+    j = L.shape[-1]
+    if j == k:
+        return L
+    out = torch.eye(k, dtype=L.dtype, device=L.device).repeat(L.shape[0], 1, 1)
+    out[:, :j, :j] = L
+    return out
 
 
 class ReducedNewton:
@@ -778,40 +808,56 @@ class QPFactor:
         g0 = self.G_qc - h
         return g0 - _mtv(self.T, self.A_qc - b) if self.p else g0
 
-    def solve_active_set(self, g0, a, info=None):
+    def solve_active_set(self, g0, a, info=None, size=None):
         """The equality-constrained QP where the constraints ``a`` (B, m; 1.0 or 0.0, in
         the dtype of W) hold with equality and the others are dropped (``Q z + c + G_a'
         lam_a + A' nu = 0``, ``G_a z = h_a``, ``A z = b``), in constraint space, for ``g0``
         (B, 1, m) of :meth:`active_set_rhs` as a row. ``info``: an int32 (B,) buffer.
 
+        The active set's matrix is W on the active rows and columns and the identity's
+        elsewhere (decoupled: lam is exactly zero there). ``size`` (an int, at least the
+        largest set in the batch) factors it on ``size`` rows per instance, the active
+        ones first (``order`` (B, m) lists them) and inactive ones as padding; None, on
+        all m rows in order (``order`` None).
+
         Returns lam (B, m) (zero off the active set), the constraint values ``G z - h =
-        g0 - W lam`` (B, m), a (B,) mask of failed factorizations and the Cholesky factor
-        of the active set's matrix (the backward pass reuses it). The multipliers of the
-        equalities follow from lam (:meth:`equality_multipliers`), and z is
-        ``qc - back_substitute(lam, nu)``, stationary by construction."""
+        g0 - W lam`` (B, m), a (B,) mask of failed factorizations, the Cholesky factor
+        of the active set's matrix (the backward pass reuses it, :func:`_active_set_solve`)
+        and ``order``. The multipliers of the equalities follow from lam
+        (:meth:`equality_multipliers`), and z is ``qc - back_substitute(lam, nu)``,
+        stationary by construction."""
+        info = a.new_empty(a.shape[0], dtype=torch.int32) if info is None else info
+        if size is None:
+            order, W, a_rows, g0_rows = None, self.W, a, g0
+        else:
+            order = torch.sort(a, dim=-1, descending=True, stable=True).indices
+            rows = order[:, :size]
+            m = a.shape[-1]
+            W = self.W.flatten(1).gather(1, (rows.unsqueeze(-1) * m + rows.unsqueeze(-2)).flatten(1))
+            W = W.view(rows.shape + rows.shape[-1:])
+            a_rows, g0_rows = a.gather(-1, rows), g0.gather(-1, rows.unsqueeze(-2))
         # factored in place: M is exactly symmetric, so its transpose, LAPACK's
         # column-major layout, is M itself
-        M = _active_set_matrix(self.W, a, self.unit_delta).transpose(-1, -2)
-        info = a.new_empty(a.shape[0], dtype=torch.int32) if info is None else info
+        M = _active_set_matrix(W, a_rows, self.unit_delta).transpose(-1, -2)
         L, info = torch.linalg.cholesky_ex(M, out=(M, info))
-        # the inactive rows of M are the identity's, decoupled from the rest: lam is
-        # exactly zero there. W is symmetric, so W lam is the row lam'W, the faster
-        # batched product (see _mv)
-        lam = _chol_solve((a.unsqueeze(-2) * g0).transpose(-1, -2), L).transpose(-1, -2)
-        return lam.squeeze(-2), torch.baddbmm(g0, lam, self.W, alpha=-1.0).squeeze(-2), info > 0, L
+        lam = _chol_solve((a_rows.unsqueeze(-2) * g0_rows).transpose(-1, -2), L).transpose(-1, -2)
+        if order is not None:
+            lam = torch.zeros_like(g0).scatter_(-1, rows.unsqueeze(-2), lam)
+        # W is symmetric, so W lam is the row lam'W, the faster batched product (see _mv)
+        return lam.squeeze(-2), torch.baddbmm(g0, lam, self.W, alpha=-1.0).squeeze(-2), info > 0, L, order
 
-    def correction(self, r_d, r_active, r_eq, a, L):
+    def correction(self, r_d, r_active, r_eq, a, L, order):
         """One step of iterative refinement of an active set's solution: (dz, dlam, dnu)
         with ``Q dz + G'dlam + A'dnu = -r_d``, ``G_a dz = -r_active`` on the active set
         ``a`` (B, m; 1.0 or 0.0, dlam zero elsewhere) and ``A dz = -r_eq``: the equality
         QP of :meth:`solve_active_set` for the data (c, h, b) = (r_d, -r_active, -r_eq),
-        with that set's factor L."""
+        with that set's factor L on the rows ``order``."""
         qc = _chol_solve(-r_d.unsqueeze(-1), self.L_Q).squeeze(-1)
         g0 = _mv(self.G, qc) + r_active
         if self.p:
             e0 = _mv(self.A, qc) + r_eq
             g0 = g0 - _mtv(self.T, e0)
-        dlam = _chol_solve((a * g0).unsqueeze(-1), L).squeeze(-1)
+        dlam = _active_set_solve(g0, a, L, order)
         dnu = (_chol_solve((e0 - _mtv(self.K12, dlam)).unsqueeze(-1), self.L22).squeeze(-1) if self.p
                else r_eq.new_zeros(r_eq.shape))
         return qc - self.back_substitute(dlam, dnu), dlam, dnu
@@ -1265,7 +1311,7 @@ def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     take = torch.zeros_like(left).index_copy(0, rows, ok)
     # (not polished in the constraint-space sense: the backward factors W + D for them)
     part = dataclasses.replace(part, polished=torch.zeros_like(ok), active_set=None, active_factor=None,
-                               active_set_rounds=None, qp_factor=None)
+                               active_order=None, active_set_rounds=None, qp_factor=None)
     return _per_instance(take, _embed(part, rows, left.shape[0], result.qp_factor), result)
 
 
@@ -1374,7 +1420,7 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
     active = candidate.active_set
     a = active.to(candidate.z.dtype)
     r_d, g, r_eq = residuals(candidate.z, candidate.lam, candidate.nu)
-    dz, dlam, dnu = f.correction(r_d, a * g, r_eq, a, candidate.active_factor)
+    dz, dlam, dnu = f.correction(r_d, a * g, r_eq, a, candidate.active_factor, candidate.active_order)
     z = candidate.z + dz
     s, lam = _exact_point(active, candidate.lam + a * dlam, _mv(f.G, z) - hv)
     refined = dataclasses.replace(candidate, z=z, s=s, lam=lam, nu=candidate.nu + dnu,
@@ -1394,6 +1440,7 @@ def _per_instance(mask, new: InteriorPointResult, old: InteriorPointResult) -> I
         x, y = getattr(new, field.name), getattr(old, field.name)
         if isinstance(x, torch.Tensor):
             y = torch.zeros_like(x) if y is None else y
+            x, y = _same_size(x, y) if field.name == "active_factor" else (x, y)
             fields[field.name] = torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - 1)), x, y)
         else:
             fields[field.name] = y if y is not None else x
@@ -1576,7 +1623,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
     polished = torch.zeros_like(active)
     all_polished = False
     exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W,  # overwritten where polished
-                              torch.zeros_like(iterations))
+                              _in_order(None, lam), torch.zeros_like(iterations))
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         sl = s * lam
@@ -1676,9 +1723,11 @@ class ActiveSetSolution:
     rp_n: torch.Tensor
     ok: torch.Tensor
     kkt: torch.Tensor
-    #: the active set (B, m) and the Cholesky factor of its matrix (B, m, m)
+    #: the active set (B, m) and the Cholesky factor of its matrix (B, k, k) on the rows
+    #: ``order[:, :k]`` (B, m) (:meth:`QPFactor.solve_active_set`)
     active: torch.Tensor
     L: torch.Tensor
+    order: torch.Tensor
     #: (B,) int64: the equality-QP solves each instance took (the corrections included)
     solves: torch.Tensor
 
@@ -1698,7 +1747,14 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     dtype = f.W.dtype
     a = active.to(dtype)
     info = a.new_empty(a.shape[0], dtype=torch.int32)  # every whole-batch round's
-    lam, g, failed, L = f.solve_active_set(g0, a, info)
+    m = active.shape[-1]
+
+    def factored_rows(sets):  # how many rows each set's matrix is factored on (a host sync)
+        if m < _COMPACT_ROWS or sets.shape[0] * m ** 3 < _COMPACT_WORK:
+            return None
+        return max(int(sets.sum(-1).amax()), 1)
+
+    lam, g, failed, L, order = f.solve_active_set(g0, a, info, factored_rows(active))
     solves = torch.ones_like(failed, dtype=torch.int64)
     tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     minus_tol_d = -tol_d
@@ -1754,12 +1810,16 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         if _whole_batch(f, n_wrong):
             # the right ones solve the same system and get the same solution
             active, a = corrected, corrected.to(dtype)
-            lam, g, failed, L = f.solve_active_set(g0, a, info)
+            lam, g, failed, L, order = f.solve_active_set(g0, a, info, factored_rows(active))
             continue
         rows = wrong.nonzero().squeeze(-1)
         retry = corrected.index_select(0, rows)
-        lam_r, g_r, failed_r, L_r = f.select(rows, f.ACTIVE_SET).solve_active_set(
-            g0.index_select(0, rows), retry.to(dtype))
+        lam_r, g_r, failed_r, L_r, order_r = f.select(rows, f.ACTIVE_SET).solve_active_set(
+            g0.index_select(0, rows), retry.to(dtype), size=factored_rows(retry))
+        if order is not None or order_r is not None:  # (factored on their own rows)
+            k = max(L.shape[-1], L_r.shape[-1])
+            L, L_r = _pad_factor(L, k), _pad_factor(L_r, k)
+            order = _in_order(order, active).index_copy(0, rows, _in_order(order_r, retry))
         # L is this function's own factor: patched in place, not copied whole
         active, L = active.index_copy(0, rows, retry), L.index_copy_(0, rows, L_r)
         a = active.to(dtype)
@@ -1770,7 +1830,13 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
     kkt = ok & (rp_n <= tol * scale_primal)
     s, lam = _exact_point(active, lam, g)
-    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, solves)
+    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, _in_order(order, active), solves)
+
+
+def _in_order(order, active):
+    """The row order of an active set's factor (B, m); None (all rows, in order) made
+    explicit."""
+    return torch.arange(active.shape[-1], device=active.device).expand(active.shape) if order is None else order
 
 
 def _exact_point(active, lam, g):
@@ -1888,9 +1954,19 @@ def _put(old, take, rows, new, whole=False):
     them all (the common case), so ``new`` is the answer and ``old`` may be None."""
     if whole:
         return new
+    old, new = _same_size(old, new)
     if rows.numel() != old.shape[0]:  # else rows is every index, in order
         new = old.index_copy(0, rows, new)
     return torch.where(take.reshape(take.shape + (1,) * (old.dim() - 1)), new, old)
+
+
+def _same_size(old, new):
+    """Two active-set factors (B, j, j), (B', k, k) padded to one size (:func:`_pad_factor`);
+    other tensors as they are."""
+    if old.dim() == 3 and old.shape[-1] != new.shape[-1] and old.shape[-1] == old.shape[-2]:
+        k = max(old.shape[-1], new.shape[-1])
+        return _pad_factor(old, k), _pad_factor(new, k)
+    return old, new
 
 
 def _takes_whole(take, rows):
@@ -1911,9 +1987,10 @@ def _take_polished(result, f, take, rows, sol):
     whole = _takes_whole(take, rows)
     polished = result.polished if result.polished is not None else torch.zeros_like(take)
     lam, nu = _put(result.lam, take, rows, sol.lam, whole), _put(result.nu, take, rows, sol.nu, whole)
-    active_set, factor = result.active_set, result.active_factor
-    if active_set is None and not whole:
-        active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape + lam.shape[-1:])
+    active_set, factor, order = result.active_set, result.active_factor, result.active_order
+    if active_set is None and not whole:  # (the others' are never read: zeros, rows in order)
+        active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape[:1] + sol.L.shape[1:])
+        order = _in_order(None, lam)
     z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
     return dataclasses.replace(
         result,
@@ -1925,6 +2002,7 @@ def _take_polished(result, f, take, rows, sol):
         polished=polished | take,
         active_set=_put(active_set, take, rows, sol.active, whole),
         active_factor=_put(factor, take, rows, sol.L, whole),
+        active_order=_put(order, take, rows, sol.order, whole),
     )
 
 
@@ -2079,7 +2157,8 @@ def _saddle_solve(H, Jg, sigma, rows, diag, r1, r2):
     return u, t * stretch, kkt.failed
 
 
-def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None, active_factor=None):
+def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None, active_factor=None,
+               active_order=None):
     """:func:`kkt_adjoint` for a QP solved in constraint space, reusing its factorization.
 
     ``s``, ``lam`` and the cotangents are in the caller's units; the factor is of the
@@ -2130,7 +2209,8 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         r_eq = Aqw if w_nu is None else Aqw - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
     # (the active set's factor: y is exactly zero off the active set, see solve_active_set)
-    y = _chol_solve((rhs if a is None else a * rhs).unsqueeze(-1), L).squeeze(-1)
+    y = (_chol_solve(rhs.unsqueeze(-1), L).squeeze(-1) if a is None
+         else _active_set_solve(rhs, a, L, active_order))
     # the inactive rows' G u_z - w_lam, with G u_z = G Q^-1 (w_z - G'y - A'u_nu): rhs - W y,
     # the identity of an active set's constraint values (solve_active_set)
     G_uz = rhs - _mv(f.W, y)

@@ -741,3 +741,44 @@ def test_a_nan_instance_leaves_the_others_bit_for_bit():
     result = ipm.solve_qp(*data)
     assert result.status[0] != ipm.OPTIMAL and bool((result.status[1:] == ipm.OPTIMAL).all())
     assert torch.equal(result.z[1:], without.z)
+
+
+def test_active_sets_factored_on_their_own_rows_match_all_rows(monkeypatch):
+    # From _COMPACT_ROWS constraints on, in large enough batches, an active set's matrix
+    # is factored on its own rows (padded with inactive ones to the batch's largest
+    # set); the factors of the few instances re-solved on their own (on all rows) are
+    # merged into the batch's at another size. Solutions and gradients (which reuse the
+    # last factor) must be those of factoring all m rows, and CVXPY's.
+    import solvers.interior_point as ipm
+
+    n, m, p, B = 40, 48, 6, 96
+    data = random_qp(B, n, m, p, seed=21)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    calls = []
+    original = ipm.QPFactor.solve_active_set
+
+    def spy(self, g0, a, info=None, size=None):
+        calls.append((a.shape[0], size))
+        return original(self, g0, a, info, size)
+
+    monkeypatch.setattr(ipm.QPFactor, "solve_active_set", spy)
+
+    def solve():
+        layer = qp_problem(n, m, p).to_torch(tol=1e-11)
+        leaves = [t.clone().requires_grad_() for t in data]
+        x = layer(*leaves)
+        (w * x).sum().backward()
+        assert layer.info.status == ["optimal"] * B
+        return x.detach(), [t.grad for t in leaves]
+
+    x, grads = solve()
+    assert any(size is not None and size < m for _, size in calls), "no set was factored on its own rows"
+    assert any(batch < B for batch, _ in calls), "no instances were re-solved on their own"
+    calls.clear()
+    monkeypatch.setattr(ipm, "_COMPACT_ROWS", m + 1)  # all rows, always
+    x_all, grads_all = solve()
+    assert {size for _, size in calls} == {None}
+    torch.testing.assert_close(x, x_all, atol=1e-10, rtol=0)
+    for g, g_all in zip(grads, grads_all):
+        torch.testing.assert_close(g, g_all, atol=1e-8, rtol=1e-8)
+    assert_matches_cvxpy(x, data, (0, 17, B - 1), atol=1e-7)

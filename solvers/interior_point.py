@@ -519,11 +519,15 @@ def _regularized_cholesky(S, E, workspace=None):
     rows); S is overwritten. A small static shift keeps redundant equalities
     factorizable, and a larger one is tried where that fails. The shift scales with S
     alone: E = s/lam reaches 1e15 on inactive rows, and a shift that grew with it would
-    spoil the others. Returns L (the identity where the factorization failed) and the
-    (B,) failed mask; with a ``workspace`` (see :func:`_scratch`) L lives there."""
+    spoil the others. It is relative to S however small S is (1 where S's diagonal is
+    zero): S = K H^-1 K' is 1e-8 for an objective times 1e8, and a shift of 1e-13 at
+    least put the backward's solution (which this factor serves unrefined) 2e-5 off.
+    Returns L (the identity where the factorization failed) and the (B,) failed mask;
+    with a ``workspace`` (see :func:`_scratch`) L lives there."""
     r = S.shape[-1]
     diagonal = S.diagonal(dim1=-2, dim2=-1)
-    scale = diagonal.abs().amax(-1).clamp(min=1.0) if r else S.new_ones(S.shape[0])
+    scale = diagonal.abs().amax(-1) if r else S.new_ones(S.shape[0])
+    scale = torch.where(scale > 0, scale, 1.0)
     diagonal.add_(E + (_regularization(S.dtype) * scale)[:, None])
     # S is symmetric: its transpose is in LAPACK's column-major layout, so the factor
     # starts from a plain copy of it rather than a transposing one

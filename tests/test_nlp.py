@@ -322,3 +322,22 @@ def test_a_small_objective_is_solved_to_the_same_relative_accuracy(scale):
     out = layer(theta)
     assert layer.info.status == ["optimal"] * B
     torch.testing.assert_close(out, torch.softmax(theta, -1), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e8])
+def test_a_large_objective_has_the_same_gradient(scale):
+    # The same softmax times a large constant: the equality's Schur complement
+    # sum(z / scale) is ~1/scale, and the static shift of its factorization, at least
+    # 1e-13, put the gradient 1.8e-5 off at 1e8 (2e-9 at 1e4).
+    n, B = 10, 8
+    z = dl.Variable(n, name="z")
+    th = dl.Parameter(n, name="theta")
+    layer = dl.Problem(dl.Maximize(scale * (th @ z + dl.sum(dl.entropy(z)))), [dl.sum(z) == 1, z >= 0]).to_torch()
+    theta = 3 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaf = theta.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((w * layer(leaf)).sum(), leaf)
+    assert layer.info.status == ["optimal"] * B
+    leaf = theta.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((w * torch.softmax(leaf, -1)).sum(), leaf)
+    torch.testing.assert_close(grad, expected, atol=1e-9, rtol=0)

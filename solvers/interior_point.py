@@ -132,7 +132,8 @@ class InteriorPointResult:
     #: (B,) bool: the solution is the exact solution of an active set (see ``_polish``)
     polished: Optional[torch.Tensor] = None
     #: for polished instances, their active set (B, m) and its factor (B, k, k) on the
-    #: rows ``active_order[:, :k]`` (B, m) (see :meth:`QPFactor.solve_active_set`)
+    #: rows ``active_order[:, :k]`` (B, m), or on all rows in order where active_order is
+    #: None (see :meth:`QPFactor.solve_active_set`)
     active_set: Optional[torch.Tensor] = None
     active_factor: Optional[torch.Tensor] = None
     active_order: Optional[torch.Tensor] = None
@@ -329,8 +330,10 @@ def _active_set_matrix(W, a, unit_shift):
 
 def _active_set_solve(r, a, L, order):
     """y (B, m), zero off the active set ``a`` (B, m), with the active set's matrix times
-    y = a * r (B, m), for its Cholesky factor L (B, k, k) on the rows ``order[:, :k]``
-    (:meth:`QPFactor.solve_active_set`)."""
+    y = a * r (B, m), for its Cholesky factor L (B, k, k) on the rows ``order[:, :k]``,
+    or on all rows in order (``order`` None; :meth:`QPFactor.solve_active_set`)."""
+    if order is None:
+        return _chol_solve((a * r).unsqueeze(-1), L).squeeze(-1)
     rows = order[:, :L.shape[-1]]
     y = _chol_solve((a * r).gather(-1, rows).unsqueeze(-1), L).squeeze(-1)
     return torch.zeros_like(r).scatter_(-1, rows, y)
@@ -342,8 +345,9 @@ def _pad_factor(L, k):
     j = L.shape[-1]
     if j == k:
         return L
-    out = torch.eye(k, dtype=L.dtype, device=L.device).repeat(L.shape[0], 1, 1)
+    out = L.new_zeros(L.shape[0], k, k)
     out[:, :j, :j] = L
+    out.diagonal(dim1=-2, dim2=-1)[:, j:] = 1.0
     return out
 
 
@@ -1442,6 +1446,9 @@ def _per_instance(mask, new: InteriorPointResult, old: InteriorPointResult) -> I
     fields = {}
     for field in dataclasses.fields(InteriorPointResult):
         x, y = getattr(new, field.name), getattr(old, field.name)
+        if field.name == "active_order":  # (None: all rows in order)
+            fields[field.name] = _put_order(y, mask, torch.arange(mask.shape[0], device=mask.device), x)
+            continue
         if isinstance(x, torch.Tensor):
             y = torch.zeros_like(x) if y is None else y
             x, y = _same_size(x, y) if field.name == "active_factor" else (x, y)
@@ -1627,7 +1634,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
     polished = torch.zeros_like(active)
     all_polished = False
     exact = ActiveSetSolution(s, lam, nu, rp0_n, polished, polished, lam > s, f.W,  # overwritten where polished
-                              _in_order(None, lam), torch.zeros_like(iterations))
+                              None, torch.zeros_like(iterations))
     for it in range(max_iter + 1):
         s, lam = v[:, :m], v[:, m:]
         sl = s * lam
@@ -1728,10 +1735,10 @@ class ActiveSetSolution:
     ok: torch.Tensor
     kkt: torch.Tensor
     #: the active set (B, m) and the Cholesky factor of its matrix (B, k, k) on the rows
-    #: ``order[:, :k]`` (B, m) (:meth:`QPFactor.solve_active_set`)
+    #: ``order[:, :k]`` (B, m), or None: on all rows in order (:meth:`QPFactor.solve_active_set`)
     active: torch.Tensor
     L: torch.Tensor
-    order: torch.Tensor
+    order: Optional[torch.Tensor]
     #: (B,) int64: the equality-QP solves each instance took (the corrections included)
     solves: torch.Tensor
 
@@ -1823,7 +1830,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         if order is not None or order_r is not None:  # (factored on their own rows)
             k = max(L.shape[-1], L_r.shape[-1])
             L, L_r = _pad_factor(L, k), _pad_factor(L_r, k)
-            order = _in_order(order, active).index_copy(0, rows, _in_order(order_r, retry))
+            order = _in_order(order, *active.shape, active.device).index_copy(
+                0, rows, _in_order(order_r, *retry.shape, retry.device))
         # L is this function's own factor: patched in place, not copied whole
         active, L = active.index_copy(0, rows, retry), L.index_copy_(0, rows, L_r)
         a = active.to(dtype)
@@ -1834,13 +1842,23 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
     kkt = ok & (rp_n <= tol * scale_primal)
     s, lam = _exact_point(active, lam, g)
-    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, _in_order(order, active), solves)
+    return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, order, solves)
 
 
-def _in_order(order, active):
-    """The row order of an active set's factor (B, m); None (all rows, in order) made
+def _in_order(order, B, m, device):
+    """The row order (B, m) of an active-set factor; None (all rows, in order) made
     explicit."""
-    return torch.arange(active.shape[-1], device=active.device).expand(active.shape) if order is None else order
+    return torch.arange(m, device=device).expand(B, m) if order is None else order
+
+
+def _put_order(old, take, rows, new, whole=False):
+    """:func:`_put` for the row orders of active-set factors, None for all rows in order:
+    None where both are, else explicit."""
+    if whole or (old is None and new is None):
+        return new
+    m = (new if new is not None else old).shape[-1]
+    return _put(_in_order(old, take.shape[0], m, take.device), take, rows,
+                _in_order(new, rows.shape[0], m, take.device))
 
 
 def _exact_point(active, lam, g):
@@ -1981,8 +1999,8 @@ def _takes_whole(take, rows):
 
 def _scatter(full: ActiveSetSolution, take, rows, sol: ActiveSetSolution) -> ActiveSetSolution:
     whole = _takes_whole(take, rows)
-    return ActiveSetSolution(*(_put(getattr(full, k.name), take, rows, getattr(sol, k.name), whole)
-                               for k in dataclasses.fields(ActiveSetSolution)))
+    return ActiveSetSolution(*((_put_order if k.name == "order" else _put)(
+        getattr(full, k.name), take, rows, getattr(sol, k.name), whole) for k in dataclasses.fields(ActiveSetSolution)))
 
 
 def _take_polished(result, f, take, rows, sol):
@@ -1994,7 +2012,6 @@ def _take_polished(result, f, take, rows, sol):
     active_set, factor, order = result.active_set, result.active_factor, result.active_order
     if active_set is None and not whole:  # (the others' are never read: zeros, rows in order)
         active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape[:1] + sol.L.shape[1:])
-        order = _in_order(None, lam)
     z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
     return dataclasses.replace(
         result,
@@ -2006,7 +2023,7 @@ def _take_polished(result, f, take, rows, sol):
         polished=polished | take,
         active_set=_put(active_set, take, rows, sol.active, whole),
         active_factor=_put(factor, take, rows, sol.L, whole),
-        active_order=_put(order, take, rows, sol.order, whole),
+        active_order=_put_order(order, take, rows, sol.order, whole),
     )
 
 

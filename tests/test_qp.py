@@ -763,22 +763,45 @@ def test_active_sets_factored_on_their_own_rows_match_all_rows(monkeypatch):
 
     monkeypatch.setattr(ipm.QPFactor, "solve_active_set", spy)
 
-    def solve():
-        layer = qp_problem(n, m, p).to_torch(tol=1e-11)
+    def solve(**options):
+        # (active_set_rounds=0: the interior point's crossover merges the sets it solves
+        # into its placeholder, on all rows)
+        layer = qp_problem(n, m, p).to_torch(tol=1e-11, **options)
         leaves = [t.clone().requires_grad_() for t in data]
         x = layer(*leaves)
         (w * x).sum().backward()
         assert layer.info.status == ["optimal"] * B
         return x.detach(), [t.grad for t in leaves]
 
-    x, grads = solve()
-    assert any(size is not None and size < m for _, size in calls), "no set was factored on its own rows"
-    assert any(batch < B for batch, _ in calls), "no instances were re-solved on their own"
-    calls.clear()
-    monkeypatch.setattr(ipm, "_COMPACT_ROWS", m + 1)  # all rows, always
-    x_all, grads_all = solve()
-    assert {size for _, size in calls} == {None}
-    torch.testing.assert_close(x, x_all, atol=1e-10, rtol=0)
-    for g, g_all in zip(grads, grads_all):
-        torch.testing.assert_close(g, g_all, atol=1e-8, rtol=1e-8)
-    assert_matches_cvxpy(x, data, (0, 17, B - 1), atol=1e-7)
+    for options in ({}, dict(active_set_rounds=0)):
+        monkeypatch.setattr(ipm, "_COMPACT_ROWS", m)
+        calls.clear()
+        x, grads = solve(**options)
+        assert any(size is not None and size < m for _, size in calls), "no set was factored on its own rows"
+        assert any(batch < B for batch, _ in calls), "no instances were re-solved on their own"
+        monkeypatch.setattr(ipm, "_COMPACT_ROWS", m + 1)  # all rows, always
+        calls.clear()
+        x_all, grads_all = solve(**options)
+        assert {size for _, size in calls} == {None}
+        torch.testing.assert_close(x, x_all, atol=1e-10, rtol=0)
+        for g, g_all in zip(grads, grads_all):
+            torch.testing.assert_close(g, g_all, atol=1e-8, rtol=1e-8)
+        assert_matches_cvxpy(x, data, (0, 17, B - 1), atol=1e-7)
+
+
+def test_factor_row_orders_merge_with_all_rows_in_order():
+    # None stands for "all rows, in order": merged with an explicit order it is made
+    # explicit, and each instance keeps the order of the factor it keeps.
+    from solvers.interior_point import _put_order
+
+    explicit = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    natural = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    rows = torch.arange(2)
+    take_first = torch.tensor([True, False])
+    assert _put_order(None, take_first, rows, None) is None
+    assert torch.equal(_put_order(explicit, take_first, rows, None), torch.stack([natural[0], explicit[1]]))
+    assert torch.equal(_put_order(None, take_first, rows, explicit), torch.stack([explicit[0], natural[1]]))
+    # a subset: the second instance alone, re-solved
+    second = torch.tensor([1])
+    merged = _put_order(explicit, torch.tensor([False, True]), second, None)
+    assert torch.equal(merged, torch.stack([explicit[0], natural[1]]))

@@ -309,16 +309,21 @@ def test_start_inside_the_domain_of_every_atom():
     torch.testing.assert_close(out[0], torch.cat([roots, torch.tensor([0.5], dtype=torch.float64)]), atol=1e-8, rtol=0)
 
 
-@pytest.mark.parametrize("scale", [1e-6, 1e-8])
-def test_a_small_objective_is_solved_to_the_same_relative_accuracy(scale):
-    # softmax as optimization with its objective times a small constant: the same
-    # minimizer. The stopping test's 1 + |grad f| is absolute for such an objective, and
-    # at 1e-8 the start passed it: 'optimal', 0.86 off.
-    n, B = 10, 8
+def scaled_softmax_layer(scale, n=10, B=8):
+    """Softmax as optimization with its objective times ``scale`` (the same minimizer),
+    and a batch of logits."""
     z = dl.Variable(n, name="z")
     th = dl.Parameter(n, name="theta")
     layer = dl.Problem(dl.Maximize(scale * (th @ z + dl.sum(dl.entropy(z)))), [dl.sum(z) == 1, z >= 0]).to_torch()
-    theta = 3 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return layer, 3 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-8])
+def test_a_small_objective_is_solved_to_the_same_relative_accuracy(scale):
+    # The stopping test's 1 + |grad f| is absolute for such an objective, and at 1e-8
+    # the start passed it: 'optimal', 0.86 off.
+    layer, theta = scaled_softmax_layer(scale)
+    B = theta.shape[0]
     out = layer(theta)
     assert layer.info.status == ["optimal"] * B
     torch.testing.assert_close(out, torch.softmax(theta, -1), atol=1e-10, rtol=0)
@@ -326,15 +331,12 @@ def test_a_small_objective_is_solved_to_the_same_relative_accuracy(scale):
 
 @pytest.mark.parametrize("scale", [1e4, 1e8])
 def test_a_large_objective_has_the_same_gradient(scale):
-    # The same softmax times a large constant: the equality's Schur complement
-    # sum(z / scale) is ~1/scale, and the static shift of its factorization, at least
-    # 1e-13, put the gradient 1.8e-5 off at 1e8 (2e-9 at 1e4).
-    n, B = 10, 8
-    z = dl.Variable(n, name="z")
-    th = dl.Parameter(n, name="theta")
-    layer = dl.Problem(dl.Maximize(scale * (th @ z + dl.sum(dl.entropy(z)))), [dl.sum(z) == 1, z >= 0]).to_torch()
-    theta = 3 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    w = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # The equality's Schur complement sum(z / scale) is ~1/scale, and the static shift
+    # of its factorization, at least 1e-13, put the gradient 1.8e-5 off at 1e8 (2e-9 at
+    # 1e4).
+    layer, theta = scaled_softmax_layer(scale)
+    B = theta.shape[0]
+    w = torch.randn(theta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     leaf = theta.clone().requires_grad_()
     (grad,) = torch.autograd.grad((w * layer(leaf)).sum(), leaf)
     assert layer.info.status == ["optimal"] * B

@@ -319,11 +319,12 @@ def active_set_kernel(W, active, rhs):
     return _chol_solve(rhs.unsqueeze(-1), L).squeeze(-1)
 
 
-def _active_set_matrix(W, a, unit_shift):
+def _active_set_matrix(W, a, unit_shift, in_place=False):
     """W (B, m, m) with the rows and columns where ``a`` (B, m) is 0 replaced by the
     identity's, plus ``unit_shift - 1`` on the diagonal: two passes over (B, m, m).
-    Exactly symmetric when W is (``a`` is 0 or 1)."""
-    M = torch.mul(W, a.unsqueeze(-1)).mul_(a.unsqueeze(-2))
+    Exactly symmetric when W is (``a`` is 0 or 1). ``in_place``: W is a scratch copy, and
+    becomes the result."""
+    M = (W.mul_(a.unsqueeze(-1)) if in_place else torch.mul(W, a.unsqueeze(-1))).mul_(a.unsqueeze(-2))
     M.diagonal(dim1=-2, dim2=-1).add_(unit_shift).sub_(a)
     return M
 
@@ -845,8 +846,8 @@ class QPFactor:
             W = W.view(rows.shape + rows.shape[-1:])
             a_rows, g0_rows = a.gather(-1, rows), g0.gather(-1, rows.unsqueeze(-2))
         # factored in place: M is exactly symmetric, so its transpose, LAPACK's
-        # column-major layout, is M itself
-        M = _active_set_matrix(W, a_rows, self.unit_delta).transpose(-1, -2)
+        # column-major layout, is M itself (and a gathered W is a copy: built in place)
+        M = _active_set_matrix(W, a_rows, self.unit_delta, in_place=order is not None).transpose(-1, -2)
         L, info = torch.linalg.cholesky_ex(M, out=(M, info))
         lam = _chol_solve((a_rows.unsqueeze(-2) * g0_rows).transpose(-1, -2), L).transpose(-1, -2)
         if order is not None:
@@ -1443,15 +1444,17 @@ def _refine(result, f, residuals, hv, b, scale_dual, scale_primal, tol, skip):
 def _per_instance(mask, new: InteriorPointResult, old: InteriorPointResult) -> InteriorPointResult:
     """``new`` where ``mask`` (B,), ``old`` elsewhere, field by field (a field None in
     ``old`` and not in ``new`` reads as zeros there)."""
-    fields = {}
+    fields, every = {}, torch.arange(mask.shape[0], device=mask.device)
     for field in dataclasses.fields(InteriorPointResult):
         x, y = getattr(new, field.name), getattr(old, field.name)
         if field.name == "active_order":  # (None: all rows in order)
-            fields[field.name] = _put_order(y, mask, torch.arange(mask.shape[0], device=mask.device), x)
+            fields[field.name] = _put_order(y, mask, every, x)
+            continue
+        if field.name == "active_factor" and x is not None:  # (of different sizes)
+            fields[field.name] = _put_factor(torch.zeros_like(x) if y is None else y, mask, every, x)
             continue
         if isinstance(x, torch.Tensor):
             y = torch.zeros_like(x) if y is None else y
-            x, y = _same_size(x, y) if field.name == "active_factor" else (x, y)
             fields[field.name] = torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - 1)), x, y)
         else:
             fields[field.name] = y if y is not None else x
@@ -1976,19 +1979,18 @@ def _put(old, take, rows, new, whole=False):
     them all (the common case), so ``new`` is the answer and ``old`` may be None."""
     if whole:
         return new
-    old, new = _same_size(old, new)
     if rows.numel() != old.shape[0]:  # else rows is every index, in order
         new = old.index_copy(0, rows, new)
     return torch.where(take.reshape(take.shape + (1,) * (old.dim() - 1)), new, old)
 
 
-def _same_size(old, new):
-    """Two active-set factors (B, j, j), (B', k, k) padded to one size (:func:`_pad_factor`);
-    other tensors as they are."""
-    if old.dim() == 3 and old.shape[-1] != new.shape[-1] and old.shape[-1] == old.shape[-2]:
+def _put_factor(old, take, rows, new, whole=False):
+    """:func:`_put` for active-set factors (B, j, j) and (B', k, k): the smaller is padded
+    (:func:`_pad_factor`)."""
+    if not whole:
         k = max(old.shape[-1], new.shape[-1])
-        return _pad_factor(old, k), _pad_factor(new, k)
-    return old, new
+        old, new = _pad_factor(old, k), _pad_factor(new, k)
+    return _put(old, take, rows, new, whole)
 
 
 def _takes_whole(take, rows):
@@ -1999,8 +2001,9 @@ def _takes_whole(take, rows):
 
 def _scatter(full: ActiveSetSolution, take, rows, sol: ActiveSetSolution) -> ActiveSetSolution:
     whole = _takes_whole(take, rows)
-    return ActiveSetSolution(*((_put_order if k.name == "order" else _put)(
-        getattr(full, k.name), take, rows, getattr(sol, k.name), whole) for k in dataclasses.fields(ActiveSetSolution)))
+    put = dict(order=_put_order, L=_put_factor)
+    return ActiveSetSolution(*(put.get(k.name, _put)(getattr(full, k.name), take, rows, getattr(sol, k.name), whole)
+                               for k in dataclasses.fields(ActiveSetSolution)))
 
 
 def _take_polished(result, f, take, rows, sol):
@@ -2022,7 +2025,7 @@ def _take_polished(result, f, take, rows, sol):
         complementarity=torch.where(take, 0.0, result.complementarity),
         polished=polished | take,
         active_set=_put(active_set, take, rows, sol.active, whole),
-        active_factor=_put(factor, take, rows, sol.L, whole),
+        active_factor=_put_factor(factor, take, rows, sol.L, whole),
         active_order=_put_order(order, take, rows, sol.order, whole),
     )
 

@@ -89,8 +89,8 @@ _CRAWL_WRONG = 0.5
 # this many constraints on, in batches of at least _COMPACT_WORK / m^3 instances: a
 # Cholesky factorization costs ~k^3, and the active sets of the benchmark family hold
 # 55-70 % of the rows; below, gathering the rows costs more than it saves (on the CPU,
-# ~1.35x the time of a round at (64, 24), 1.1x at (32, 48), 1.0-1.15x at (16, 64);
-# 0.7-0.8x at (32, 100) and (4, 250))
+# ~1.35x the time of a round at (64, 24), 1.1x at (32, 48), 0.7-0.8x at (32, 100) and
+# (4, 250); the whole layer at (16, 60, 64, 10) 1.0-1.15x)
 _COMPACT_ROWS = 48
 _COMPACT_WORK = 1 << 23
 _JUDGED_BATCH = 8

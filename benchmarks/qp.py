@@ -47,7 +47,8 @@ PARAM_ORDER = ("Q", "q", "G", "h", "A", "b")
 QPTH_KW = dict(eps=1e-12, maxIter=50, notImprovedLim=3, verbose=-1)
 CVXPYLAYERS_SOLVER_ARGS = {
     # interior point, predictable time; ~1e-5 error on the SOC form (default). diffcp's
-    # backward in its default mode="lsqr" is up to 0.3 off on this family (dense: 1e-6)
+    # backward in its default mode="lsqr" was up to 0.46 off on this family from n = 20 on
+    # (dense: 1e-6 to 1e-5 up to n = 200, against finite differences; see README.md)
     "Clarabel": dict(solve_method="Clarabel", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10,
                      mode="dense"),
     # ADMM: ~1e-9 error up to n = 200, but a single n = 500 forward takes > 160 s

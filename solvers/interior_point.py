@@ -758,11 +758,10 @@ class QPFactor:
         if not bool(self.usable.all()):
             return
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
-        self.GY = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
+        W = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
         # the unconstrained minimizer -Q^-1 c and its images: the start of every solve
         self.qc = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
         self.G_qc = _mv(G, self.qc)
-        W = self.GY
         if self.p:
             self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
             self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
@@ -795,7 +794,7 @@ class QPFactor:
         return torch.linalg.solve_triangular(_mT(self.L_Q), r.unsqueeze(-1), upper=True).squeeze(-1)
 
     #: the blocks that live in constraint space (no n-sized dimension)
-    CONSTRAINT_SPACE = ("W", "GY", "delta", "unit_delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
+    CONSTRAINT_SPACE = ("W", "delta", "unit_delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
     #: what :meth:`solve_active_set` reads
     ACTIVE_SET = ("W", "unit_delta")
 

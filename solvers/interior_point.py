@@ -1762,8 +1762,11 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     info = a.new_empty(a.shape[0], dtype=torch.int32)  # every whole-batch round's
     m = active.shape[-1]
 
-    def factored_rows(sets):  # how many rows each set's matrix is factored on (a host sync)
-        if m < _COMPACT_ROWS or sets.shape[0] * m ** 3 < _COMPACT_WORK:
+    def factored_rows(sets, compacted=False):
+        # how many rows each set's matrix is factored on (a host sync). A retry of some
+        # instances of a batch factored on its own rows is too, however few they are: the
+        # batch's factor would be padded to all m rows (a fresh (B, m, m) tensor)
+        if not compacted and (m < _COMPACT_ROWS or sets.shape[0] * m ** 3 < _COMPACT_WORK):
             return None
         return max(int(sets.sum(-1).amax()), 1)
 
@@ -1828,7 +1831,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         rows = wrong.nonzero().squeeze(-1)
         retry = corrected.index_select(0, rows)
         lam_r, g_r, failed_r, L_r, order_r = f.select(rows, f.ACTIVE_SET).solve_active_set(
-            g0.index_select(0, rows), retry.to(dtype), size=factored_rows(retry))
+            g0.index_select(0, rows), retry.to(dtype), size=factored_rows(retry, order is not None))
         if order is not None or order_r is not None:  # (factored on their own rows)
             k = max(L.shape[-1], L_r.shape[-1])
             L, L_r = _pad_factor(L, k), _pad_factor(L_r, k)

@@ -746,9 +746,9 @@ def test_a_nan_instance_leaves_the_others_bit_for_bit():
 def test_active_sets_factored_on_their_own_rows_match_all_rows(monkeypatch):
     # From _COMPACT_ROWS constraints on, in large enough batches, an active set's matrix
     # is factored on its own rows (padded with inactive ones to the batch's largest
-    # set); the factors of the few instances re-solved on their own (on all rows) are
-    # merged into the batch's at another size. Solutions and gradients (which reuse the
-    # last factor) must be those of factoring all m rows, and CVXPY's.
+    # set); the factors of the few instances re-solved on their own (padded to their own
+    # largest set) are merged into the batch's at another size. Solutions and gradients
+    # (which reuse the last factor) must be those of factoring all m rows, and CVXPY's.
     import solvers.interior_point as ipm
 
     n, m, p, B = 40, 48, 6, 96
@@ -779,6 +779,7 @@ def test_active_sets_factored_on_their_own_rows_match_all_rows(monkeypatch):
         x, grads = solve(**options)
         assert any(size is not None and size < m for _, size in calls), "no set was factored on its own rows"
         assert any(batch < B for batch, _ in calls), "no instances were re-solved on their own"
+        assert len({size for _, size in calls}) > 1, "every factor had the same size: none was padded"
         monkeypatch.setattr(ipm, "_COMPACT_ROWS", m + 1)  # all rows, always
         calls.clear()
         x_all, grads_all = solve(**options)

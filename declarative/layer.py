@@ -45,6 +45,9 @@ class SolveInfo:
         ``(B,)`` int64, for QPs with positive definite ``Q``: the rounds (equality-QP
         solves) of the active-set iteration that runs before the interior point. An
         instance it solves reports 0 iterations. None for other problems.
+    active_set_pivots : torch.Tensor or None
+        ``(B,)`` int64, for such QPs with few constraints: the single pivots that guessed
+        the iteration's first active set. None where there were none.
     primal_residual, dual_residual, complementarity : torch.Tensor
         ``(B,)`` final residuals.
     problem_class : str
@@ -59,6 +62,7 @@ class SolveInfo:
     complementarity: torch.Tensor
     problem_class: str
     active_set_rounds: Optional[torch.Tensor] = None
+    active_set_pivots: Optional[torch.Tensor] = None
 
     def copied(self) -> "SolveInfo":
         """This report with its tensors copied (out of inference mode, see forward)."""
@@ -78,6 +82,9 @@ class SolveInfo:
         rounds = "" if self.active_set_rounds is None else (
             f"active-set rounds mean {self.active_set_rounds.float().mean().item():.1f} "
             f"max {int(self.active_set_rounds.max())}, ")
+        if self.active_set_pivots is not None:
+            rounds += (f"pivots mean {self.active_set_pivots.float().mean().item():.1f} "
+                       f"max {int(self.active_set_pivots.max())}, ")
         return (
             f"SolveInfo({self.problem_class}, batch={len(self.status)}, status={counts}, "
             f"{rounds}iterations mean {its.mean().item():.1f} max {int(self.iterations.max())}, "
@@ -410,6 +417,7 @@ class OptimizationLayer(torch.nn.Module):
             complementarity=result.complementarity,
             problem_class=self.problem_class,
             active_set_rounds=result.active_set_rounds,
+            active_set_pivots=result.active_set_pivots,
         )
         n_failed = sum(name != "optimal" for name in self.info.status)  # on the host already
         if n_failed and self.warn:

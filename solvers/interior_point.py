@@ -93,6 +93,16 @@ _CRAWL_WRONG = 0.5
 # (4, 250); the whole layer at (16, 60, 64, 10) 1.0-1.15x)
 _COMPACT_ROWS = 48
 _COMPACT_WORK = 1 << 23
+# small blocks find their active set by single pivots before the active-set iteration
+# (_pivoted_active_set): up to _PIVOT_ROWS constraints, or _PIVOT_ROWS_BATCHED in batches
+# of at least _PIVOT_BATCH, where a pivot's ~15 small ops on (B, m) and (B, m, m + 1)
+# tensors cost less than the rounds they save. Layer forward+backward with pivots over
+# without, on the benchmark family: 0.84-0.94x at m = 10 (1.04x at B = 8), 0.82-0.91x at
+# m = 20 and B >= 32 (1.04x at B = 1), 0.91-1.03x at m = 30 (1.23x at B = 1), 0.95-1.08x
+# at m = 40 and 1.13-1.2x at m = 50
+_PIVOT_ROWS = 10
+_PIVOT_ROWS_BATCHED = 24
+_PIVOT_BATCH = 16
 _JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
@@ -140,6 +150,9 @@ class InteriorPointResult:
     #: (B,) int64: the rounds (equality-QP solves) of the active-set iteration that runs
     #: before the interior point (:func:`_constraint_space_solve`); None where none ran
     active_set_rounds: Optional[torch.Tensor] = None
+    #: (B,) int64: the pivots that guessed the iteration's first active set
+    #: (:func:`_pivoted_active_set`); None where none ran
+    active_set_pivots: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -1528,18 +1541,23 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         return _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
     # that guess took 0-1.5 rounds fewer on random QPs than the interior point's
     # least-squares start (lam > s there), and needs no factorization of its own
-    sol = _active_set_solution(f, hv, b, g0 > tol * scale_primal[:, None], tol, scale_dual, scale_primal,
-                               rounds=active_set_rounds, g0=g0)
+    tol_p = tol * scale_primal[:, None]
+    if _pivots_first(*g0.shape):
+        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None])
+    else:
+        guess, pivots = g0 > tol_p, None
+    sol = _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0)
     if sol is None:  # it would crawl: the interior point, after its one solve
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
-        return dataclasses.replace(result, active_set_rounds=torch.ones_like(every))
+        return dataclasses.replace(result, active_set_rounds=torch.ones_like(every), active_set_pivots=pivots)
     done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
         zero = torch.zeros_like(scale_dual)
         result = InteriorPointResult(None, sol.s, sol.lam, sol.nu, torch.full_like(every, OPTIMAL),
                                      torch.zeros_like(every), sol.rp_n, zero, zero, qp_factor=f)
-        return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves)
+        return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves,
+                                   active_set_pivots=pivots)
     if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, done if skip is None else skip | done,
@@ -1551,7 +1569,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         result = _embed(part, left, B, f)
     if left.numel() < B:  # (none solved: nothing to take)
         result = _take_polished(result, f, done, every, sol)
-    return dataclasses.replace(result, active_set_rounds=sol.solves)
+    return dataclasses.replace(result, active_set_rounds=sol.solves, active_set_pivots=pivots)
 
 
 def _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, *, tol, max_iter):
@@ -1875,6 +1893,84 @@ def _exact_point(active, lam, g):
     that of a nearby central-path point."""
     zero = torch.finfo(lam.dtype).eps ** 2
     return torch.where(active, zero, (-g).clamp(min=zero)), torch.where(active, lam.clamp(min=zero), zero)
+
+
+def _pivots_first(B, m):
+    """Whether a batch of B active sets of m constraints is guessed by pivots first."""
+    return m <= _PIVOT_ROWS or (m <= _PIVOT_ROWS_BATCHED and B >= _PIVOT_BATCH)
+
+
+def pivot_kernel(M, k, live):
+    """One principal pivot of the tableau M (B, m, m + 1) of a linear complementarity
+    problem ``w = M[:, :, :m] z + M[:, :, m]``, in place: row k (B,) of each instance
+    exchanges its basic variable with its complement, where ``live`` (B, 1, 1) is 1.0
+    (0.0: unchanged). Benchmarks time it as the linear algebra of a pivot."""
+    B, m = M.shape[:2]
+    kk = k.view(B, 1, 1)
+    row = M.gather(1, kk.expand(B, 1, m + 1))
+    one = torch.ones_like(live)
+    _pivot(M, kk, row, row.gather(2, kk), live, one, -one)
+
+
+def _pivot(M, kk, row, pivot, live, one, minus_one):
+    """:func:`pivot_kernel` for the pivot row (B, 1, m + 1) and element (B, 1, 1) at hand
+    (``row`` is overwritten); ``one``, ``minus_one`` (B, 1, 1) hold 1.0, -1.0. Solving row k for the
+    complement and substituting it into the other rows is the rank-one update
+    ``M - (c + e_k)(r - e_k)'/p``, c and r the pivot column and row, p = M_kk."""
+    B, m = M.shape[:2]
+    col = M.gather(2, kk.expand(B, m, 1)).scatter_add_(1, kk, one).mul_(live / pivot)
+    M.addcmul_(col, row.scatter_add_(2, kk, minus_one), value=-1.0)
+
+
+def _pivoted_active_set(f, g0, tol_p, tol_d):
+    """A guess of the active set for :func:`_active_set_solution`, by single principal
+    pivots from the empty set (small blocks: :func:`_pivots_first`).
+
+    The multipliers of the equality QP solve the linear complementarity problem
+    ``w = W lam - g0 >= 0, lam >= 0, w'lam = 0`` (w the slacks, ``-(G z - h)``). Its
+    tableau [W + delta I | -g0] (B, m, m + 1), in units of the tolerances (lam / tol_d,
+    w / tol_p: a basic variable below -1 is a violation), is pivoted one constraint per
+    instance per step (:func:`pivot_kernel`), on its most violated basic variable: a
+    negative slack joins the active set, a negative multiplier leaves it. On random QPs
+    this took 0.3-0.9 m steps (the batch's slowest instance), where the iteration from
+    the constraints ``g0`` violates took 6-17 rounds, each a factorization and solve of
+    the whole batch instance by instance: the guess was right for every instance
+    (checked by the iteration's first solve), and wrong ones are corrected there. A pivot on a constraint nearly dependent
+    on the active ones (pivot below sqrt(eps) of its diagonal) is not taken: that
+    instance keeps its set from there, for the iteration to finish.
+
+    ``tol_p``, ``tol_d`` (B, 1). Returns the guess (B, m) and the pivots each instance
+    took (B,) int64."""
+    B, m = g0.shape
+    dtype, device = g0.dtype, g0.device
+    units = tol_d / tol_p
+    M = torch.cat([f.W * units.unsqueeze(-1), g0.div(tol_p).neg_().unsqueeze(-1)], -1)
+    diagonal = M.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(f.delta[:, None] * units)
+    # sqrt(eps) W_kk: a pivot below it is a dependent constraint joining (a multiplier
+    # leaving has pivot 1/(W_AA^-1)_kk >= 1/W_kk: the rule holds it back only where
+    # W_kk >> 1, and the iteration finishes that instance)
+    dependent = diagonal.mul(math.sqrt(torch.finfo(dtype).eps)).unsqueeze(1)
+    flips = torch.zeros(B, 1, m + 1, dtype=dtype, device=device)  # pivots per row
+    rhs = M[:, :, m]
+    live = torch.empty(B, 1, 1, dtype=dtype, device=device)
+    one = torch.ones_like(live)
+    minus_one = -one
+    for _ in range(2 * m + 4):
+        # the most violated basic variable relative to the square root of its pivot (the
+        # pivot that gains the dual objective the most): 10-20 % fewer steps than the
+        # most violated one alone on random QPs
+        k = diagonal.rsqrt().mul_(rhs).argmin(-1)
+        kk = k.view(B, 1, 1)
+        row = M.gather(1, kk.expand(B, 1, m + 1))
+        pivot = row.gather(2, kk)
+        torch.lt(row[:, :, m:], -1.0, out=live).mul_(pivot > dependent.gather(2, kk))
+        if not bool(live.any()):  # the host sync: done, or only dependent pivots left
+            break
+        _pivot(M, kk, row, pivot, live, one, minus_one)
+        flips.scatter_add_(2, kk, live)
+    counts = flips[:, 0, :m]
+    return torch.remainder(counts, 2.0) > 0.5, counts.sum(-1).round_().to(torch.int64)
 
 
 _FINGERPRINT_WEIGHTS = {}

@@ -541,11 +541,16 @@ def test_active_set_phase_hands_over_a_batch_that_starts_crowded(crowded):
 
 
 @pytest.mark.parametrize("family", ["random", "box"])
-def test_active_set_phase_hands_over_a_batch_that_would_crawl(family):
+def test_active_set_phase_hands_over_a_batch_that_would_crawl(family, monkeypatch):
     # Twice as many rows as free dimensions n - p: on the random family most of the
-    # first active sets need correcting after the first solve, and the iteration would
-    # crawl, so the batch goes to the interior point; on a box intersected with a
-    # hyperplane (a sparsemax-like projection) few do, and it solves them all.
+    # first active sets (from the constraints the minimizer under the equalities
+    # violates: no pivots first) need correcting after the first solve, and the
+    # iteration would crawl, so the batch goes to the interior point; on a box
+    # intersected with a hyperplane (a sparsemax-like projection) few do, and it solves
+    # them all.
+    import solvers.interior_point as ipm
+
+    monkeypatch.setattr(ipm, "_pivots_first", lambda B, m: False)
     B = 16
     if family == "random":
         n, m, p = 12, 20, 2
@@ -653,10 +658,14 @@ def test_redundant_equalities_end_polished():
     assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
-def test_active_set_iteration_leaves_a_cycle():
-    # Instance 8 of this batch cycles through four active sets (the iteration is
+def test_active_set_iteration_leaves_a_cycle(monkeypatch):
+    # Instance 8 of this batch, from the constraints its equality-constrained minimizer
+    # violates (no pivots first), cycles through four active sets (the iteration is
     # deterministic in the set); back at a set it had, it switches only its worst
     # constraint, leaves the cycle and is solved without the interior point.
+    import solvers.interior_point as ipm
+
+    monkeypatch.setattr(ipm, "_pivots_first", lambda B, m: False)
     n, m, p, B = 10, 10, 2, 32
     data = random_qp(B, n, m, p, seed=1)
     layer = qp_problem(n, m, p).to_torch(tol=1e-9)
@@ -806,3 +815,71 @@ def test_factor_row_orders_merge_with_all_rows_in_order():
     second = torch.tensor([1])
     merged = _put_order(explicit, torch.tensor([False, True]), second, None)
     assert torch.equal(merged, torch.stack([explicit[0], natural[1]]))
+
+
+@pytest.mark.parametrize("shape", [(32, 10, 10, 2), (16, 12, 20, 2)])
+def test_pivots_guess_the_active_set_of_small_blocks(shape, monkeypatch):
+    # Small blocks guess the active set by single pivots from the empty set; the
+    # iteration's first solve confirms the guess (one round, where the constraints the
+    # minimizer violates took 6 rounds at (32, 10, 10, 2), and the batch with twice as
+    # many rows as free dimensions went to the interior point). Solutions must be CVXPY's,
+    # gradients those of the path without pivots.
+    import solvers.interior_point as ipm
+
+    B, n, m, p = shape
+    data = random_qp(B, n, m, p, seed=31)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def solve():
+        layer = qp_problem(n, m, p).to_torch(tol=1e-11)
+        leaves = [t.clone().requires_grad_() for t in data]
+        x = layer(*leaves)
+        (w * x).sum().backward()
+        assert layer.info.status == ["optimal"] * B
+        return x.detach(), [t.grad for t in leaves], layer.info
+
+    x, grads, info = solve()
+    assert info.active_set_pivots is not None and int(info.active_set_pivots.min()) > 0
+    assert bool((info.active_set_rounds == 1).all()) and bool((info.iterations == 0).all())
+    assert_matches_cvxpy(x, data, range(0, B, 3), atol=1e-8)
+    monkeypatch.setattr(ipm, "_pivots_first", lambda B, m: False)
+    x_plain, grads_plain, info_plain = solve()
+    assert info_plain.active_set_pivots is None
+    torch.testing.assert_close(x, x_plain, atol=1e-10, rtol=0)
+    for g, g_plain in zip(grads, grads_plain):
+        torch.testing.assert_close(g, g_plain, atol=1e-8, rtol=1e-8)
+
+
+def test_pivots_in_float32_and_on_infeasible_instances():
+    # The tableau in float32 (tolerances 1e-5 or so), and instances whose constraints
+    # contradict each other: the pivots go on to their cap there, the interior point
+    # certifies them infeasible, and the others are not disturbed.
+    n, m, p, B = 10, 10, 2, 32
+    Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=32))
+    for i in (3, 17):  # G_i1 x <= h_i1 contradicts G_i0 x <= h_i0
+        G[i, 1], h[i, 1] = -G[i, 0], -h[i, 0] - 1.0
+    data = [t.float() for t in (Q, q, G, h, A, b)]
+    layer = qp_problem(n, m, p).to_torch(warn=False)
+    x = layer(*data)
+    expected = ["infeasible" if i in (3, 17) else "optimal" for i in range(B)]
+    assert layer.info.status == expected
+    assert layer.info.active_set_pivots is not None
+    assert_matches_cvxpy(x.double(), [t.double() for t in data], [0, 5, 31], atol=2e-4)
+
+
+def test_a_pivot_on_a_dependent_constraint_is_not_taken():
+    # Two constraints all but parallel (their matrix's Schur complement 2e-9 against a
+    # diagonal of 1), both violated: once the first is active the second is violated
+    # still (by 1e3 tolerances), on a pivot below sqrt(eps) of its diagonal. Pivoting
+    # would divide by it; the instance keeps the set it has ({first}), and the iteration
+    # takes it from there.
+    import solvers.interior_point as ipm
+
+    c = 1.0 - 1e-9
+    factor = type("Factor", (), {})()
+    factor.W = torch.tensor([[[1.0, c], [c, 1.0]]], dtype=torch.float64)
+    factor.delta = torch.zeros(1, dtype=torch.float64)
+    g0 = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    tol = torch.full((1, 1), 1e-12, dtype=torch.float64)
+    guess, pivots = ipm._pivoted_active_set(factor, g0, tol, tol)
+    assert guess.tolist() == [[True, False]] and pivots.tolist() == [1]

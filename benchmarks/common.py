@@ -729,6 +729,10 @@ def solver_info(layer) -> Dict[str, object]:
     if rounds is not None:
         out["rounds_max"] = int(rounds.max())
         out["rounds_mean"] = float(rounds.double().mean())
+    pivots = getattr(getattr(layer, "info", None), "active_set_pivots", None)
+    if pivots is not None:
+        out["pivots_max"] = int(pivots.max())
+        out["pivots_mean"] = float(pivots.double().mean())
     if st is not None:
         bad = [s for s in st if str(s).lower() not in ("solved", "optimal", "converged")]
         out["n_not_solved"] = len(bad)
@@ -766,6 +770,21 @@ def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, d
     W, rhs, active = W.to(device, dtype), rhs.to(device, dtype), active.to(device)
     return _time_synced(lambda: active_set_kernel(W, active, rhs), budget, sync), \
         "solvers.interior_point.active_set_kernel"
+
+
+def time_pivot_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, device="cpu", dtype=DTYPE,
+                      sync: Optional[Callable[[], None]] = None):
+    """Time one single pivot of the tableau that guesses the active set of small blocks,
+    on random data of the same size: ``solvers.interior_point.pivot_kernel``, a rank-one
+    update of (B, m, m + 1) on a random row per instance (a pivot undoes itself, so the
+    repeats alternate between two tableaus)."""
+    from solvers.interior_point import pivot_kernel
+
+    kw, W = _random_w(B, m, seed)
+    tableau = torch.cat([W, torch.randn(B, m, 1, **kw)], -1).to(device, dtype)
+    k = torch.randint(0, m, (B,), generator=kw["generator"]).to(device)
+    live = torch.ones(B, 1, 1, dtype=dtype, device=device)
+    return _time_synced(lambda: pivot_kernel(tableau, k, live), budget, sync), "solvers.interior_point.pivot_kernel"
 
 
 def _random_w(B, m, seed):

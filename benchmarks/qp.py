@@ -137,10 +137,18 @@ def run_shape(shape, tools, budget, args, with_ref=True, seed=0):
             kt, desc = C.time_kernel(B, n, m, p, device=args.device, dtype=args.dtype, sync=args.sync)
             rounds = o.extra.get("rounds_max", 0)
             ka, desc_a = C.time_active_set_kernel(B, m, device=args.device, dtype=args.dtype, sync=args.sync)
+            # the pivots that guess small blocks' active sets: one step per pivot of the
+            # batch's busiest instance
+            pivots = o.extra.get("pivots_max", 0)
+            kp, desc_p = (C.time_pivot_kernel(B, m, device=args.device, dtype=args.dtype, sync=args.sync)
+                          if pivots else (None, None))
+            pivot_time = kp.median * pivots if pivots else 0.0
             floor = dict(kernel=kt.median, iters=o.extra["iters_max"], rounds=rounds, round_kernel=ka.median,
-                         floor=kt.median * o.extra["iters_max"] + ka.median * rounds,
-                         floor_mean=kt.median * o.extra["iters_max"] + ka.median * o.extra.get("rounds_mean", 0.0),
-                         desc=f"{desc}`, `{desc_a}")
+                         pivot_kernel=kp.median if pivots else None,
+                         floor=kt.median * o.extra["iters_max"] + ka.median * rounds + pivot_time,
+                         floor_mean=kt.median * o.extra["iters_max"] + ka.median * o.extra.get("rounds_mean", 0.0)
+                         + pivot_time,
+                         desc=f"{desc}`, `{desc_a}" + (f"`, `{desc_p}" if pivots else ""))
         except Exception as e:  # noqa: BLE001
             floor = dict(error=C.short_reason(e))
     fd = directional_derivatives(d) if with_ref and args.dtype == torch.float64 else None
@@ -217,8 +225,9 @@ def results_table(results, tools):
 
 
 def floor_table(results):
-    hdr = ["B, n, m, p", "active-set rounds (max / mean)", "iterations (max / median)", "round kernel",
-           "iteration kernel", "floor", "ours fwd", "ours fwd / floor", "ours fwd / floor by mean rounds"]
+    hdr = ["B, n, m, p", "pivots (max / mean)", "active-set rounds (max / mean)", "iterations (max / median)",
+           "pivot kernel", "round kernel", "iteration kernel", "floor", "ours fwd", "ours fwd / floor",
+           "ours fwd / floor by mean rounds"]
     rows = []
     desc = None
     for r in results:
@@ -226,15 +235,18 @@ def floor_table(results):
         f = r["floor"]
         shape = ", ".join(map(str, r["shape"]))
         if o is None or not o.ok:
-            rows.append([shape, "-", "-", "-", "-", "-", o.status if o else "-", "-", "-"])
+            rows.append([shape, "-", "-", "-", "-", "-", "-", "-", o.status if o else "-", "-", "-"])
             continue
         its = f"{o.extra.get('iters_max', '-')} / {o.extra.get('iters_median', '-')}"
         rounds = f"{o.extra.get('rounds_max', 0)} / {o.extra.get('rounds_mean', 0.0):.1f}"
+        pivots = (f"{o.extra['pivots_max']} / {o.extra['pivots_mean']:.1f}" if "pivots_max" in o.extra else "-")
         if not f or "error" in (f or {}):
-            rows.append([shape, rounds, its, (f or {}).get("error", "-"), "-", "-", str(o.fwd), "-", "-"])
+            rows.append([shape, pivots, rounds, its, (f or {}).get("error", "-"), "-", "-", "-", str(o.fwd), "-", "-"])
             continue
         desc = f["desc"]
-        rows.append([shape, rounds, its, C.fmt_time(f["round_kernel"]), C.fmt_time(f["kernel"]),
+        rows.append([shape, pivots, rounds, its,
+                     C.fmt_time(f["pivot_kernel"]) if f["pivot_kernel"] is not None else "-",
+                     C.fmt_time(f["round_kernel"]), C.fmt_time(f["kernel"]),
                      C.fmt_time(f["floor"]), str(o.fwd), C.fmt_ratio(o.fwd.median / f["floor"]),
                      C.fmt_ratio(o.fwd.median / f["floor_mean"]) if f["floor_mean"] > 0 else "-"])
     return C.md_table(hdr, rows), desc
@@ -487,9 +499,11 @@ def main(argv=None):
         ft, desc = floor_table(results)
         body += ["### Linear-algebra floor", "",
                  f"Kernels: `{desc}` timed on random data of the same size: one round of the "
-                 "active-set iteration (one factorization and solve) and one interior-point "
-                 "iteration (one factorization, two solves). Floor = round kernel x max "
-                 "active-set rounds + iteration kernel x max iterations over the batch. Rounds "
+                 "active-set iteration (one factorization and solve), one interior-point "
+                 "iteration (one factorization, two solves) and, where small blocks guess their "
+                 "active set by pivots, one pivot (a rank-one update of the (B, m, m + 1) tableau). "
+                 "Floor = pivot kernel x max pivots + round kernel x max active-set rounds + "
+                 "iteration kernel x max iterations over the batch. Rounds "
                  "after the first few re-solve only the instances still wrong (on their own rows "
                  "once they are fewer than half, when the blocks are large), so at large B that "
                  "floor overstates the linear algebra done; the last column counts rounds by "

@@ -785,7 +785,7 @@ class QPFactor:
             self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
             self.A_qc = _mv(A, self.qc)
-            W = torch.baddbmm(W, self.K12, self.T, alpha=-1.0)
+            W.baddbmm_(self.K12, self.T, alpha=-1.0)  # (in place: one (B, m, m) temporary fewer)
         else:
             self.A_qc = Q.new_zeros(Q.shape[0], 0)
         # exactly symmetric, so that either triangle (or the transpose) may be copied

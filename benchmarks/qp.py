@@ -438,7 +438,8 @@ def main(argv=None):
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
     ap.add_argument("--scaling-budget", type=float, default=None)
     ap.add_argument("--plot", default=None, help="default: benchmarks/scaling.png (CPU, float64), "
-                                                  "else scaling-<device>-<dtype>.png")
+                                                  "else scaling-<device>-<dtype>.png; -retained before .png "
+                                                  "with --retain-memory")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--no-write", dest="write", action="store_false", help="don't touch RESULTS.md")
@@ -451,8 +452,8 @@ def main(argv=None):
     args.sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     if args.tol is None and args.dtype == torch.float64:
         args.tol = 1e-9
-    if args.plot is None:
-        args.plot = str(C.BENCH_DIR / f"scaling{variant}.png")
+    if args.plot is None:  # (a retained-memory run keeps its own plot, as it keeps its own section)
+        args.plot = str(C.BENCH_DIR / f"scaling{variant}{'-retained' if args.retain_memory else ''}.png")
     if args.tools is None:
         # cvxpylayers solves on the CPU: on a GPU the comparison is with qpth
         args.tools = list(TOOLS) if args.device == "cpu" else ["ours", "qpth"]

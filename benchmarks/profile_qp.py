@@ -19,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 import common as C  # noqa: E402
 
-PHASES = ("QPFactor", "_constraint_space_solve", "_constraint_space_ipm", "_active_set_solution", "_polish", "_verify",
-          "_certify_infeasible", "qp_adjoint")
+PHASES = ("QPFactor", "_constraint_space_solve", "_pivoted_active_set", "_constraint_space_ipm",
+          "_active_set_solution", "_polish", "_verify", "_certify_infeasible", "qp_adjoint")
 
 
 def _mark_phases(module):

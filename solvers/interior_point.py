@@ -772,9 +772,11 @@ class QPFactor:
             return
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
         W = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
-        # the unconstrained minimizer -Q^-1 c and its images: the start of every solve
-        self.qc = _chol_solve(-c.unsqueeze(-1), self.L_Q).squeeze(-1)
-        self.G_qc = _mv(G, self.qc)
+        # the unconstrained minimizer qc = -Q^-1 c = L^-T qc_half and its images G qc =
+        # (L^-1 G')' qc_half, A qc: the start of every solve. Kept as its half-solve, which
+        # gives the images and any z = L^-T (qc_half - ...) with one triangular solve each
+        self.qc_half = self.half_solve(c.neg())
+        self.G_qc = _mtv(self.G_half, self.qc_half)
         if self.p:
             self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
             self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
@@ -784,7 +786,7 @@ class QPFactor:
             self.usable = self.usable & (info22 == 0)
             self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
-            self.A_qc = _mv(A, self.qc)
+            self.A_qc = _mtv(self.A_half, self.qc_half)
             W.baddbmm_(self.K12, self.T, alpha=-1.0)  # (in place: one (B, m, m) temporary fewer)
         else:
             self.A_qc = Q.new_zeros(Q.shape[0], 0)
@@ -805,6 +807,20 @@ class QPFactor:
         if self.p and nu is not None:
             r = r + _mv(self.A_half, nu)
         return torch.linalg.solve_triangular(_mT(self.L_Q), r.unsqueeze(-1), upper=True).squeeze(-1)
+
+    def half_solve(self, r):
+        """L^-1 r for r (B, n), Q = L L': the half of Q^-1 r = L^-T (L^-1 r) that G Q^-1 r =
+        (L^-1 G')'(L^-1 r) needs (:meth:`from_half`)."""
+        return torch.linalg.solve_triangular(self.L_Q, r.unsqueeze(-1), upper=False).squeeze(-1)
+
+    def from_half(self, r_half, y=None, nu=None):
+        """Q^-1 (r - G'y - A'nu) (B, n) for r_half = L^-1 r (:meth:`half_solve`), y (B, m),
+        nu (B, p): one triangular solve."""
+        if y is not None:
+            r_half = r_half - _mv(self.G_half, y)
+        if self.p and nu is not None:
+            r_half = r_half - _mv(self.A_half, nu)
+        return torch.linalg.solve_triangular(_mT(self.L_Q), r_half.unsqueeze(-1), upper=True).squeeze(-1)
 
     #: the blocks that live in constraint space (no n-sized dimension)
     CONSTRAINT_SPACE = ("W", "delta", "unit_delta", "G_qc", "A_qc", "K12", "K22", "L22", "T")
@@ -873,15 +889,15 @@ class QPFactor:
         ``a`` (B, m; 1.0 or 0.0, dlam zero elsewhere) and ``A dz = -r_eq``: the equality
         QP of :meth:`solve_active_set` for the data (c, h, b) = (r_d, -r_active, -r_eq),
         with that set's factor L on the rows ``order``."""
-        qc = _chol_solve(-r_d.unsqueeze(-1), self.L_Q).squeeze(-1)
-        g0 = _mv(self.G, qc) + r_active
+        qc_half = self.half_solve(r_d.neg())  # -Q^-1 r_d = L^-T qc_half
+        g0 = _mtv(self.G_half, qc_half) + r_active
         if self.p:
-            e0 = _mv(self.A, qc) + r_eq
+            e0 = _mtv(self.A_half, qc_half) + r_eq
             g0 = g0 - _mtv(self.T, e0)
         dlam = _active_set_solve(g0, a, L, order)
         dnu = (_chol_solve((e0 - _mtv(self.K12, dlam)).unsqueeze(-1), self.L22).squeeze(-1) if self.p
                else r_eq.new_zeros(r_eq.shape))
-        return qc - self.back_substitute(dlam, dnu), dlam, dnu
+        return self.from_half(qc_half, dlam, dnu), dlam, dnu
 
     def equality_multipliers(self, lam, b):
         """nu (B, p) for the inequality multipliers lam (B, m), and the residual ``A z - b``
@@ -1623,10 +1639,10 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
         # independently, so only that instance's (retired) values go bad
         return L, info > 0
 
-    qc = f.qc  # -Q^-1 c
+    qc = f.from_half(f.qc_half)  # -Q^-1 c
     nu, _ = f.equality_multipliers(start.y, b)
     s, lam = start.s, start.lam
-    z0 = qc - f.back_substitute(start.y, nu)
+    z0 = f.from_half(f.qc_half, start.y, nu)
 
     # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Q^-1 (G'lam + A'nu)
     q1 = qc - z0 - f.back_substitute(lam, nu)
@@ -2113,7 +2129,7 @@ def _take_polished(result, f, take, rows, sol):
     active_set, factor, order = result.active_set, result.active_factor, result.active_order
     if active_set is None and not whole:  # (the others' are never read: zeros, rows in order)
         active_set, factor = sol.active.new_zeros(lam.shape), sol.L.new_zeros(lam.shape[:1] + sol.L.shape[1:])
-    z_exact = f.qc - f.back_substitute(lam, nu)  # the n-space, once for all instances
+    z_exact = f.from_half(f.qc_half, lam, nu)  # the n-space, once for all instances
     return dataclasses.replace(
         result,
         z=z_exact if whole else torch.where(take[:, None], z_exact, result.z),
@@ -2323,11 +2339,12 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         # the forward pass has factored already
         L, a = active_factor, active_set.to(lam.dtype)
         failed = None
-    qw = _chol_solve(w_z.unsqueeze(-1), f.L_Q).squeeze(-1)  # Q^-1 w_z
-    Gqw = _mv(f.G, qw) if r_G is None else _mv(f.G, qw).mul_(r_G)
+    # G Q^-1 w_z of the row-scaled G, as (L^-1 G')'(L^-1 w_z): the half-solve serves u_z too
+    w_half = f.half_solve(w_z)
+    Gqw = _mtv(f.G_half, w_half)
     rhs = Gqw if w_lam is None else Gqw - w_lam
     if p:
-        Aqw = _mv(f.A, qw) if r_A is None else _mv(f.A, qw).mul_(r_A)
+        Aqw = _mtv(f.A_half, w_half)
         r_eq = Aqw if w_nu is None else Aqw - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
     # (the active set's factor: y is exactly zero off the active set, see solve_active_set)
@@ -2340,7 +2357,7 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         u_nu = _chol_solve((r_eq - _mtv(f.K12, y)).unsqueeze(-1), f.L22).squeeze(-1)
     else:
         u_nu = lam.new_zeros(lam.shape[0], 0)
-    u_z = qw - f.back_substitute(y, u_nu)
+    u_z = f.from_half(w_half, y, u_nu)  # Q^-1 (w_z - G'y - A'u_nu)
     u_lam = torch.where(lam > s, y / lam, G_uz / s)
     if sigma is not None:
         u_z, u_lam = u_z / sigma, u_lam / sigma

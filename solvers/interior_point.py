@@ -95,7 +95,7 @@ _COMPACT_ROWS = 48
 _COMPACT_WORK = 1 << 23
 # small blocks find their active set by single pivots before the active-set iteration
 # (_pivoted_active_set): up to _PIVOT_ROWS constraints, or _PIVOT_ROWS_BATCHED in batches
-# of at least _PIVOT_BATCH, where a pivot's ~15 small ops on (B, m) and (B, m, m + 1)
+# of at least _PIVOT_BATCH, where a pivot's ~20 small ops on (B, m) and (B, m, m + 1)
 # tensors cost less than the rounds they save. Layer forward+backward with pivots over
 # without, on the benchmark family: 0.84-0.94x at m = 10 (1.04x at B = 8), 0.82-0.91x at
 # m = 20 and B >= 32 (1.04x at B = 1), 0.91-1.03x at m = 30 (1.23x at B = 1), 0.95-1.08x

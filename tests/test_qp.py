@@ -852,8 +852,9 @@ def test_pivots_guess_the_active_set_of_small_blocks(shape, monkeypatch):
 
 def test_pivots_in_float32_and_on_infeasible_instances():
     # The tableau in float32 (tolerances 1e-5 or so), and instances whose constraints
-    # contradict each other: the pivots go on to their cap there, the interior point
-    # certifies them infeasible, and the others are not disturbed.
+    # contradict each other: the pivots stop at the contradiction (the second of the
+    # pair would be a dependent pivot), the iteration and the interior point certify
+    # them infeasible, and the others are not disturbed.
     n, m, p, B = 10, 10, 2, 32
     Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=32))
     for i in (3, 17):  # G_i1 x <= h_i1 contradicts G_i0 x <= h_i0

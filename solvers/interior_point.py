@@ -762,12 +762,12 @@ class QPFactor:
         self.n, self.p = Q.shape[-1], A.shape[-2]
         self.L_Q, info = torch.linalg.cholesky_ex(Q)
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
-        # Q must be safely positive definite for Q^-1 to be usable
-        ratio = (diag.amin(-1) / diag.amax(-1).clamp(min=torch.finfo(Q.dtype).tiny)) ** 2
-        floor = 1e-10 if Q.dtype == torch.float64 else 1e-5
+        # Q must be safely positive definite for Q^-1 to be usable: the squared ratio of
+        # the factor's smallest and largest diagonal entries above 1e-10 (float32: 1e-5)
+        floor = 1e-5 if Q.dtype == torch.float64 else 10 ** -2.5
         # the factor serves only a batch that is usable throughout: otherwise the caller
         # solves it with the general loop, and the blocks below are not built
-        self.usable = (info == 0) & (ratio > floor)
+        self.usable = (info == 0) & (diag.amin(-1) > floor * diag.amax(-1))
         if not bool(self.usable.all()):
             return
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
@@ -1827,8 +1827,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         # had is in a cycle (of period 4 on a random QP at (32, 10, 10, 2)). Those switch
         # only their worst constraint this round, which leaves the cycle
         # (a set can come back two rounds later at the earliest: compared from k = 2 on)
-        fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
         if k >= 2:
+            fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
             stuck = (seen == fp[:, None]).any(-1) & wrong  # (NaN, the rounds to come, equals nothing)
             n_changes, n_wrong, n_stuck = torch.stack([per_instance, wrong, stuck]).sum(-1).tolist()
         elif k == 0 and rounds:
@@ -1840,9 +1840,11 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
             n_stuck = 0
         else:
             n_changes, n_wrong, n_stuck = *torch.stack([per_instance, wrong]).sum(-1).tolist(), 0
-        seen[:, k] = fp
         if not n_wrong:
             break
+        if k < 2:  # (the fingerprint of a set that is kept is not needed)
+            fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
+        seen[:, k] = fp
         if n_stuck:
             score = torch.where(active, lam / minus_tol_d, g / tol_p)
             single = changes & (score >= score.amax(-1, keepdim=True))
@@ -1881,7 +1883,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         failed = failed.index_copy(0, rows, failed_r)
     nu, e = f.equality_multipliers(lam, b)
     rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(e))
-    ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n) & torch.isfinite(lam).all(-1)
+    # (a NaN or -inf multiplier fails the sign test, a +inf one makes rp_n inf or NaN)
+    ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n)
     kkt = ok & (rp_n <= tol * scale_primal)
     s, lam = _exact_point(active, lam, g)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, order, solves)

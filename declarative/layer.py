@@ -15,6 +15,7 @@ import torch
 
 from compiler.kkt import LP, QP
 from solvers import interior_point as ipm
+from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
 from .implicit_diff import Linearization, implicit_solution
@@ -171,6 +172,7 @@ class OptimizationLayer(torch.nn.Module):
         self._osqp_cache = None  # sparsity pattern, OSQP objects and warm starts
         self.info: Optional[SolveInfo] = None
         self._previous_state = None  # see forward: the last inference call's solver state
+        self._block_pool = BufferPool()  # the QP factor's large blocks, from one call to the next
 
     # ---- pickling: generated functions are rebuilt, not pickled ----------------------
     def __getstate__(self):
@@ -183,6 +185,7 @@ class OptimizationLayer(torch.nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("active_set_rounds", ipm.ACTIVE_SET_ROUNDS)  # pickled before the option
+        state.setdefault("_block_pool", BufferPool())
         super().__setstate__(state)
         self.compiled = self.problem.compile()
 
@@ -387,7 +390,7 @@ class OptimizationLayer(torch.nn.Module):
                 result, self._osqp_cache = solve_qp_osqp(*qp, skip=bad, cache=self._osqp_cache, **eps)
             else:
                 result = ipm.solve_qp(*qp, tol=tol, max_iter=self.max_iter, skip=bad,
-                                      active_set_rounds=self.active_set_rounds)
+                                      active_set_rounds=self.active_set_rounds, pool=self._block_pool)
             derivatives = None
         else:
             derivatives = self._derivatives(code, consts, params, full, dtype, device)

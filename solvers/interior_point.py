@@ -757,10 +757,23 @@ class QPFactor:
     factorable A Q^-1 A'); the factor may serve a batch only when all have.
     """
 
-    def __init__(self, Q, c, G, A):
+    def __init__(self, Q, c, G, A, pool=None):
         self.Q, self.G, self.A = Q, G, A
         self.n, self.p = Q.shape[-1], A.shape[-2]
-        self.L_Q, info = torch.linalg.cholesky_ex(Q)
+        B, n, m = Q.shape[0], self.n, G.shape[-2]
+
+        def block(*shape):  # a block this factor keeps: from the pool (solvers.buffers), if any
+            if pool is None:
+                return torch.empty(shape, dtype=Q.dtype, device=Q.device)
+            buf = pool.take(shape, Q.dtype, Q.device)
+            pool.hold(self, buf)
+            return buf
+
+        # factored in place: Q is symmetric, so its plain copy read in LAPACK's
+        # column-major layout is Q itself
+        L_rows = block(B, n, n).copy_(Q)
+        self.L_Q, info = torch.linalg.cholesky_ex(
+            L_rows.mT, out=(L_rows.mT, torch.empty(B, dtype=torch.int32, device=Q.device)))
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
         # Q must be safely positive definite for Q^-1 to be usable: the squared ratio of
         # the factor's smallest and largest diagonal entries above 1e-10 (float32: 1e-5)
@@ -770,8 +783,11 @@ class QPFactor:
         self.usable = (info == 0) & (diag.amin(-1) > floor * diag.amax(-1))
         if not bool(self.usable.all()):
             return
-        self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False)  # L^-1 G' (B, n, m)
-        W = torch.bmm(_mT(self.G_half), self.G_half)  # G Q^-1 G'
+        # L^-1 G' (B, n, m), column-major like a LAPACK result
+        self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False, out=block(B, m, n).mT)
+        gram = torch.empty((B, m, m), dtype=Q.dtype, device=Q.device) if pool is None else pool.take(
+            (B, m, m), Q.dtype, Q.device)
+        W = torch.bmm(_mT(self.G_half), self.G_half, out=gram)  # G Q^-1 G'
         # the unconstrained minimizer qc = -Q^-1 c = L^-T qc_half and its images G qc =
         # (L^-1 G')' qc_half, A qc: the start of every solve. Kept as its half-solve, which
         # gives the images and any z = L^-T (qc_half - ...) with one triangular solve each
@@ -791,7 +807,9 @@ class QPFactor:
         else:
             self.A_qc = Q.new_zeros(Q.shape[0], 0)
         # exactly symmetric, so that either triangle (or the transpose) may be copied
-        self.W = (W + _mT(W)).mul_(0.5)
+        self.W = torch.add(W, _mT(W), out=block(B, m, m)).mul_(0.5)
+        if pool is not None:
+            pool.give_back(gram)
         # static regularization of W + D, scaled by W alone: D = s/lam reaches 1e15 on
         # inactive rows, and a delta that grew with it would spoil the active ones. At
         # least 8 ulps of the diagonal: below that it vanishes in rounding (float32), and
@@ -1195,7 +1213,7 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
 # ------------------------------------------------------------------------------------
 
 def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
-             active_set_rounds=ACTIVE_SET_ROUNDS) -> InteriorPointResult:
+             active_set_rounds=ACTIVE_SET_ROUNDS, pool=None) -> InteriorPointResult:
     """Batched convex QP/LP: minimize z'Qz/2 + c'z s.t. Gz <= hv, Az = b.
 
     Q (B, n, n) PSD, c (B, n), G (B, m, n), hv (B, m), A (B, p, n), b (B, p).
@@ -1211,23 +1229,33 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
     (:func:`_objective_scale`) is divided by its largest coefficient: the minimizer is
     the same, and the tolerances' scales (1 + |c|) mean what they say. The result is in
     the caller's units; ``qp_factor.row_scale`` and ``qp_factor.objective_scale`` hold
-    the factors for :func:`qp_adjoint`.
+    the factors for :func:`qp_adjoint`. ``pool``: a :class:`solvers.buffers.BufferPool`
+    for the factor's large blocks (a layer keeps one across calls), or None.
     """
     tol = default_tol(Q.dtype) if tol is None else tol
-    r_G, r_A = _row_scale(G), _row_scale(A)
+    if pool is not None and Q.shape[0] * max(Q.shape[-1], G.shape[-2]) ** 2 < _LARGE_TEMPORARY:
+        pool = None  # small blocks: fresh ones cost less than the pool's bookkeeping (~10 us each)
+    (r_G, G_s), (r_A, A_s) = _row_scaled(G, pool), _row_scaled(A, pool)
     sigma = _objective_scale(Q, c)
     Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
-    result = _solve_qp_rows_scaled(Q_s, c_s, G * r_G.unsqueeze(-1), hv * r_G, A * r_A.unsqueeze(-1), b * r_A,
-                                   tol, max_iter, skip, active_set_rounds)
-    return _in_caller_units(result, r_G, r_A, sigma, Q, G, A)
+    result = _solve_qp_rows_scaled(Q_s, c_s, G_s, hv * r_G, A_s, b * r_A, tol, max_iter, skip, active_set_rounds,
+                                   pool)
+    result = _in_caller_units(result, r_G, r_A, sigma, Q, G, A)
+    if pool is not None:  # (nothing refers to the scaled copies now: the factor holds G and A)
+        pool.give_back(G_s, A_s)
+    return result
 
 
-def _row_scale(M):
-    """1 / the largest |entry| of each row of M (B, k, n): (B, k), 1 for a zero row."""
+def _row_scaled(M, pool=None):
+    """``(r, diag(r) M)`` for M (B, k, n), r (B, k) 1 / the largest |entry| of each row (1
+    for a zero row); the copy in a block of ``pool`` (:class:`solvers.buffers.BufferPool`),
+    if given, which first holds |M|."""
+    scaled = torch.empty_like(M) if pool is None else pool.take(M.shape, M.dtype, M.device)
     if not M.shape[-2]:
-        return M.new_ones(M.shape[:-1])
-    largest = M.abs().amax(-1)
-    return torch.where(largest > 0, largest, 1.0).reciprocal_()
+        return M.new_ones(M.shape[:-1]), scaled
+    largest = torch.abs(M, out=scaled).amax(-1)
+    r = torch.where(largest > 0, largest, 1.0).reciprocal_()
+    return r, torch.mul(M, r.unsqueeze(-1), out=scaled)
 
 
 def _objective_scale(Q, c):
@@ -1263,9 +1291,9 @@ def _in_caller_units(result: InteriorPointResult, r_G, r_A, sigma, Q, G, A) -> I
     return dataclasses.replace(result, s=result.s / r_G, lam=lam, nu=nu)
 
 
-def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds):
+def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None):
     if G.shape[-2]:
-        factor = QPFactor(Q, c, G, A)
+        factor = QPFactor(Q, c, G, A, pool)
         if bool(factor.usable.all()):
             return _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds)
     return _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip)

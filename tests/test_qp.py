@@ -884,3 +884,76 @@ def test_a_pivot_on_a_dependent_constraint_is_not_taken():
     tol = torch.full((1, 1), 1e-12, dtype=torch.float64)
     guess, pivots = ipm._pivoted_active_set(factor, g0, tol, tol)
     assert guess.tolist() == [[True, False]] and pivots.tolist() == [1]
+
+
+def test_factor_blocks_are_reused_only_once_their_graph_is_gone():
+    # A layer keeps the QP factor's large blocks for its next call (solvers.buffers):
+    # a block comes back only when the factor holding it is collected. Two forwards
+    # before either backward must not share blocks (the first backward would read the
+    # second call's factor), and a third call after both backwards reuses them. Gradients
+    # against a fresh layer per call. (Blocks of 64 x 32 x 32: the pool serves blocks from
+    # 2^16 entries on.)
+    B, n, m, p = 64, 32, 32, 4
+    first, second = random_qp(B, n, m, p, seed=41), random_qp(B, n, m, p, seed=42)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def grads(layer, data):
+        leaves = [t.clone().requires_grad_() for t in data]
+        return leaves, (w * layer(*leaves)).sum()
+
+    def expected(data):
+        leaves, loss = grads(qp_problem(n, m, p).to_torch(tol=1e-10), data)
+        loss.backward()
+        return [t.grad for t in leaves]
+
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    leaves_1, loss_1 = grads(layer, first)
+    leaves_2, loss_2 = grads(layer, second)
+    loss_1.backward()
+    loss_2.backward()
+    for got, want in zip([t.grad for t in leaves_1] + [t.grad for t in leaves_2], expected(first) + expected(second)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    del loss_1, loss_2
+    taken = []
+    pool = layer._block_pool
+    original = pool.take
+
+    def spy(shape, dtype, device):
+        before = sum(len(v) for v in pool._free.values())
+        block = original(shape, dtype, device)
+        taken.append(sum(len(v) for v in pool._free.values()) < before)
+        return block
+
+    pool.take = spy
+    leaves_3, loss_3 = grads(layer, first)
+    loss_3.backward()
+    assert taken and all(taken), "a block was allocated anew though the pool held one"
+    for got, want in zip([t.grad for t in leaves_3], expected(first)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_buffer_pool_bounds_and_copies():
+    import copy
+    import pickle
+
+    from solvers.buffers import BufferPool
+
+    pool = BufferPool(max_keys=2, per_key=1)
+    owner = type("Owner", (), {})()
+    cpu = torch.device("cpu")
+    block = pool.take((3, 4), torch.float64, cpu)
+    pool.hold(owner, block)
+    assert pool.take((3, 4), torch.float64, cpu) is not block  # held: not free
+    del owner
+    assert pool.take((3, 4), torch.float64, cpu) is block  # its owner is gone
+    pool.give_back(torch.empty(1), torch.empty(1))  # one per key is kept
+    assert len(pool._free[((1,), torch.float32, torch.device("cpu"))]) == 1
+    pool.give_back(torch.empty(2), torch.empty(3, dtype=torch.float64))  # at most two shapes
+    assert len(pool._free) == 2 and ((1,), torch.float32, torch.device("cpu")) not in pool._free
+    for other in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert not other._free and other.max_keys == 2
+    layer = qp_problem(4, 3, 1).to_torch()
+    layer(*random_qp(2, 4, 3, 1, seed=0))
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not other._block_pool._free
+        other(*random_qp(2, 4, 3, 1, seed=0))

@@ -17,7 +17,13 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "scratch"]
+
+
+def scratch(pool, shape, dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous block of this shape (contents undefined): from ``pool`` (a
+    :class:`BufferPool` or None: a fresh one)."""
+    return torch.empty(shape, dtype=dtype, device=device) if pool is None else pool.take(shape, dtype, device)
 
 
 class BufferPool:
@@ -56,10 +62,6 @@ class BufferPool:
                     free.append(block)
             while len(self._free) > self.max_keys:
                 self._free.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
 
     def __getstate__(self):
         return {"max_keys": self.max_keys, "per_key": self.per_key}

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .buffers import scratch
+
 OPTIMAL, INFEASIBLE, MAX_ITER, NUMERICAL_ERROR, UNBOUNDED = range(5)
 STATUS_NAMES = ("optimal", "infeasible", "max_iter", "numerical_error", "unbounded")
 
@@ -762,15 +764,14 @@ class QPFactor:
         self.n, self.p = Q.shape[-1], A.shape[-2]
         B, n, m = Q.shape[0], self.n, G.shape[-2]
 
-        def block(*shape):  # a block this factor keeps: from the pool (solvers.buffers), if any
-            if pool is None:
-                return torch.empty(shape, dtype=Q.dtype, device=Q.device)
-            buf = pool.take(shape, Q.dtype, Q.device)
-            pool.hold(self, buf)
+        def block(*shape):  # a block this factor keeps, from the pool (solvers.buffers) if any
+            buf = scratch(pool, shape, Q.dtype, Q.device)
+            if pool is not None:
+                pool.hold(self, buf)
             return buf
 
-        # factored in place: Q is symmetric, so its plain copy read in LAPACK's
-        # column-major layout is Q itself
+        # factored in place: Q is symmetric (exactly, from a layer), so its plain copy read
+        # in LAPACK's column-major layout is Q itself
         L_rows = block(B, n, n).copy_(Q)
         self.L_Q, info = torch.linalg.cholesky_ex(
             L_rows.mT, out=(L_rows.mT, torch.empty(B, dtype=torch.int32, device=Q.device)))
@@ -785,8 +786,7 @@ class QPFactor:
             return
         # L^-1 G' (B, n, m), column-major like a LAPACK result
         self.G_half = torch.linalg.solve_triangular(self.L_Q, _mT(G), upper=False, out=block(B, m, n).mT)
-        gram = torch.empty((B, m, m), dtype=Q.dtype, device=Q.device) if pool is None else pool.take(
-            (B, m, m), Q.dtype, Q.device)
+        gram = scratch(pool, (B, m, m), Q.dtype, Q.device)
         W = torch.bmm(_mT(self.G_half), self.G_half, out=gram)  # G Q^-1 G'
         # the unconstrained minimizer qc = -Q^-1 c = L^-T qc_half and its images G qc =
         # (L^-1 G')' qc_half, A qc: the start of every solve. Kept as its half-solve, which
@@ -1250,7 +1250,7 @@ def _row_scaled(M, pool=None):
     """``(r, diag(r) M)`` for M (B, k, n), r (B, k) 1 / the largest |entry| of each row (1
     for a zero row); the copy in a block of ``pool`` (:class:`solvers.buffers.BufferPool`),
     if given, which first holds |M|."""
-    scaled = torch.empty_like(M) if pool is None else pool.take(M.shape, M.dtype, M.device)
+    scaled = scratch(pool, M.shape, M.dtype, M.device)
     if not M.shape[-2]:
         return M.new_ones(M.shape[:-1]), scaled
     largest = torch.abs(M, out=scaled).amax(-1)

@@ -796,9 +796,11 @@ class QPFactor:
         if self.p:
             self.A_half = torch.linalg.solve_triangular(self.L_Q, _mT(A), upper=False)  # L^-1 A' (B, n, p)
             self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
-            scale = K22.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-            eye_p = torch.eye(self.p, dtype=Q.dtype, device=Q.device)
-            self.L22, info22 = torch.linalg.cholesky_ex(K22 + (_regularization(Q.dtype) * scale)[:, None, None] * eye_p)
+            # regularized relative to its largest diagonal entry (a Gram matrix's: >= 0)
+            K22_reg = K22.clone()
+            diagonal = K22_reg.diagonal(dim1=-2, dim2=-1)
+            diagonal.add_(diagonal.amax(-1, keepdim=True).clamp_(min=1.0), alpha=_regularization(Q.dtype))
+            self.L22, info22 = torch.linalg.cholesky_ex(K22_reg)
             self.usable = self.usable & (info22 == 0)
             self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
             self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
@@ -816,7 +818,7 @@ class QPFactor:
         # an active set with a constraint written twice (after row scaling, the same
         # row) has a singular matrix
         reg = max(_regularization(Q.dtype), 8 * torch.finfo(Q.dtype).eps)
-        self.delta = reg * self.W.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+        self.delta = reg * self.W.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1.0)  # (W is PSD)
         self.unit_delta = (self.delta + 1.0)[:, None]  # an active set's matrix: W, or 1, plus delta
 
     def back_substitute(self, y, nu=None):
@@ -1910,7 +1912,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
         lam, g = lam.index_copy(0, rows, lam_r), g.index_copy(0, rows, g_r)
         failed = failed.index_copy(0, rows, failed_r)
     nu, e = f.equality_multipliers(lam, b)
-    rp_n = torch.maximum(_inf_norm(g.clamp(min=0.0)), _inf_norm(e))
+    rp_n = torch.maximum(g.amax(-1).clamp(min=0.0), _inf_norm(e))  # (the violations' inf-norm)
     # (a NaN or -inf multiplier fails the sign test, a +inf one makes rp_n inf or NaN)
     ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n)
     kkt = ok & (rp_n <= tol * scale_primal)

@@ -751,9 +751,9 @@ class QPFactor:
     c (B, n), G (B, m, n), A (B, p, n).
 
     With ``Q = L L'`` the blocks come from the half-solves ``L^-1 G'`` and ``L^-1 A'``
-    (``G Q^-1 G' = (L^-1 G')'(L^-1 G')``); products ``Q^-1 (G'y + A'nu)`` are taken as one
-    matrix-vector product and one triangular solve (:meth:`back_substitute`) instead of
-    storing the (n, m) matrix ``Q^-1 G'``.
+    (``G Q^-1 G' = (L^-1 G')'(L^-1 G')``); products ``Q^-1 (r - G'y - A'nu)`` are taken as
+    matrix-vector products and one triangular solve (:meth:`from_half`) instead of storing
+    the (n, m) matrix ``Q^-1 G'``.
 
     ``usable`` (B,) says which instances have a safely positive definite Q (and a
     factorable A Q^-1 A'); the factor may serve a batch only when all have.
@@ -821,23 +821,17 @@ class QPFactor:
         self.delta = reg * self.W.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1.0)  # (W is PSD)
         self.unit_delta = (self.delta + 1.0)[:, None]  # an active set's matrix: W, or 1, plus delta
 
-    def back_substitute(self, y, nu=None):
-        """Q^-1 (G'y + A'nu) for y (B, m), nu (B, p)."""
-        r = _mv(self.G_half, y)
-        if self.p and nu is not None:
-            r = r + _mv(self.A_half, nu)
-        return torch.linalg.solve_triangular(_mT(self.L_Q), r.unsqueeze(-1), upper=True).squeeze(-1)
-
     def half_solve(self, r):
         """L^-1 r for r (B, n), Q = L L': the half of Q^-1 r = L^-T (L^-1 r) that G Q^-1 r =
         (L^-1 G')'(L^-1 r) needs (:meth:`from_half`)."""
         return torch.linalg.solve_triangular(self.L_Q, r.unsqueeze(-1), upper=False).squeeze(-1)
 
     def from_half(self, r_half, y=None, nu=None):
-        """Q^-1 (r - G'y - A'nu) (B, n) for r_half = L^-1 r (:meth:`half_solve`), y (B, m),
-        nu (B, p): one triangular solve."""
+        """Q^-1 (r - G'y - A'nu) (B, n) for r_half = L^-1 r (:meth:`half_solve`; None: r = 0),
+        y (B, m), nu (B, p): one triangular solve."""
         if y is not None:
-            r_half = r_half - _mv(self.G_half, y)
+            Gy = _mv(self.G_half, y)
+            r_half = Gy.neg_() if r_half is None else r_half - Gy
         if self.p and nu is not None:
             r_half = r_half - _mv(self.A_half, nu)
         return torch.linalg.solve_triangular(_mT(self.L_Q), r_half.unsqueeze(-1), upper=True).squeeze(-1)
@@ -881,7 +875,7 @@ class QPFactor:
         g0 - W lam`` (B, m), a (B,) mask of failed factorizations, the Cholesky factor
         of the active set's matrix (the backward pass reuses it, :func:`_active_set_solve`)
         and ``order``. The multipliers of the equalities follow from lam
-        (:meth:`equality_multipliers`), and z is ``qc - back_substitute(lam, nu)``,
+        (:meth:`equality_multipliers`), and z is ``from_half(qc_half, lam, nu)``,
         stationary by construction."""
         info = a.new_empty(a.shape[0], dtype=torch.int32) if info is None else info
         if size is None:
@@ -1672,13 +1666,12 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
         # independently, so only that instance's (retired) values go bad
         return L, info > 0
 
-    qc = f.from_half(f.qc_half)  # -Q^-1 c
     nu, _ = f.equality_multipliers(start.y, b)
     s, lam = start.s, start.lam
     z0 = f.from_half(f.qc_half, start.y, nu)
 
-    # residuals at the start; q1 = -Q^-1 rd = qc - z0 - Q^-1 (G'lam + A'nu)
-    q1 = qc - z0 - f.back_substitute(lam, nu)
+    # residuals at the start; q1 = -Q^-1 rd = -Q^-1 (c + G'lam + A'nu) - z0
+    q1 = f.from_half(f.qc_half, lam, nu) - z0
     rd0_n = _inf_norm(_mv(Q, q1))  # |rd| = |Q q1|
     rp0 = s - start.s_ls
     re0 = _mv(A, z0) - b
@@ -1781,7 +1774,7 @@ def _constraint_space_ipm(f: "QPFactor", start: _Start, hv, b, *, scale_dual, sc
         acc_nu = _chol_solve(
             (acc_q[:, None] * v_eq - _mtv(f.K12, acc_lam)).unsqueeze(-1), f.L22).squeeze(-1)
         nu = nu + acc_nu
-    z = z0 + acc_q[:, None] * q1 - f.back_substitute(acc_lam, acc_nu if p else None)
+    z = z0 + acc_q[:, None] * q1 + f.from_half(None, acc_lam, acc_nu if p else None)
     result = InteriorPointResult(z, s, lam, nu, status, iterations, shrink * rp0_n, shrink * rd0_n,
                                  (s * lam).sum(-1) / m, qp_factor=f)
     return _take_polished(result, f, polished, torch.arange(B, device=device), exact)
@@ -1792,7 +1785,7 @@ class ActiveSetSolution:
     """The solution of the equality QP of a guessed active set (:func:`_active_set_solution`).
 
     s, lam (B, m), nu (B, p) with exact zeros kept at eps^2 (see below); z is
-    ``qc - back_substitute(lam, nu)``, stationary by construction. rp_n is the primal
+    ``f.from_half(f.qc_half, lam, nu)``, stationary by construction. rp_n is the primal
     residual; ``ok`` (B,) a usable solve (factorization succeeded, finite, lam >= -tol);
     ``kkt`` (B,) ``ok`` and primal feasible within the tolerance, i.e. a KKT point.
     """

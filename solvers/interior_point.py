@@ -1987,6 +1987,7 @@ def _pivoted_active_set(f, g0, tol_p, tol_d):
     number) is not taken: that instance keeps its set from there, for the iteration to
     finish.
 
+    At most 2 m + 4 steps (a cycle, which single pivots can fall into, ends there).
     ``tol_p``, ``tol_d`` (B, 1). Returns the guess (B, m) and the pivots each instance
     took (B,) int64."""
     B, m = g0.shape

@@ -775,14 +775,21 @@ def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, d
 def time_pivot_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, device="cpu", dtype=DTYPE,
                       sync: Optional[Callable[[], None]] = None):
     """Time one single pivot of the tableau that guesses the active set of small blocks,
-    on random data of the same size: ``solvers.interior_point.pivot_kernel``, a rank-one
-    update of (B, m, m + 1) on a random row per instance (a pivot undoes itself, so the
-    repeats alternate between two tableaus)."""
-    from solvers.interior_point import pivot_kernel
+    on random data of the same size, in the layout the solver takes for it: a rank-one
+    update of (B, m, m + 1) (``solvers.interior_point.pivot_kernel``) or, from
+    ``_ROW_PIVOTS_FROM`` entries on, of the rows (B, m, m) (``row_pivot_kernel``), on a
+    random row per instance (a pivot undoes itself, so the repeats alternate between two
+    tableaus)."""
+    from solvers.interior_point import _ROW_PIVOTS_FROM, pivot_kernel, row_pivot_kernel
 
     kw, W = _random_w(B, m, seed)
-    tableau = torch.cat([W, torch.randn(B, m, 1, **kw)], -1).to(device, dtype)
     k = torch.randint(0, m, (B,), generator=kw["generator"]).to(device)
+    if B * m * m >= _ROW_PIVOTS_FROM:
+        rows, live = W.to(device, dtype), torch.ones(B, 1, dtype=dtype, device=device)
+        sign = torch.ones(B, m, dtype=dtype, device=device)
+        return _time_synced(lambda: row_pivot_kernel(rows, k, live, sign), budget, sync), \
+            "solvers.interior_point.row_pivot_kernel"
+    tableau = torch.cat([W, torch.randn(B, m, 1, **kw)], -1).to(device, dtype)
     live = torch.ones(B, 1, 1, dtype=dtype, device=device)
     return _time_synced(lambda: pivot_kernel(tableau, k, live), budget, sync), "solvers.interior_point.pivot_kernel"
 

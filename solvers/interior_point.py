@@ -97,14 +97,17 @@ _COMPACT_ROWS = 48
 _COMPACT_WORK = 1 << 23
 # small blocks find their active set by single pivots before the active-set iteration
 # (_pivoted_active_set): up to _PIVOT_ROWS constraints, or _PIVOT_ROWS_BATCHED in batches
-# of at least _PIVOT_BATCH, where a pivot's ~20 small ops on (B, m) and (B, m, m + 1)
-# tensors cost less than the rounds they save. Layer forward+backward with pivots over
-# without, on the benchmark family: 0.84-0.94x at m = 10 (1.04x at B = 8), 0.82-0.91x at
-# m = 20 and B >= 32 (1.04x at B = 1), 0.91-1.03x at m = 30 (1.23x at B = 1), 0.95-1.08x
-# at m = 40 and 1.13-1.2x at m = 50
+# of at least _PIVOT_BATCH, where a pivot's ~25 small ops on (B, m) and rank-one update
+# of (B, m, m) cost less than the rounds they save. Layer forward+backward with pivots
+# over without, on the benchmark family: 0.84-0.94x at m = 10 (1.04x at B = 8); with the
+# rows-only tableau (_row_pivots) from _ROW_PIVOTS_FROM entries on, 0.79x at (512, 20),
+# 0.82x at m = 30 and 40 (B = 32, 128), 0.93-0.97x at m = 50 and 64, 0.95x at (16, 30),
+# 1.0x at (16, 50) and (32, 80), and 1.08x at (32, 100); single instances pay from m = 20
+# on (1.04x at m = 20, 1.23x at m = 30)
 _PIVOT_ROWS = 10
-_PIVOT_ROWS_BATCHED = 24
+_PIVOT_ROWS_BATCHED = 64
 _PIVOT_BATCH = 16
+_ROW_PIVOTS_FROM = 1 << 15
 _JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
@@ -1291,7 +1294,7 @@ def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rou
     if G.shape[-2]:
         factor = QPFactor(Q, c, G, A, pool)
         if bool(factor.usable.all()):
-            return _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds)
+            return _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool)
     return _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip)
 
 
@@ -1312,10 +1315,11 @@ def _qp_residuals(Q, c, G, hv, A, b):
     return residuals, 1.0 + _inf_norm(c), 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
 
 
-def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds):
+def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None):
     residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
     result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                     tol=tol, max_iter=max_iter, skip=skip, active_set_rounds=active_set_rounds)
+                                     tol=tol, max_iter=max_iter, skip=skip, active_set_rounds=active_set_rounds,
+                                     pool=pool)
     result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
     result = _verify(result, residuals, scale_dual, scale_primal, tol)
     settled = result.status == OPTIMAL
@@ -1568,7 +1572,7 @@ def _least_squares_start(f: "QPFactor", g0) -> _Start:
 
 
 def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, tol, max_iter, skip,
-                            active_set_rounds):
+                            active_set_rounds, pool=None):
     """A QP with positive definite Q: the active-set iteration first (``active_set_rounds``
     at most), from the constraints the minimizer under the equalities alone violates (on
     small blocks, from a guess by single pivots), then the interior point
@@ -1586,7 +1590,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     # and needs no factorization of its own
     tol_p = tol * scale_primal[:, None]
     if _pivots_first(*g0.shape):
-        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None])
+        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
     else:
         guess, pivots = g0 > tol_p, None
     sol = _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0)
@@ -1968,7 +1972,7 @@ def _pivot(M, kk, row, pivot, live, one, minus_one):
     M.addcmul_(col, row.scatter_add_(2, kk, minus_one), value=-1.0)
 
 
-def _pivoted_active_set(f, g0, tol_p, tol_d):
+def _pivoted_active_set(f, g0, tol_p, tol_d, pool=None):
     """A guess of the active set for :func:`_active_set_solution`, by single principal
     pivots from the empty set (small blocks: :func:`_pivots_first`).
 
@@ -1976,30 +1980,50 @@ def _pivoted_active_set(f, g0, tol_p, tol_d):
     ``w = W lam - g0 >= 0, lam >= 0, w'lam = 0`` (w the slacks, ``-(G z - h)``). Its
     tableau [W + delta I | -g0] (B, m, m + 1), in units of the tolerances (lam / tol_d,
     w / tol_p: a basic variable below -1 is a violation), is pivoted one constraint per
-    instance per step (:func:`pivot_kernel`), on the basic variable whose violation over
-    the square root of its pivot is largest: a negative slack joins the active set, a
-    negative multiplier leaves it. On random QPs this took 0.3-0.9 m steps (the batch's
-    slowest instance), where the iteration from the constraints ``g0`` violates took
-    1-19 rounds, each a factorization and solve of the whole batch instance by instance;
-    in 14 of 15 batches the guess was every instance's active set, and the iteration's
-    first solve checks it (and corrects a wrong one from there). A pivot on a constraint
-    nearly dependent on the active ones (pivot below sqrt(eps) of its diagonal, or not a
-    number) is not taken: that instance keeps its set from there, for the iteration to
-    finish.
+    instance per step, on the basic variable whose violation over the square root of its
+    pivot is largest: a negative slack joins the active set, a negative multiplier leaves
+    it. On random QPs this took 0.3-0.9 m steps (the batch's slowest instance), where the
+    iteration from the constraints ``g0`` violates took 1-19 rounds, each a factorization
+    and solve of the whole batch instance by instance; in 14 of 15 batches the guess was
+    every instance's active set, and the iteration's first solve checks it (and corrects
+    a wrong one from there). A pivot on a constraint nearly dependent on the active ones
+    (pivot below sqrt(eps) of its diagonal, or not a number) is not taken: that instance
+    keeps its set from there, for the iteration to finish.
+
+    Two layouts of the same steps: the whole tableau in one tensor, a step's pivot column
+    gathered from it (:func:`_tableau_pivots`: the fewest small ops, for tableaus below
+    ``_ROW_PIVOTS_FROM`` entries, where a step costs its ~24 op dispatches), or its rows
+    alone with the diagonal and right-hand side apart (:func:`_row_pivots`: the pivot
+    column follows from the row by symmetry, and nothing is read with a stride).
 
     At most 2 m + 4 steps (a cycle, which single pivots can fall into, ends there).
-    ``tol_p``, ``tol_d`` (B, 1). Returns the guess (B, m) and the pivots each instance
-    took (B,) int64."""
+    ``tol_p``, ``tol_d`` (B, 1); ``pool``: a :class:`solvers.buffers.BufferPool` for the
+    tableau, or None. Returns the guess (B, m) and the pivots each instance took (B,)
+    int64."""
+    B, m = g0.shape
+    units = tol_d / tol_p
+    if B * m * m < _ROW_PIVOTS_FROM:
+        return _tableau_pivots(f, g0, tol_p, units)
+    return _row_pivots(f, g0, tol_p, units, pool)
+
+
+def _dependent_pivots(diagonal):
+    """The pivots below which a constraint is nearly dependent on the active ones, for
+    the tableau's diagonal at the start: sqrt(eps) W_kk (a multiplier leaving has pivot
+    1/(W_AA^-1)_kk >= 1/W_kk: the rule holds it back only where W_kk >> 1, and the
+    iteration finishes that instance)."""
+    return diagonal * math.sqrt(torch.finfo(diagonal.dtype).eps)
+
+
+def _tableau_pivots(f, g0, tol_p, units):
+    """:func:`_pivoted_active_set` on the tableau [W + delta I | -g0] (B, m, m + 1) in one
+    tensor, for small ones (:func:`pivot_kernel`)."""
     B, m = g0.shape
     dtype, device = g0.dtype, g0.device
-    units = tol_d / tol_p
     M = torch.cat([f.W * units.unsqueeze(-1), g0.div(tol_p).neg_().unsqueeze(-1)], -1)
     diagonal = M.diagonal(dim1=-2, dim2=-1)
     diagonal.add_(f.delta[:, None] * units)
-    # sqrt(eps) W_kk: a pivot below it is a dependent constraint joining (a multiplier
-    # leaving has pivot 1/(W_AA^-1)_kk >= 1/W_kk: the rule holds it back only where
-    # W_kk >> 1, and the iteration finishes that instance)
-    dependent = diagonal.mul(math.sqrt(torch.finfo(dtype).eps)).unsqueeze(1)
+    dependent = _dependent_pivots(diagonal).unsqueeze(1)
     flips = torch.zeros(B, 1, m + 1, dtype=dtype, device=device)  # pivots per row
     rhs = M[:, :, m]
     live = torch.empty(B, 1, 1, dtype=dtype, device=device)
@@ -2020,6 +2044,71 @@ def _pivoted_active_set(f, g0, tol_p, tol_d):
         flips.scatter_add_(2, kk, live)
     counts = flips[:, 0, :m]
     return torch.remainder(counts, 2.0) > 0.5, counts.sum(-1).round_().to(torch.int64)
+
+
+def row_pivot_kernel(S, k, live, sign):
+    """One pivot of :func:`_row_pivots` on the rows S (B, m, m) of a tableau and their
+    signs (B, m), in place: its linear algebra, which benchmarks time. ``k`` (B,),
+    ``live`` (B, 1) 1.0 or 0.0 as in :func:`pivot_kernel`."""
+    B, m = S.shape[:2]
+    k = k.view(B, 1)
+    row = S.view(B * m, m).index_select(0, k.view(B) + torch.arange(0, B * m, m, device=S.device))
+    s_k = sign.gather(1, k)
+    _pivot_rows(S, k, row, live / row.gather(1, k), sign, s_k, torch.full_like(live, -1.0))
+    sign.scatter_(1, k, torch.where(live > 0, -s_k, s_k))
+
+
+def _pivot_rows(S, k, row, step, sign, s_k, minus_one):
+    """The rank-one update M - (c + e_k)(r - e_k)'/p of :func:`_pivot` on the rows S
+    (B, m, m), in place, for the pivot row r (B, m) (overwritten with r - e_k), ``step``
+    = live / p (B, 1) and the signs (``s_k`` the pivot row's): the pivot column c is r s
+    s_k. Returns (c + e_k) live / p."""
+    col = (row * sign).mul_(s_k * step).scatter_add_(1, k, step)
+    row.scatter_add_(1, k, minus_one)
+    S.addcmul_(col.unsqueeze(-1), row.unsqueeze(-2), value=-1.0)
+    return col
+
+
+def _row_pivots(f, g0, tol_p, units, pool):
+    """:func:`_pivoted_active_set` on the rows of the tableau's W block (B, m, m), its
+    diagonal and right-hand side kept as (B, m) tensors of their own.
+
+    A principal pivot transform of a symmetric matrix is symmetric up to sign: entry
+    (i, k) is (k, i) times s_i s_k, s = -1 on the pivoted rows and 1 elsewhere. So the
+    pivot column is the pivot row times those signs, one (B, m) product instead of a
+    gather that reads one cache line per entry, and the diagonal and right-hand side the
+    rule reads every step lie contiguous. At (512, 20) and (128, 50) this took 0.5-0.6x
+    the time of :func:`_tableau_pivots`, whose strided reads and column gather also slow
+    the rank-one update itself (~140 against ~40 us at (128, 50)); below ~2^15 entries,
+    where a step costs its dispatches, its ~30 small ops cost 1.1-1.3x the tableau's ~24."""
+    B, m = g0.shape
+    dtype, device = g0.dtype, g0.device
+    S = torch.mul(f.W, units.unsqueeze(-1), out=scratch(pool, (B, m, m), dtype, device))
+    diagonal = S.diagonal(dim1=-2, dim2=-1).add_(f.delta[:, None] * units).clone()
+    rhs = g0.div(tol_p).neg_()
+    dependent = _dependent_pivots(diagonal)
+    sign = torch.ones_like(rhs)
+    pivots = torch.zeros_like(units)
+    rows = S.view(B * m, m)
+    first_row = torch.arange(0, B * m, m, device=device).unsqueeze(-1)
+    minus_one = torch.full_like(units, -1.0)
+    live = torch.empty(B, 1, dtype=torch.bool, device=device)
+    for _ in range(2 * m + 4):
+        k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
+        row = rows.index_select(0, (k + first_row).view(B))  # (a copy)
+        pivot, rhs_k = diagonal.gather(1, k), rhs.gather(1, k)
+        torch.lt(rhs_k, -1.0, out=live).logical_and_(pivot > dependent.gather(1, k))
+        if not bool(live.any()):  # the host sync: done, or only dependent pivots left
+            break
+        s_k = sign.gather(1, k)
+        col = _pivot_rows(S, k, row, live / pivot, sign, s_k, minus_one)
+        diagonal.addcmul_(col, row, value=-1.0)
+        rhs.addcmul_(col, rhs_k, value=-1.0)
+        sign.scatter_(1, k, torch.where(live, -s_k, s_k))
+        pivots.add_(live)
+    if pool is not None:
+        pool.give_back(S)
+    return sign < 0, pivots.squeeze(1).round_().to(torch.int64)
 
 
 _FINGERPRINT_WEIGHTS = {}

@@ -771,6 +771,9 @@ def test_active_sets_factored_on_their_own_rows_match_all_rows(monkeypatch):
         return original(self, g0, a, info, size)
 
     monkeypatch.setattr(ipm.QPFactor, "solve_active_set", spy)
+    # (without the pivots' guess, which is right at once here: the iteration's rounds
+    # re-solve some instances)
+    monkeypatch.setattr(ipm, "_pivots_first", lambda B, m: False)
 
     def solve(**options):
         # (active_set_rounds=0: the interior point's crossover merges the sets it solves
@@ -817,8 +820,18 @@ def test_factor_row_orders_merge_with_all_rows_in_order():
     assert torch.equal(merged, torch.stack([explicit[0], natural[1]]))
 
 
-@pytest.mark.parametrize("shape", [(32, 10, 10, 2), (16, 12, 20, 2)])
-def test_pivots_guess_the_active_set_of_small_blocks(shape, monkeypatch):
+@pytest.fixture(params=["tableau", "rows"])
+def pivot_layout(request, monkeypatch):
+    """Pivots on the whole tableau or on its rows alone (solvers.interior_point
+    _tableau_pivots, _row_pivots), whatever the size."""
+    import solvers.interior_point as ipm
+
+    monkeypatch.setattr(ipm, "_ROW_PIVOTS_FROM", 0 if request.param == "rows" else 1 << 62)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(32, 10, 10, 2), (16, 12, 20, 2), (32, 40, 40, 8)])
+def test_pivots_guess_the_active_set_of_small_blocks(shape, pivot_layout, monkeypatch):
     # Small blocks guess the active set by single pivots from the empty set; the
     # iteration's first solve confirms the guess (one round, where the constraints the
     # minimizer violates took 6 rounds at (32, 10, 10, 2), and the batch with twice as
@@ -850,7 +863,7 @@ def test_pivots_guess_the_active_set_of_small_blocks(shape, monkeypatch):
         torch.testing.assert_close(g, g_plain, atol=1e-8, rtol=1e-8)
 
 
-def test_pivots_in_float32_and_on_infeasible_instances():
+def test_pivots_in_float32_and_on_infeasible_instances(pivot_layout):
     # The tableau in float32 (tolerances 1e-5 or so), and instances whose constraints
     # contradict each other: the pivots stop at the contradiction (the second of the
     # pair would be a dependent pivot), the iteration and the interior point certify
@@ -868,7 +881,7 @@ def test_pivots_in_float32_and_on_infeasible_instances():
     assert_matches_cvxpy(x.double(), [t.double() for t in data], [0, 5, 31], atol=2e-4)
 
 
-def test_a_pivot_on_a_dependent_constraint_is_not_taken():
+def test_a_pivot_on_a_dependent_constraint_is_not_taken(pivot_layout):
     # Two constraints all but parallel (their matrix's Schur complement 2e-9 against a
     # diagonal of 1), both violated: once the first is active the second is violated
     # still (by 1e3 tolerances), on a pivot below sqrt(eps) of its diagonal. Pivoting

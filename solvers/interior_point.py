@@ -2083,32 +2083,47 @@ def _row_pivots(f, g0, tol_p, units, pool):
     where a step costs its dispatches, its ~30 small ops cost 1.1-1.3x the tableau's ~24."""
     B, m = g0.shape
     dtype, device = g0.dtype, g0.device
-    S = torch.mul(f.W, units.unsqueeze(-1), out=scratch(pool, (B, m, m), dtype, device))
+    S = block = torch.mul(f.W, units.unsqueeze(-1), out=scratch(pool, (B, m, m), dtype, device))
     diagonal = S.diagonal(dim1=-2, dim2=-1).add_(f.delta[:, None] * units).clone()
     rhs = g0.div(tol_p).neg_()
     dependent = _dependent_pivots(diagonal)
-    sign = torch.ones_like(rhs)
-    pivots = torch.zeros_like(units)
-    rows = S.view(B * m, m)
+    sign = sign_out = torch.ones_like(rhs)
+    pivots = pivots_out = torch.zeros_like(units)
     first_row = torch.arange(0, B * m, m, device=device).unsqueeze(-1)
     minus_one = torch.full_like(units, -1.0)
     live = torch.empty(B, 1, dtype=torch.bool, device=device)
+    where = None  # the instances still pivoting, once some are set aside (see below)
     for _ in range(2 * m + 4):
         k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
-        row = rows.index_select(0, (k + first_row).view(B))  # (a copy)
+        row = S.view(-1, m).index_select(0, (k + first_row).view(-1))  # (a copy)
         pivot, rhs_k = diagonal.gather(1, k), rhs.gather(1, k)
         torch.lt(rhs_k, -1.0, out=live).logical_and_(pivot > dependent.gather(1, k))
-        if not bool(live.any()):  # the host sync: done, or only dependent pivots left
+        n_live = int(live.sum())  # the host sync: done, or only dependent pivots left
+        if not n_live:
             break
+        if 4 * n_live <= live.shape[0]:
+            # an instance that stops never pivots again (its tableau stays as it is), and
+            # the batch's last few pivot alone: 0.5-0.9 m steps for the slowest, 0.3-0.6 m
+            # for most (of 128 at (128, 50), 10 or fewer pivot from step 30 to 38)
+            if where is not None:
+                sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
+            keep = live.view(-1).nonzero().squeeze(-1)
+            where = keep if where is None else where.index_select(0, keep)
+            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, live, minus_one = (
+                t.index_select(0, keep) for t in (S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k,
+                                                  live, minus_one))
+            first_row = first_row[:n_live]
         s_k = sign.gather(1, k)
         col = _pivot_rows(S, k, row, live / pivot, sign, s_k, minus_one)
         diagonal.addcmul_(col, row, value=-1.0)
         rhs.addcmul_(col, rhs_k, value=-1.0)
         sign.scatter_(1, k, torch.where(live, -s_k, s_k))
         pivots.add_(live)
+    if where is not None:
+        sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
     if pool is not None:
-        pool.give_back(S)
-    return sign < 0, pivots.squeeze(1).round_().to(torch.int64)
+        pool.give_back(block)
+    return sign_out < 0, pivots_out.squeeze(1).round_().to(torch.int64)
 
 
 _FINGERPRINT_WEIGHTS = {}

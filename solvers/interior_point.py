@@ -1591,6 +1591,9 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     tol_p = tol * scale_primal[:, None]
     if _pivots_first(*g0.shape):
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
+        if guess is None:  # most instances blocked (_pivots_blocked): no round ran
+            result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
+            return dataclasses.replace(result, active_set_rounds=torch.zeros_like(every), active_set_pivots=pivots)
     else:
         guess, pivots = g0 > tol_p, None
     sol = _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0)
@@ -1998,8 +2001,8 @@ def _pivoted_active_set(f, g0, tol_p, tol_d, pool=None):
 
     At most 2 m + 4 steps (a cycle, which single pivots can fall into, ends there).
     ``tol_p``, ``tol_d`` (B, 1); ``pool``: a :class:`solvers.buffers.BufferPool` for the
-    tableau, or None. Returns the guess (B, m) and the pivots each instance took (B,)
-    int64."""
+    tableau, or None. Returns the guess (B, m), None where the pivots gave up on the batch
+    (:func:`_pivots_blocked`), and the pivots each instance took (B,) int64."""
     B, m = g0.shape
     units = tol_d / tol_p
     if B * m * m < _ROW_PIVOTS_FROM:
@@ -2026,9 +2029,10 @@ def _tableau_pivots(f, g0, tol_p, units):
     dependent = _dependent_pivots(diagonal).unsqueeze(1)
     flips = torch.zeros(B, 1, m + 1, dtype=dtype, device=device)  # pivots per row
     rhs = M[:, :, m]
-    live = torch.empty(B, 1, 1, dtype=dtype, device=device)
+    violated, live = (torch.empty(B, 1, 1, dtype=dtype, device=device) for _ in range(2))
     one = torch.ones_like(live)
     minus_one = -one
+    gave_up = False
     for _ in range(2 * m + 4):
         # the most violated basic variable relative to the square root of its pivot (the
         # pivot that gains the dual objective the most): 10-20 % fewer steps than the
@@ -2037,13 +2041,17 @@ def _tableau_pivots(f, g0, tol_p, units):
         kk = k.view(B, 1, 1)
         row = M.gather(1, kk.expand(B, 1, m + 1))
         pivot = row.gather(2, kk)
-        torch.lt(row[:, :, m:], -1.0, out=live).mul_(pivot > dependent.gather(2, kk))
-        if not bool(live.any()):  # the host sync: done, or only dependent pivots left
+        torch.lt(row[:, :, m:], -1.0, out=violated)
+        torch.mul(violated, pivot > dependent.gather(2, kk), out=live)
+        n_live, n_violated = torch.cat([live, violated], -1).sum((0, 1)).tolist()  # the host sync
+        gave_up = _pivots_blocked(n_violated - n_live, B)
+        if not n_live or gave_up:  # done, or only dependent pivots left
             break
         _pivot(M, kk, row, pivot, live, one, minus_one)
         flips.scatter_add_(2, kk, live)
     counts = flips[:, 0, :m]
-    return torch.remainder(counts, 2.0) > 0.5, counts.sum(-1).round_().to(torch.int64)
+    pivots = counts.sum(-1).round_().to(torch.int64)
+    return (None if gave_up else torch.remainder(counts, 2.0) > 0.5), pivots
 
 
 def row_pivot_kernel(S, k, live, sign):
@@ -2091,17 +2099,21 @@ def _row_pivots(f, g0, tol_p, units, pool):
     pivots = pivots_out = torch.zeros_like(units)
     first_row = torch.arange(0, B * m, m, device=device).unsqueeze(-1)
     minus_one = torch.full_like(units, -1.0)
-    live = torch.empty(B, 1, dtype=torch.bool, device=device)
+    violated, live = (torch.empty(B, 1, dtype=torch.bool, device=device) for _ in range(2))
     where = None  # the instances still pivoting, once some are set aside (see below)
+    blocked_aside, gave_up = 0, False  # (instances set aside blocked)
     for _ in range(2 * m + 4):
         k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
         row = S.view(-1, m).index_select(0, (k + first_row).view(-1))  # (a copy)
         pivot, rhs_k = diagonal.gather(1, k), rhs.gather(1, k)
-        torch.lt(rhs_k, -1.0, out=live).logical_and_(pivot > dependent.gather(1, k))
-        n_live = int(live.sum())  # the host sync: done, or only dependent pivots left
-        if not n_live:
+        torch.lt(rhs_k, -1.0, out=violated)
+        torch.logical_and(violated, pivot > dependent.gather(1, k), out=live)
+        n_live, n_violated = torch.cat([live, violated], -1).sum(0).tolist()  # the host sync
+        gave_up = _pivots_blocked(blocked_aside + n_violated - n_live, B)
+        if not n_live or gave_up:  # done, or only dependent pivots left
             break
         if 4 * n_live <= live.shape[0]:
+            blocked_aside += n_violated - n_live
             # an instance that stops never pivots again (its tableau stays as it is), and
             # the batch's last few pivot alone: 0.5-0.9 m steps for the slowest, 0.3-0.6 m
             # for most (of 128 at (128, 50), 10 or fewer pivot from step 30 to 38)
@@ -2109,9 +2121,9 @@ def _row_pivots(f, g0, tol_p, units, pool):
                 sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
             keep = live.view(-1).nonzero().squeeze(-1)
             where = keep if where is None else where.index_select(0, keep)
-            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, live, minus_one = (
+            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one = (
                 t.index_select(0, keep) for t in (S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k,
-                                                  live, minus_one))
+                                                  violated, live, minus_one))
             first_row = first_row[:n_live]
         s_k = sign.gather(1, k)
         col = _pivot_rows(S, k, row, live / pivot, sign, s_k, minus_one)
@@ -2123,7 +2135,16 @@ def _row_pivots(f, g0, tol_p, units, pool):
         sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
     if pool is not None:
         pool.give_back(block)
-    return sign_out < 0, pivots_out.squeeze(1).round_().to(torch.int64)
+    return (None if gave_up else sign_out < 0), pivots_out.squeeze(1).round_().to(torch.int64)
+
+
+def _pivots_blocked(blocked, B):
+    """Whether the pivots give up on the batch: more than half its instances stopped at a
+    violated constraint that depends on their active ones (a vertex, where single pivots
+    would have to exchange constraints). On the families where that happens (many rows,
+    a large linear term) nearly every instance does, by about step n - p, and the
+    iteration from such guesses crawls: the interior point takes the batch instead."""
+    return 2 * blocked > B
 
 
 _FINGERPRINT_WEIGHTS = {}

@@ -2032,7 +2032,6 @@ def _tableau_pivots(f, g0, tol_p, units):
     violated, live = (torch.empty(B, 1, 1, dtype=dtype, device=device) for _ in range(2))
     one = torch.ones_like(live)
     minus_one = -one
-    gave_up = False
     for _ in range(2 * m + 4):
         # the most violated basic variable relative to the square root of its pivot (the
         # pivot that gains the dual objective the most): 10-20 % fewer steps than the
@@ -2044,14 +2043,15 @@ def _tableau_pivots(f, g0, tol_p, units):
         torch.lt(row[:, :, m:], -1.0, out=violated)
         torch.mul(violated, pivot > dependent.gather(2, kk), out=live)
         n_live, n_violated = torch.cat([live, violated], -1).sum((0, 1)).tolist()  # the host sync
-        gave_up = _pivots_blocked(n_violated - n_live, B)
-        if not n_live or gave_up:  # done, or only dependent pivots left
+        if n_violated > n_live:  # blocked: exchange steps from the start (_row_pivots)
+            guess, more = _row_pivots(f, g0, tol_p, units, None, exchange=True)
+            return guess, more + flips[:, 0, :m].sum(-1).round_().to(torch.int64)
+        if not n_live:
             break
         _pivot(M, kk, row, pivot, live, one, minus_one)
         flips.scatter_add_(2, kk, live)
     counts = flips[:, 0, :m]
-    pivots = counts.sum(-1).round_().to(torch.int64)
-    return (None if gave_up else torch.remainder(counts, 2.0) > 0.5), pivots
+    return torch.remainder(counts, 2.0) > 0.5, counts.sum(-1).round_().to(torch.int64)
 
 
 def row_pivot_kernel(S, k, live, sign):
@@ -2077,7 +2077,7 @@ def _pivot_rows(S, k, row, step, sign, s_k, minus_one):
     return col
 
 
-def _row_pivots(f, g0, tol_p, units, pool):
+def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
     """:func:`_pivoted_active_set` on the rows of the tableau's W block (B, m, m), its
     diagonal and right-hand side kept as (B, m) tensors of their own.
 
@@ -2088,7 +2088,13 @@ def _row_pivots(f, g0, tol_p, units, pool):
     rule reads every step lie contiguous. At (512, 20) and (128, 50) this took 0.5-0.6x
     the time of :func:`_tableau_pivots`, whose strided reads and column gather also slow
     the rank-one update itself (~140 against ~40 us at (128, 50)); below ~2^15 entries,
-    where a step costs its dispatches, its ~30 small ops cost 1.1-1.3x the tableau's ~24."""
+    where a step costs its dispatches, its ~30 small ops cost 1.1-1.3x the tableau's ~24.
+
+    Single pivots stop where a violated constraint depends on the active ones (at a
+    vertex: many rows per free dimension, a large linear term). Where any instance does,
+    the batch starts over with ``exchange`` steps (:func:`_exchange_step`), which reach
+    those active sets too; more than half the batch stopping even so (contradicting
+    constraints) gives up on it (:func:`_pivots_blocked`)."""
     B, m = g0.shape
     dtype, device = g0.dtype, g0.device
     S = block = torch.mul(f.W, units.unsqueeze(-1), out=scratch(pool, (B, m, m), dtype, device))
@@ -2100,15 +2106,33 @@ def _row_pivots(f, g0, tol_p, units, pool):
     first_row = torch.arange(0, B * m, m, device=device).unsqueeze(-1)
     minus_one = torch.full_like(units, -1.0)
     violated, live = (torch.empty(B, 1, dtype=torch.bool, device=device) for _ in range(2))
+    # exchange steps: the constraint on its way in per instance (-1: none), and the value
+    # its multiplier has reached (see _exchange_step)
+    entering = torch.full((B, 1), -1, dtype=torch.int64, device=device) if exchange else None
+    offset = torch.zeros_like(rhs) if exchange else None
     where = None  # the instances still pivoting, once some are set aside (see below)
     blocked_aside, gave_up = 0, False  # (instances set aside blocked)
     for _ in range(2 * m + 4):
         k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
+        if exchange:
+            k = torch.where(entering >= 0, entering, k)
         row = S.view(-1, m).index_select(0, (k + first_row).view(-1))  # (a copy)
         pivot, rhs_k = diagonal.gather(1, k), rhs.gather(1, k)
         torch.lt(rhs_k, -1.0, out=violated)
-        torch.logical_and(violated, pivot > dependent.gather(1, k), out=live)
+        independent = pivot > dependent.gather(1, k)
+        if exchange:
+            k, row, pivot, rhs_k, live, added = _exchange_step(
+                S, k, row, pivot, rhs_k, violated, independent, entering, diagonal, rhs, sign, offset, first_row)
+        else:
+            torch.logical_and(violated, independent, out=live)
         n_live, n_violated = torch.cat([live, violated], -1).sum(0).tolist()  # the host sync
+        if n_violated > n_live and not exchange:  # blocked: start over (the pivots so far counted)
+            if where is not None:
+                pivots_out.index_copy_(0, where, pivots)
+            if pool is not None:
+                pool.give_back(block)
+            guess, more = _row_pivots(f, g0, tol_p, units, pool, exchange=True)
+            return guess, more + pivots_out.squeeze(1).round_().to(torch.int64)
         gave_up = _pivots_blocked(blocked_aside + n_violated - n_live, B)
         if not n_live or gave_up:  # done, or only dependent pivots left
             break
@@ -2121,9 +2145,13 @@ def _row_pivots(f, g0, tol_p, units, pool):
                 sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
             keep = live.view(-1).nonzero().squeeze(-1)
             where = keep if where is None else where.index_select(0, keep)
-            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one = (
-                t.index_select(0, keep) for t in (S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k,
-                                                  violated, live, minus_one))
+            kept = [S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one]
+            if exchange:
+                kept += [entering, offset, added]
+            kept = [t.index_select(0, keep) for t in kept]
+            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one = kept[:13]
+            if exchange:
+                entering, offset, added = kept[13:]
             first_row = first_row[:n_live]
         s_k = sign.gather(1, k)
         col = _pivot_rows(S, k, row, live / pivot, sign, s_k, minus_one)
@@ -2131,6 +2159,10 @@ def _row_pivots(f, g0, tol_p, units, pool):
         rhs.addcmul_(col, rhs_k, value=-1.0)
         sign.scatter_(1, k, torch.where(live, -s_k, s_k))
         pivots.add_(live)
+        if exchange:
+            _exchange_done(entering, added, rhs, offset)
+    if exchange:  # (stopped at the step cap halfway through an exchange: the one entering is in)
+        sign.scatter_(1, entering.clamp(min=0), torch.where(entering >= 0, -1.0, sign.gather(1, entering.clamp(min=0))))
     if where is not None:
         sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
     if pool is not None:
@@ -2138,12 +2170,60 @@ def _row_pivots(f, g0, tol_p, units, pool):
     return (None if gave_up else sign_out < 0), pivots_out.squeeze(1).round_().to(torch.int64)
 
 
+def _exchange_step(S, k, row, pivot, rhs_k, violated, independent, entering, diagonal, rhs, sign, offset,
+                   first_row):
+    """The step of the dual active-set method (Goldfarb and Idnani) for the constraint k
+    (B, 1) the rule chose, in the tableau of :func:`_row_pivots`.
+
+    Its multiplier (the nonbasic variable of column k) grows until its slack reaches
+    zero, unless an active multiplier reaches zero first (the ratio test over the active
+    rows whose multipliers fall along the column). Then the tableau moves to that point
+    (right-hand side plus column times the step, the multiplier's value kept in
+    ``offset``), that constraint leaves (the pivot is on its row instead), and k is
+    ``entering``: chosen again next step, until it goes in (:func:`_exchange_done`).
+    Multipliers so stay nonnegative, and a constraint that depends on the active ones
+    gets in by exchanging one of them, which single pivots cannot. Where none falls, k
+    contradicts the active constraints: that instance stops.
+
+    Returns the pivot per instance (k, row, pivot, rhs_k: the row's), ``live`` (B, 1)
+    and ``added`` (B, 1): k goes in in full."""
+    m = rhs.shape[-1]
+    on_its_way = entering >= 0
+    violated |= on_its_way  # one on its way in goes in
+    s_k = sign.gather(1, k)
+    col = row * sign * s_k  # the column: how each basic variable moves as k's multiplier grows
+    falls = (sign < 0) & (col < 0)  # active rows whose multipliers fall
+    ratio = torch.where(falls, rhs.clamp(min=0.0) / col.neg(), math.inf)
+    leaving = ratio.argmin(-1, keepdim=True)
+    partial_step = ratio.gather(1, leaving)
+    full_step = torch.where(independent, rhs_k.neg() / pivot, math.inf)
+    partial = violated & (s_k > 0) & (partial_step < full_step)
+    added = violated & ~partial & independent
+    step = torch.where(partial, partial_step, 0.0)
+    rhs.addcmul_(col, step)
+    offset.scatter_add_(1, k, step)
+    entering.copy_(torch.where(partial, k, entering))
+    k = torch.where(partial, leaving, k)
+    row = S.view(-1, m).index_select(0, (k + first_row).view(-1))
+    return k, row, diagonal.gather(1, k), rhs.gather(1, k), partial | added, added
+
+
+def _exchange_done(entering, added, rhs, offset):
+    """After the pivot of an :func:`_exchange_step`: a constraint that went in has its
+    multiplier's value so far added to its row (the pivot computed the rest)."""
+    k = entering.clamp(min=0)
+    done = added & (entering >= 0)
+    value = torch.where(done, offset.gather(1, k), 0.0)
+    rhs.scatter_add_(1, k, value)
+    offset.scatter_add_(1, k, value.neg())
+    entering.masked_fill_(done, -1)
+
+
 def _pivots_blocked(blocked, B):
-    """Whether the pivots give up on the batch: more than half its instances stopped at a
-    violated constraint that depends on their active ones (a vertex, where single pivots
-    would have to exchange constraints). On the families where that happens (many rows,
-    a large linear term) nearly every instance does, by about step n - p, and the
-    iteration from such guesses crawls: the interior point takes the batch instead."""
+    """Whether the exchange steps give up on the batch: more than half its instances
+    stopped at a violated constraint that no active one can make room for (constraints
+    that contradict each other). The interior point, which certifies infeasibility, takes
+    the batch instead."""
     return 2 * blocked > B
 
 

@@ -885,41 +885,45 @@ def test_a_pivot_on_a_dependent_constraint_is_not_taken(pivot_layout):
     # Two constraints all but parallel (their matrix's Schur complement 2e-9 against a
     # diagonal of 1), both violated: once the first is active the second is violated
     # still (by 1e3 tolerances), on a pivot below sqrt(eps) of its diagonal. Pivoting
-    # would divide by it; the instance keeps the set it has ({first}), and the iteration
-    # takes it from there. Instances 1 and 2 have independent constraints, the first
-    # violated. Where most of the batch is blocked so, the pivots give up on it (None).
+    # would divide by it: the exchange steps swap the two instead (the set holds one of
+    # them), and the iteration takes it from there. Instances 1 and 2 have independent
+    # constraints, the first violated. Two constraints that contradict each other leave
+    # nothing to exchange: where most of the batch has such, the pivots give up (None).
     import solvers.interior_point as ipm
 
     c = 1.0 - 1e-9
-    dependent_pair, independent_pair = [[1.0, c], [c, 1.0]], [[1.0, 0.0], [0.0, 1.0]]
+    dependent_pair, independent_pair, contradicting_pair = [[1.0, c], [c, 1.0]], [[1.0, 0.0], [0.0, 1.0]], \
+        [[1.0, -1.0], [-1.0, 1.0]]
     factor = type("Factor", (), {})()
     factor.W = torch.tensor([dependent_pair, independent_pair, independent_pair], dtype=torch.float64)
     factor.delta = torch.zeros(3, dtype=torch.float64)
     g0 = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, -1.0]], dtype=torch.float64)
     tol = torch.full((3, 1), 1e-12, dtype=torch.float64)
     guess, pivots = ipm._pivoted_active_set(factor, g0, tol, tol)
-    assert guess.tolist() == [[True, False]] * 3 and pivots.tolist() == [1, 1, 1]
-    factor.W = torch.tensor([dependent_pair, dependent_pair, independent_pair], dtype=torch.float64)
+    assert guess[0].sum() == 1 and guess[1:].tolist() == [[True, False]] * 2
+    assert bool((pivots > 0).all())
+    factor.W = torch.tensor([contradicting_pair, contradicting_pair, independent_pair], dtype=torch.float64)
     g0[1] = 1.0
     guess, pivots = ipm._pivoted_active_set(factor, g0, tol, tol)
-    assert guess is None and pivots.tolist() == [1, 1, 1]
+    assert guess is None and bool((pivots > 0).all())
 
 
-def test_pivots_give_up_where_single_pivots_cannot_reach_the_vertices(pivot_layout):
+def test_exchange_steps_reach_the_vertices(pivot_layout):
     # A large linear term puts the solutions at vertices, where single pivots stop at a
-    # violated constraint that depends on the active ones: most of the batch does by
-    # about step n - p, and the interior point takes the batch with no active-set round.
-    # Solutions must be CVXPY's.
-    B, n, m, p = 24, 12, 24, 3
+    # violated constraint that depends on the active ones (by about step n - p). The
+    # batch starts over with the dual active-set method's exchange steps, whose guess
+    # the iteration's first solve confirms: no second round, no interior point. Solutions
+    # must be CVXPY's.
+    B, n, m, p = 32, 20, 40, 5
     Q, q, G, h, A, b = random_qp(B, n, m, p, seed=33)
     data = [Q, 100.0 * q, G, h, A, b]
-    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-9)
     x = layer(*data)
     info = layer.info
     assert info.status == ["optimal"] * B
-    assert int(info.active_set_pivots.max()) > 0 and bool((info.active_set_rounds == 0).all())
-    assert int(info.iterations.min()) > 0
-    assert_matches_cvxpy(x, data, range(0, B, 4), atol=1e-7)
+    assert int(info.active_set_pivots.max()) > n - p
+    assert bool((info.active_set_rounds == 1).all()) and bool((info.iterations == 0).all())
+    assert_matches_cvxpy(x, data, range(0, B, 4), atol=1e-8)
 
 
 def test_factor_blocks_are_reused_only_once_their_graph_is_gone():

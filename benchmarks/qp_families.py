@@ -144,8 +144,9 @@ def main(argv=None):
             f"`to_torch(tol={args.tol:g})`, median of calls alternating between the two settings "
             f"({args.rounds} rounds, {args.budget:g} s per setting). Speed-up > 1: the active set "
             "first is faster. `solved by the active set`: instances with no interior-point "
-            "iteration; `max pivots`: the single pivots that guessed the first active set (small "
-            "blocks); `max rounds`: the active-set rounds the batch ran.\n",
+            "iteration; `max pivots`: the pivots that guessed the first active set (small "
+            "blocks; single pivots, then exchange steps from the start where single pivots got "
+            "stuck); `max rounds`: the active-set rounds the batch ran.\n",
             C.md_table(hdr, rows), "",
             f"Total wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()}"]
     md = "\n".join(body)

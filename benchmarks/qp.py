@@ -229,7 +229,7 @@ def floor_table(results):
            "pivot kernel", "round kernel", "iteration kernel", "floor", "ours fwd", "ours fwd / floor",
            "ours fwd / floor by mean rounds"]
     rows = []
-    desc = None
+    kernels = []  # every kernel a row timed, in order of first use
     for r in results:
         o = r["cells"].get("ours")
         f = r["floor"]
@@ -243,13 +243,13 @@ def floor_table(results):
         if not f or "error" in (f or {}):
             rows.append([shape, pivots, rounds, its, (f or {}).get("error", "-"), "-", "-", "-", str(o.fwd), "-", "-"])
             continue
-        desc = f["desc"]
+        kernels += [k for k in f["desc"].split("`, `") if k not in kernels]
         rows.append([shape, pivots, rounds, its,
                      C.fmt_time(f["pivot_kernel"]) if f["pivot_kernel"] is not None else "-",
                      C.fmt_time(f["round_kernel"]), C.fmt_time(f["kernel"]),
                      C.fmt_time(f["floor"]), str(o.fwd), C.fmt_ratio(o.fwd.median / f["floor"]),
                      C.fmt_ratio(o.fwd.median / f["floor_mean"]) if f["floor_mean"] > 0 else "-"])
-    return C.md_table(hdr, rows), desc
+    return C.md_table(hdr, rows), "`, `".join(kernels) if kernels else None
 
 
 def target_check(results, err_target=1e-7):

@@ -334,6 +334,22 @@ def constraint_space_kernel(W, D, rhs):
     return _chol_solve(first, L).squeeze(-1)
 
 
+def setup_kernel(Q, G, A):
+    """The once-per-call linear algebra of a QP solved in constraint space (what
+    :class:`QPFactor` computes): the Cholesky factorization of Q (B, n, n), the half-solves
+    L^-1 G' and L^-1 A', and W = G Q^-1 G' less the equalities' part, with the (p, p)
+    factorization that takes. Benchmarks time it to show the solver's floor."""
+    L, _ = torch.linalg.cholesky_ex(Q)
+    G_half = torch.linalg.solve_triangular(L, _mT(G), upper=False)
+    W = torch.bmm(_mT(G_half), G_half)
+    if A.shape[-2]:
+        A_half = torch.linalg.solve_triangular(L, _mT(A), upper=False)
+        L22, _ = torch.linalg.cholesky_ex(torch.bmm(_mT(A_half), A_half))
+        K12 = torch.bmm(_mT(G_half), A_half)
+        W.baddbmm_(K12, _chol_solve(_mT(K12), L22), alpha=-1.0)
+    return W
+
+
 def active_set_kernel(W, active, rhs):
     """The linear algebra of one round of the active-set iteration of a QP solved in
     constraint space: the Cholesky factorization of W (B, m, m) restricted to the

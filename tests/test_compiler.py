@@ -172,3 +172,24 @@ def test_lowered_einsum_matches_torch_einsum(form):
         got = eval(text, prelude, dict(zip(names, tensors)))
         assert got.shape == expected.shape, (text, got.shape, expected.shape)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch, r, c", [(5, 3, 4), (300, 20, 20)])
+def test_outer_sum_matches_explicit_outer_products(batch, r, c):
+    """The prelude's _outer_sum (gradients of matrix parameters) must equal scale times
+    the sum of the outer products, on its small path (outer products accumulated in
+    place) and its large one (one matrix product), also when pairs have a shared (size-1)
+    batch dimension."""
+    from compiler.codegen import _PRELUDE
+
+    prelude = {}
+    exec(_PRELUDE, prelude)
+    gen = torch.Generator().manual_seed(1)
+    for batches in [(batch, batch, batch), (1, batch, batch), (batch, 1, 1)]:
+        pairs = [(torch.randn(k, r, generator=gen, dtype=torch.float64),
+                  torch.randn(k, c, generator=gen, dtype=torch.float64)) for k in batches]
+        for scale in (1.0, -0.5):
+            expected = scale * sum(torch.einsum("bi,bj->bij", a, b_) for a, b_ in pairs)
+            got = prelude["_outer_sum"](tuple(pairs), scale)
+            assert got.shape == (batch, r, c)
+            torch.testing.assert_close(got, expected.expand(batch, r, c), rtol=1e-12, atol=1e-12)

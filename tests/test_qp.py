@@ -895,6 +895,7 @@ def test_a_pivot_on_a_dependent_constraint_is_not_taken(pivot_layout):
     dependent_pair, independent_pair, contradicting_pair = [[1.0, c], [c, 1.0]], [[1.0, 0.0], [0.0, 1.0]], \
         [[1.0, -1.0], [-1.0, 1.0]]
     factor = type("Factor", (), {})()
+    factor.n, factor.p = 2, 0  # (as many free dimensions as rows: single pivots first)
     factor.W = torch.tensor([dependent_pair, independent_pair, independent_pair], dtype=torch.float64)
     factor.delta = torch.zeros(3, dtype=torch.float64)
     g0 = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, -1.0]], dtype=torch.float64)
@@ -908,12 +909,18 @@ def test_a_pivot_on_a_dependent_constraint_is_not_taken(pivot_layout):
     assert guess is None and bool((pivots > 0).all())
 
 
-def test_exchange_steps_reach_the_vertices(pivot_layout):
+@pytest.mark.parametrize("start", ["exchange", "restart"])
+def test_exchange_steps_reach_the_vertices(start, pivot_layout, monkeypatch):
     # A large linear term puts the solutions at vertices, where single pivots stop at a
-    # violated constraint that depends on the active ones (by about step n - p). The
-    # batch starts over with the dual active-set method's exchange steps, whose guess
-    # the iteration's first solve confirms: no second round, no interior point. Solutions
-    # must be CVXPY's.
+    # violated constraint that depends on the active ones (by about step n - p). With
+    # more than 1.5 (n - p) rows the pivots are the dual active-set method's exchange
+    # steps from the start; else ("restart": the rule moved) the batch starts over with
+    # them at the first such stop. The iteration's first solve confirms their guess: no
+    # second round, no interior point. Solutions must be CVXPY's.
+    import solvers.interior_point as ipm
+
+    if start == "restart":
+        monkeypatch.setattr(ipm, "_CRAWL_ROWS", 1e9)
     B, n, m, p = 32, 20, 40, 5
     Q, q, G, h, A, b = random_qp(B, n, m, p, seed=33)
     data = [Q, 100.0 * q, G, h, A, b]

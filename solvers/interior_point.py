@@ -102,8 +102,8 @@ _COMPACT_WORK = 1 << 23
 # over without, on the benchmark family: 0.84-0.94x at m = 10 (1.04x at B = 8); with the
 # rows-only tableau (_row_pivots) from _ROW_PIVOTS_FROM entries on, 0.79x at (512, 20),
 # 0.82x at m = 30 and 40 (B = 32, 128), 0.93-0.97x at m = 50 and 64, 0.95x at (16, 30),
-# 1.0x at (16, 50) and (32, 80), and 1.08x at (32, 100); single instances pay from m = 20
-# on (1.04x at m = 20, 1.23x at m = 30)
+# 1.0x at (16, 50) and (32, 80), and 1.08x at (32, 100); for single instances they cost
+# more than they save from m = 20 on (1.04x at m = 20, 1.23x at m = 30)
 _PIVOT_ROWS = 10
 _PIVOT_ROWS_BATCHED = 64
 _PIVOT_BATCH = 16
@@ -2013,8 +2013,7 @@ def _pivoted_active_set(f, g0, tol_p, tol_d, pool=None):
     and solve of the whole batch instance by instance; in 14 of 15 batches the guess was
     every instance's active set, and the iteration's first solve checks it (and corrects
     a wrong one from there). A pivot on a constraint nearly dependent on the active ones
-    (pivot below sqrt(eps) of its diagonal, or not a number) is not taken: that instance
-    keeps its set from there, for the iteration to finish.
+    (pivot below sqrt(eps) of its diagonal, or not a number) is never taken.
 
     Two layouts of the same steps: the whole tableau in one tensor, a step's pivot column
     gathered from it (:func:`_tableau_pivots`: the fewest small ops, for tableaus below
@@ -2140,6 +2139,7 @@ def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
     # its multiplier has reached (see _exchange_step)
     entering = torch.full((B, 1), -1, dtype=torch.int64, device=device) if exchange else None
     offset = torch.zeros_like(rhs) if exchange else None
+    added = None  # (exchange steps: the instances whose entering constraint went in)
     where = None  # the instances still pivoting, once some are set aside (see below)
     blocked_aside, gave_up = 0, False  # (instances set aside blocked)
     for _ in range(2 * m + 4):
@@ -2175,13 +2175,10 @@ def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
                 sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
             keep = live.view(-1).nonzero().squeeze(-1)
             where = keep if where is None else where.index_select(0, keep)
-            kept = [S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one]
-            if exchange:
-                kept += [entering, offset, added]
-            kept = [t.index_select(0, keep) for t in kept]
-            S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one = kept[:13]
-            if exchange:
-                entering, offset, added = kept[13:]
+            (S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one, entering,
+             offset, added) = (None if t is None else t.index_select(0, keep) for t in (
+                S, diagonal, rhs, dependent, sign, pivots, k, row, pivot, rhs_k, violated, live, minus_one, entering,
+                offset, added))
             first_row = first_row[:n_live]
         s_k = sign.gather(1, k)
         col = _pivot_rows(S, k, row, live / pivot, sign, s_k, minus_one)

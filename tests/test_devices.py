@@ -135,6 +135,7 @@ OPTIMIZATION_CASES = {
     "qp float32": (lambda: _qp(dtype=torch.float32), {}),
     "qp large batch (instance subsets)": (lambda: _qp(B=300, n=12, m=12, p=3), {}),
     "qp active sets factored on their own rows": (lambda: _qp(B=96, n=40, m=48, p=6), {}),
+    "qp many rows (exchange steps)": (lambda: _qp(B=32, n=12, m=30, p=2), {}),
     "qp duals": (_qp, dict(return_duals=True)),
     "qp singular Q": (_singular_qp, {}),
     "qp infeasible and NaN instances": (_troubled_qp, {}),

@@ -1616,15 +1616,14 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     tol_p = tol * scale_primal[:, None]
     if _pivots_first(*g0.shape):
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
-        if guess is None:  # most instances blocked (_pivots_blocked): no round ran
-            result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
-            return dataclasses.replace(result, active_set_rounds=torch.zeros_like(every), active_set_pivots=pivots)
     else:
         guess, pivots = g0 > tol_p, None
-    sol = _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0)
-    if sol is None:  # it would crawl: the interior point, after its one solve
+    sol = (None if guess is None  # the pivots gave up on the batch (_pivots_blocked)
+           else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
+    if sol is None:  # that, or it would crawl: the interior point, after the one solve if any
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
-        return dataclasses.replace(result, active_set_rounds=torch.ones_like(every), active_set_pivots=pivots)
+        solves = torch.zeros_like(every) if guess is None else torch.ones_like(every)
+        return dataclasses.replace(result, active_set_rounds=solves, active_set_pivots=pivots)
     done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
@@ -2085,13 +2084,19 @@ def _tableau_pivots(f, g0, tol_p, units):
     return torch.remainder(counts, 2.0) > 0.5, counts.sum(-1).round_().to(torch.int64)
 
 
+def _pivot_row(S, k, first_row):
+    """A copy of row k (B, 1) of each instance's rows S (B, m, m): (B, m); ``first_row``
+    (B, 1) is each instance's offset in S's rows (0, m, 2m, ...)."""
+    return S.view(-1, S.shape[-1]).index_select(0, (k + first_row).view(-1))
+
+
 def row_pivot_kernel(S, k, live, sign):
     """One pivot of :func:`_row_pivots` on the rows S (B, m, m) of a tableau and their
     signs (B, m), in place: its linear algebra, which benchmarks time. ``k`` (B,),
     ``live`` (B, 1) 1.0 or 0.0 as in :func:`pivot_kernel`."""
     B, m = S.shape[:2]
     k = k.view(B, 1)
-    row = S.view(B * m, m).index_select(0, k.view(B) + torch.arange(0, B * m, m, device=S.device))
+    row = _pivot_row(S, k, torch.arange(0, B * m, m, device=S.device).unsqueeze(-1))
     s_k = sign.gather(1, k)
     _pivot_rows(S, k, row, live / row.gather(1, k), sign, s_k, torch.full_like(live, -1.0))
     sign.scatter_(1, k, torch.where(live > 0, -s_k, s_k))
@@ -2148,7 +2153,7 @@ def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
         k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
         if exchange:
             k = torch.where(entering >= 0, entering, k)
-        row = S.view(-1, m).index_select(0, (k + first_row).view(-1))  # (a copy)
+        row = _pivot_row(S, k, first_row)
         pivot, rhs_k = diagonal.gather(1, k), rhs.gather(1, k)
         torch.lt(rhs_k, -1.0, out=violated)
         independent = pivot > dependent.gather(1, k)
@@ -2191,7 +2196,8 @@ def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
         if exchange:
             _exchange_done(entering, added, rhs, offset)
     if exchange:  # (stopped at the step cap halfway through an exchange: the one entering is in)
-        sign.scatter_(1, entering.clamp(min=0), torch.where(entering >= 0, -1.0, sign.gather(1, entering.clamp(min=0))))
+        k = entering.clamp(min=0)
+        sign.scatter_(1, k, torch.where(entering >= 0, -1.0, sign.gather(1, k)))
     if where is not None:
         sign_out.index_copy_(0, where, sign), pivots_out.index_copy_(0, where, pivots)
     if pool is not None:
@@ -2216,9 +2222,7 @@ def _exchange_step(S, k, row, pivot, rhs_k, violated, independent, entering, dia
 
     Returns the pivot per instance (k, row, pivot, rhs_k: the row's), ``live`` (B, 1)
     and ``added`` (B, 1): k goes in in full."""
-    m = rhs.shape[-1]
-    on_its_way = entering >= 0
-    violated |= on_its_way  # one on its way in goes in
+    violated |= entering >= 0  # one on its way in goes in
     s_k = sign.gather(1, k)
     col = row * sign * s_k  # the column: how each basic variable moves as k's multiplier grows
     falls = (sign < 0) & (col < 0)  # active rows whose multipliers fall
@@ -2233,8 +2237,7 @@ def _exchange_step(S, k, row, pivot, rhs_k, violated, independent, entering, dia
     offset.scatter_add_(1, k, step)
     entering.copy_(torch.where(partial, k, entering))
     k = torch.where(partial, leaving, k)
-    row = S.view(-1, m).index_select(0, (k + first_row).view(-1))
-    return k, row, diagonal.gather(1, k), rhs.gather(1, k), partial | added, added
+    return k, _pivot_row(S, k, first_row), diagonal.gather(1, k), rhs.gather(1, k), partial | added, added
 
 
 def _exchange_done(entering, added, rhs, offset):

@@ -761,15 +761,15 @@ def time_setup_kernel(B: int, n: int, m: int, p: int, budget: float = 0.5, seed:
                       dtype=DTYPE, sync: Optional[Callable[[], None]] = None):
     """Time the once-per-call linear algebra of our QP path on random data of the same
     size: ``solvers.interior_point.setup_kernel``, the Cholesky factorization of Q
-    (B, n, n), the half-solves of G' and A', and the constraint-space matrix W."""
+    (B, n, n), the half-solve of G', A' and c, and the constraint-space matrix W."""
     from solvers.interior_point import setup_kernel
 
     kw = dict(generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
     F = torch.randn(B, n, n, **kw)
     Q = F @ F.transpose(-1, -2) / n + 0.1 * torch.eye(n, dtype=DTYPE)
-    G, A = torch.randn(B, m, n, **kw), torch.randn(B, p, n, **kw)
-    Q, G, A = (t.to(device, dtype) for t in (Q, G, A))
-    return _time_synced(lambda: setup_kernel(Q, G, A), budget, sync), "solvers.interior_point.setup_kernel"
+    c, G, A = torch.randn(B, n, **kw), torch.randn(B, m, n, **kw), torch.randn(B, p, n, **kw)
+    Q, c, G, A = (t.to(device, dtype) for t in (Q, c, G, A))
+    return _time_synced(lambda: setup_kernel(Q, c, G, A), budget, sync), "solvers.interior_point.setup_kernel"
 
 
 def time_active_set_kernel(B: int, m: int, budget: float = 0.5, seed: int = 1, device="cpu", dtype=DTYPE,

@@ -411,8 +411,12 @@ class OptimizationLayer(torch.nn.Module):
             qp = None
 
         status = result.status
+        codes = status.tolist()
+        # (in C: at B = 512 a comprehension over the codes took ~60 us, the count as a
+        # generator over the names ~80 us)
+        n_failed = len(codes) - codes.count(ipm.OPTIMAL)
         self.info = SolveInfo(
-            status=[STATUS_NAMES[k] for k in status.tolist()],
+            status=list(map(STATUS_NAMES.__getitem__, codes)),
             status_code=status,
             iterations=result.iterations,
             primal_residual=result.primal_residual,
@@ -422,7 +426,6 @@ class OptimizationLayer(torch.nn.Module):
             active_set_rounds=result.active_set_rounds,
             active_set_pivots=result.active_set_pivots,
         )
-        n_failed = sum(name != "optimal" for name in self.info.status)  # on the host already
         if n_failed and self.warn:
             counts = {}
             for s in self.info.status:

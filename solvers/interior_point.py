@@ -2119,6 +2119,19 @@ def _pivot_rows(S, k, row, step, sign, s_k, minus_one):
     return col
 
 
+def _argmin_rows(x):
+    """The index of the first smallest entry of each row of x (B, m), as (B, 1). From
+    _MIN_INDICES entries on by ``min``, whose index comes with the value: CPU argmin
+    over short rows took 2.7x its time at (512, 20) (16 against 6 us), 1.4x at (32, 100),
+    but half of it at (32, 10)."""
+    if x.numel() < _MIN_INDICES:
+        return x.argmin(-1, keepdim=True)
+    return x.min(-1, keepdim=True).indices
+
+
+_MIN_INDICES = 1 << 11
+
+
 def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
     """:func:`_pivoted_active_set` on the rows of the tableau's W block (B, m, m), its
     diagonal and right-hand side kept as (B, m) tensors of their own.
@@ -2156,7 +2169,7 @@ def _row_pivots(f, g0, tol_p, units, pool, exchange=False):
     where = None  # the instances still pivoting, once some are set aside (see below)
     blocked_aside, gave_up = 0, False  # (instances set aside blocked)
     for _ in range(2 * m + 4):
-        k = diagonal.rsqrt().mul_(rhs).argmin(-1, keepdim=True)  # (B, 1); the rule above
+        k = _argmin_rows(diagonal.rsqrt().mul_(rhs))  # (B, 1); the rule above
         if exchange:
             k = torch.where(entering >= 0, entering, k)
         row = _pivot_row(S, k, first_row)
@@ -2233,7 +2246,7 @@ def _exchange_step(S, k, row, pivot, rhs_k, violated, independent, entering, dia
     col = row * sign * s_k  # the column: how each basic variable moves as k's multiplier grows
     falls = (sign < 0) & (col < 0)  # active rows whose multipliers fall
     ratio = torch.where(falls, rhs.clamp(min=0.0) / col.neg(), math.inf)
-    leaving = ratio.argmin(-1, keepdim=True)
+    leaving = _argmin_rows(ratio)
     partial_step = ratio.gather(1, leaving)
     full_step = torch.where(independent, rhs_k.neg() / pivot, math.inf)
     partial = violated & (s_k > 0) & (partial_step < full_step)

@@ -515,8 +515,8 @@ def main(argv=None):
                  "floor overstates the linear algebra done; the column after it counts rounds by "
                  "their mean over the instances instead. The floor leaves out the linear algebra "
                  "a call does once before any iteration (the setup kernel: the Cholesky "
-                 "factorization of Q, the half-solves of G' and A', and W); the last column adds "
-                 "it.", "", ft, ""]
+                 "factorization of Q, one triangular solve for G', A' and c, and W); the last "
+                 "column adds it.", "", ft, ""]
     if "ours" in tools:
         err_target = 1e-7 if args.dtype == torch.float64 else 1e-3
         body += [f"### Targets (fwd+bwd >= 3x qpth, >= 30x cvxpylayers, err <= {err_target:g})", "",

@@ -816,8 +816,9 @@ class QPFactor:
         # L^-1 [G' A' -c]: the half-solves L^-1 G' (B, n, m), L^-1 A' (B, n, p) and qc_half
         # below in one triangular solve, in place in a block whose rows are the right-hand
         # sides (column-major, like a LAPACK result). A triangular solve costs per instance
-        # and call (LAPACK's batched solve loops over the batch): three calls took 1.2-1.6x
-        # the time of one, 743 against 459 us at (512, 20, 20, 5)
+        # and call (LAPACK's batched solve loops over the batch): three calls took 1.2-2x
+        # the time of one, 0.70-0.76 against 0.43-0.47 ms at (512, 20, 20, 5)
+        # (benchmarks/linalg_ops.py)
         half = torch.cat([G, A, c.neg().unsqueeze(-2)], -2, out=block(B, m + self.p + 1, n)).mT
         half = torch.linalg.solve_triangular(self.L_Q, half, upper=False, out=half)
         self.G_half, self.A_half = half[..., :m], half[..., m:m + self.p]

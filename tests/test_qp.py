@@ -1,4 +1,6 @@
 """QP and LP layers against CVXPY/Clarabel, finite differences and gradcheck."""
+import math
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -831,8 +833,33 @@ def pivot_layout(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["argmin", "min"])
+def rule_index(request, monkeypatch):
+    """The pivot rule's index by argmin or by min (solvers.interior_point._argmin_rows),
+    whatever the size."""
+    import solvers.interior_point as ipm
+
+    monkeypatch.setattr(ipm, "_MIN_INDICES", 1 << 62 if request.param == "argmin" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (300, 20), (2, 3000)])
+def test_the_rule_index_is_the_first_smallest_entry(shape):
+    # The pivots' index of each row's smallest entry, by argmin on small tensors and by
+    # min on large ones, must be torch.argmin's on both: the first smallest entry (ties
+    # abound in the rule's scores of untouched rows), NaN before any number.
+    from solvers.interior_point import _argmin_rows
+
+    x = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(5)).double()
+    x[0] = math.inf
+    x[1, ::2] = math.nan
+    index = _argmin_rows(x)
+    assert index.shape == (shape[0], 1)
+    assert torch.equal(index, torch.argmin(x, -1, keepdim=True))
+
+
 @pytest.mark.parametrize("shape", [(32, 10, 10, 2), (16, 12, 20, 2), (32, 40, 40, 8)])
-def test_pivots_guess_the_active_set_of_small_blocks(shape, pivot_layout, monkeypatch):
+def test_pivots_guess_the_active_set_of_small_blocks(shape, pivot_layout, rule_index, monkeypatch):
     # Small blocks guess the active set by single pivots from the empty set; the
     # iteration's first solve confirms the guess (one round, where the constraints the
     # minimizer violates took 6 rounds at (32, 10, 10, 2), and the batch with twice as
@@ -911,7 +938,7 @@ def test_a_pivot_on_a_dependent_constraint_is_not_taken(pivot_layout):
 
 
 @pytest.mark.parametrize("start", ["exchange", "restart"])
-def test_exchange_steps_reach_the_vertices(start, pivot_layout, monkeypatch):
+def test_exchange_steps_reach_the_vertices(start, pivot_layout, rule_index, monkeypatch):
     # A large linear term puts the solutions at vertices, where single pivots stop at a
     # violated constraint that depends on the active ones (by about step n - p). With
     # more than 1.5 (n - p) rows the pivots are the dual active-set method's exchange

@@ -961,6 +961,33 @@ def test_exchange_steps_reach_the_vertices(start, pivot_layout, rule_index, monk
     assert_matches_cvxpy(x, data, range(0, B, 4), atol=1e-8)
 
 
+@pytest.mark.parametrize("p", [0, 3])
+def test_the_constraint_space_blocks_match_their_closed_forms(p):
+    # QPFactor's blocks (from one triangular solve on [G' A' -c]) and the floor's
+    # setup_kernel against numpy's inverses: W = G P G' with P = Q^-1 - Q^-1 A' (A Q^-1 A')^-1
+    # A Q^-1, the unconstrained minimizer -Q^-1 c and its images G qc, A qc.
+    import solvers.interior_point as ipm
+
+    B, n, m = 5, 9, 7
+    Q, c, G, _, A, _ = random_qp(B, n, m, p, seed=52)
+    Q = (Q + Q.mT) / 2  # (a layer hands the solver an exactly symmetric Q)
+    Qi = np.linalg.inv(Q.numpy())
+    Gn, An, cn = G.numpy(), A.numpy(), c.numpy()[..., None]
+    P = Qi
+    if p:
+        QiAt = Qi @ An.transpose(0, 2, 1)
+        P = Qi - QiAt @ np.linalg.inv(An @ QiAt) @ QiAt.transpose(0, 2, 1)
+    W = Gn @ P @ Gn.transpose(0, 2, 1)
+    qc = -(Qi @ cn)[..., 0]
+    f = ipm.QPFactor(Q, c, G, A)
+    assert bool(f.usable.all())
+    np.testing.assert_allclose(f.W.numpy(), W, atol=1e-10, rtol=1e-10)
+    np.testing.assert_allclose(ipm.setup_kernel(Q, c, G, A).numpy(), W, atol=1e-10, rtol=1e-10)
+    np.testing.assert_allclose(f.from_half(f.qc_half).numpy(), qc, atol=1e-11, rtol=1e-11)
+    np.testing.assert_allclose(f.G_qc.numpy(), (Gn @ qc[..., None])[..., 0], atol=1e-10, rtol=1e-10)
+    np.testing.assert_allclose(f.A_qc.numpy(), (An @ qc[..., None])[..., 0], atol=1e-10, rtol=1e-10)
+
+
 def test_factor_blocks_are_reused_only_once_their_graph_is_gone():
     # A layer keeps the QP factor's large blocks for its next call (solvers.buffers):
     # a block comes back only when the factor holding it is collected. Two forwards

@@ -108,6 +108,11 @@ _PIVOT_ROWS = 10
 _PIVOT_ROWS_BATCHED = 64
 _PIVOT_BATCH = 16
 _ROW_PIVOTS_FROM = 1 << 15
+# larger blocks are guessed by pivots only where the iteration would crawl from its rough
+# guess, with this many rows per free dimension or more, up to this many rows
+# (_pivots_after_crawl)
+_PIVOT_ROWS_PER_FREE = 3
+_PIVOT_ROWS_AFTER_CRAWL = 400
 _JUDGED_BATCH = 8
 # fraction-to-boundary: a step goes 1 - e of the way to the boundary, e the iterate's
 # distance to a solution (_boundary_fraction), but at least 0.99 and at most 0.9999 of
@@ -1607,7 +1612,8 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
                             active_set_rounds, pool=None):
     """A QP with positive definite Q: the active-set iteration first (``active_set_rounds``
     at most), from the constraints the minimizer under the equalities alone violates (on
-    small blocks, from a guess by single pivots), then the interior point
+    small blocks, from a guess by pivots; on larger ones where the iteration would crawl
+    from the former, from the pivots' guess next), then the interior point
     (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when they
     are few (the others' exact solutions are kept)."""
     B, device = hv.shape[0], hv.device
@@ -1625,12 +1631,23 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
     else:
         guess, pivots = g0 > tol_p, None
-    sol = (None if guess is None  # the pivots gave up on the batch (_pivots_blocked)
+    sol = (None if guess is None  # the pivots gave up on the batch (_pivoted_active_set)
            else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
-    if sol is None:  # that, or it would crawl: the interior point, after the one solve if any
+    crawled = 0
+    if sol is None and pivots is None and _pivots_after_crawl(*g0.shape, f.n - f.p):
+        # from the rough guess the iteration would crawl (_crawls: many rows per free
+        # dimension, solutions at vertices), and the batch is not too small nor its blocks
+        # too large for pivots: the guess by pivots, whose exchange steps reach vertices
+        crawled = 1
+        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
+        sol = (None if guess is None
+               else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
+    if sol is None:  # that, or it would crawl: the interior point, after the solves if any
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
-        solves = torch.zeros_like(every) if guess is None else torch.ones_like(every)
+        solves = torch.full_like(every, crawled + (guess is not None))
         return dataclasses.replace(result, active_set_rounds=solves, active_set_pivots=pivots)
+    if crawled:
+        sol = dataclasses.replace(sol, solves=sol.solves + crawled)
     done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
     if not left.numel():
@@ -1983,6 +2000,21 @@ def _pivots_first(B, m):
     return m <= _PIVOT_ROWS or (m <= _PIVOT_ROWS_BATCHED and B >= _PIVOT_BATCH)
 
 
+def _pivots_after_crawl(B, m, free):
+    """Whether a batch of B active sets of m constraints in ``free`` = n - p dimensions,
+    which the iteration would crawl on from its rough guess (:func:`_crawls`), is guessed
+    by pivots next rather than handed to the interior point: in batches of _PIVOT_BATCH
+    or more, with at least _PIVOT_ROWS_PER_FREE rows per free dimension (a step costs
+    ~m^2 per instance and they take ~n - p of them, where an iteration costs ~m^3), up to
+    _PIVOT_ROWS_AFTER_CRAWL rows. On random QPs (solve_qp, both ways;
+    benchmarks/pivots_after_crawl.py): 0.17-0.78x the time at B = 16-64 with 4-60 rows
+    per free dimension and m = 80-400, where pivots without those bounds took 1.07x at
+    2.5 rows per free dimension ((16, 30, 75, 0), (16, 200, 500, 10)), 1.31x at 2
+    ((32, 40, 70, 5)) and 1.06-1.84x in batches of 2-8, where a step's small ops cost
+    more than the interior point's few iterations."""
+    return B >= _PIVOT_BATCH and _PIVOT_ROWS_PER_FREE * free <= m <= _PIVOT_ROWS_AFTER_CRAWL
+
+
 def pivot_kernel(M, k, live):
     """One principal pivot of the tableau M (B, m, m + 1) of a linear complementarity
     problem ``w = M[:, :, :m] z + M[:, :, m]``, in place: row k (B,) of each instance
@@ -2008,7 +2040,8 @@ def _pivot(M, kk, row, pivot, live, one, minus_one):
 
 def _pivoted_active_set(f, g0, tol_p, tol_d, pool=None):
     """A guess of the active set for :func:`_active_set_solution`, by single principal
-    pivots from the empty set (small blocks: :func:`_pivots_first`).
+    pivots from the empty set (small blocks, :func:`_pivots_first`; larger ones where the
+    iteration would crawl from its rough guess, :func:`_pivots_after_crawl`).
 
     The multipliers of the equality QP solve the linear complementarity problem
     ``w = W lam - g0 >= 0, lam >= 0, w'lam = 0`` (w the slacks, ``-(G z - h)``). Its

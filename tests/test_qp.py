@@ -576,6 +576,27 @@ def test_active_set_phase_hands_over_a_batch_that_would_crawl(family, monkeypatc
     assert_matches_cvxpy(x, (Q, q, G, h, A, b), (0, B - 1), atol=1e-7)
 
 
+@pytest.mark.parametrize("B", [16, 8])
+def test_many_rows_are_guessed_by_pivots_where_the_iteration_would_crawl(B):
+    # Four rows per free dimension (m = 80, above the bound for pivots first): from the
+    # constraints the minimizer violates the iteration would crawl; a batch of 16 is
+    # guessed by pivots next and solved by the active set, one of 8 (where pivots cost
+    # more than the interior point's few iterations) goes to the interior point.
+    # Solutions must be CVXPY's either way.
+    n, m, p = 20, 80, 1
+    data = random_qp(B, n, m, p, seed=61)
+    layer = qp_problem(n, m, p).to_torch(tol=1e-10)
+    x = layer(*data)
+    info = layer.info
+    assert info.status == ["optimal"] * B
+    if B == 16:
+        assert int(info.active_set_pivots.min()) > 0 and bool((info.iterations == 0).all())
+        assert bool((info.active_set_rounds == 2).all())
+    else:
+        assert info.active_set_pivots is None and bool((info.iterations > 0).all())
+    assert_matches_cvxpy(x, data, (0, B - 1), atol=1e-7)
+
+
 @pytest.mark.parametrize("rounds", [20, 0])
 def test_an_iterate_suggests_no_more_active_constraints_than_free_dimensions(rounds):
     # A projection onto a box and a hyperplane (n = 50, 49 bounds active at the
@@ -884,6 +905,7 @@ def test_pivots_guess_the_active_set_of_small_blocks(shape, pivot_layout, rule_i
     assert bool((info.active_set_rounds == 1).all()) and bool((info.iterations == 0).all())
     assert_matches_cvxpy(x, data, range(0, B, 3), atol=1e-8)
     monkeypatch.setattr(ipm, "_pivots_first", lambda B, m: False)
+    monkeypatch.setattr(ipm, "_pivots_after_crawl", lambda B, m, free: False)
     x_plain, grads_plain, info_plain = solve()
     assert info_plain.active_set_pivots is None
     torch.testing.assert_close(x, x_plain, atol=1e-10, rtol=0)

@@ -6,12 +6,14 @@ default) against the interior point from the start, side by side.
 
 A QP with positive definite Q first runs the primal-dual active-set iteration from the
 constraints the minimizer under the equalities violates, or on small blocks from a guess
-by single pivots (``to_torch(active_set_rounds=20)`` rounds at most); the instances it leaves go on with the interior point, and a batch
-where its first solve says it would crawl goes there after that solve. It pays where it converges in a few
-rounds and costs where it does not; this script measures both on families with
-different active sets. Each row times forward+backward of sum(w * x*) w.r.t. every
-parameter for two layers of the same problem, ``active_set_rounds`` default and 0,
-alternating in rounds in one process, median per setting. ``max |dx|`` is the
+by single pivots (``to_torch(active_set_rounds=20)`` rounds at most); the instances it
+leaves go on with the interior point. A batch where its first solve says it would crawl
+goes on from a guess by pivots where it has many rows per free dimension (at least 3, up
+to 400 rows, 16 instances or more), else to the interior point after that solve. It pays
+where it converges in a few rounds and costs where it does not; this script measures both
+on families with different active sets. Each row times forward+backward of sum(w * x*)
+w.r.t. every parameter for two layers of the same problem, ``active_set_rounds`` default
+and 0, alternating in rounds in one process, median per setting. ``max |dx|`` is the
 largest difference between the two settings' solutions (both are exact active-set
 solutions where they are optimal); the accuracy against CVXPY is the tests' business.
 """
@@ -145,8 +147,10 @@ def main(argv=None):
             f"({args.rounds} rounds, {args.budget:g} s per setting). Speed-up > 1: the active set "
             "first is faster. `solved by the active set`: instances with no interior-point "
             "iteration; `max pivots`: the pivots that guessed the first active set (small "
-            "blocks; single pivots, then exchange steps from the start where single pivots got "
-            "stuck); `max rounds`: the active-set rounds the batch ran.\n",
+            "blocks, or many rows per free dimension after a first solve that would crawl; "
+            "single pivots, then exchange steps from the start where single pivots got "
+            "stuck); `max rounds`: the active-set rounds the batch ran (that first solve "
+            "included).\n",
             C.md_table(hdr, rows), "",
             f"Total wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()}"]
     md = "\n".join(body)

@@ -597,6 +597,23 @@ def test_many_rows_are_guessed_by_pivots_where_the_iteration_would_crawl(B):
     assert_matches_cvxpy(x, data, (0, B - 1), atol=1e-7)
 
 
+def test_many_rows_with_infeasible_instances_after_the_crawl():
+    # The pivots after a crawl on a batch where a quarter of the instances have two
+    # contradicting rows (G_1 = -G_0, h_1 < -h_0): those must come back infeasible, the
+    # others optimal and CVXPY's, in float64 and in float32.
+    B, n, m, p = 16, 20, 80, 1
+    Q, q, G, h, A, b = random_qp(B, n, m, p, seed=62)
+    G, h = G.clone(), h.clone()
+    G[:4, 1], h[:4, 1] = -G[:4, 0], -h[:4, 0] - 1.0
+    data = (Q, q, G, h, A, b)
+    for dtype, atol in ((torch.float64, 1e-7), (torch.float32, 2e-3)):
+        layer = qp_problem(n, m, p).to_torch(warn=False)
+        x = layer(*(t.to(dtype) for t in data))
+        assert layer.info.status == ["infeasible"] * 4 + ["optimal"] * (B - 4)
+        assert layer.info.active_set_pivots is not None
+        assert_matches_cvxpy(x.double(), data, (4, B - 1), atol=atol)
+
+
 @pytest.mark.parametrize("rounds", [20, 0])
 def test_an_iterate_suggests_no_more_active_constraints_than_free_dimensions(rounds):
     # A projection onto a box and a hyperplane (n = 50, 49 bounds active at the

@@ -47,8 +47,9 @@ class SolveInfo:
         solves) of the active-set iteration that runs before the interior point. An
         instance it solves reports 0 iterations. None for other problems.
     active_set_pivots : torch.Tensor or None
-        ``(B,)`` int64, for such QPs with few constraints: the single pivots that guessed
-        the iteration's first active set. None where there were none.
+        ``(B,)`` int64, for such QPs with few constraints, or with many per free
+        dimension where the iteration would crawl: the pivots (single ones and exchange
+        steps) that guessed the iteration's first active set. None where there were none.
     primal_residual, dual_residual, complementarity : torch.Tensor
         ``(B,)`` final residuals.
     problem_class : str

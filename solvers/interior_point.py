@@ -1631,7 +1631,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
     else:
         guess, pivots = g0 > tol_p, None
-    sol = (None if guess is None  # the pivots gave up on the batch (_pivoted_active_set)
+    sol = (None if guess is None  # the pivots gave up on the batch (_pivots_blocked)
            else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
     crawled = 0
     if sol is None and pivots is None and _pivots_after_crawl(*g0.shape, f.n - f.p):

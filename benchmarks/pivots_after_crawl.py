@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,18 +26,6 @@ import qp_families as QF  # noqa: E402
 
 SHAPES = ("32,20,80,1", "32,30,120,1", "16,50,200,5", "16,100,400,10", "64,10,400,2", "16,5,300,0",
           "32,40,70,5", "16,200,500,10", "8,100,400,10")
-
-
-def _median_time(fn, seconds):
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 30:
-            break
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main(argv=None):
@@ -62,7 +49,8 @@ def main(argv=None):
                 ipm._pivots_after_crawl = rule if on else (lambda *shape: False)
                 try:
                     result = ipm.solve_qp(*data)
-                    t = _median_time(lambda: ipm.solve_qp(*data), args.seconds)
+                    t = C.bench(lambda: ipm.solve_qp(*data), args.seconds, max_repeats=30, min_repeats=3,
+                                warmup=False).median
                 finally:
                     ipm._pivots_after_crawl = rule
                 best[on] = min(best.get(on, t), t)

@@ -151,6 +151,16 @@ def test_outputs_and_report_are_ordinary_tensors():
     torch.testing.assert_close(weight.grad, outputs[0])
     with torch.inference_mode():  # and called inside the caller's own inference mode
         torch.testing.assert_close(layer(*data)[0], outputs[0])
+    # the backward's adjoint solve runs in inference mode too: no gradient it hands out
+    # (db is its u_nu) may be an inference tensor
+    params = [t.clone().requires_grad_() for t in data]
+    for _ in range(2):  # the second accumulates in place
+        (layer(*params)[0] * weight.detach()).sum().backward()
+    grads = torch.autograd.grad(layer(*params)[0].sum(), params)
+    for g in (*grads, *(t.grad for t in params)):
+        assert not g.is_inference()
+        g.add_(0)
+    (weight * grads[-1].sum()).sum().backward()  # saved for an autograd graph of the caller's
 
 
 def test_gradients_match_finite_differences():

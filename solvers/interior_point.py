@@ -230,6 +230,13 @@ def _mv(A, x):
     return torch.bmm(x.unsqueeze(-2), A.transpose(-1, -2)).squeeze(-2)
 
 
+def _mv_sub(r, A, x):
+    """r - A x (B, k) for A (B, k, n), x (B, n): one call, in :func:`_mv`'s layouts."""
+    if A.numel() <= _ROW_PRODUCT_LIMIT:
+        return torch.baddbmm(r.unsqueeze(-1), A, x.unsqueeze(-1), alpha=-1.0).squeeze(-1)
+    return torch.baddbmm(r.unsqueeze(-2), x.unsqueeze(-2), A.transpose(-1, -2), alpha=-1.0).squeeze(-2)
+
+
 def _mtv(A, y):
     """Batched transposed product A' y for A (B, k, n), y (B, k)."""
     return torch.bmm(y.unsqueeze(-2), A).squeeze(-2)
@@ -352,8 +359,9 @@ def setup_kernel(Q, c, G, A):
     G_half, A_half = half[..., :m], half[..., m:m + p]
     W = torch.bmm(_mT(G_half), G_half)
     if p:
-        L22, _ = torch.linalg.cholesky_ex(torch.bmm(_mT(A_half), A_half))
-        K12 = torch.bmm(_mT(G_half), A_half)
+        K_A = torch.bmm(_mT(half[..., :m + p]), A_half)  # [K12; K22] in one product
+        K12, K22 = K_A[:, :m], K_A[:, m:]
+        L22, _ = torch.linalg.cholesky_ex(K22)
         W.baddbmm_(K12, _chol_solve(_mT(K12), L22), alpha=-1.0)
     return W
 
@@ -825,29 +833,24 @@ class QPFactor:
         # the time of one, 0.70-0.76 against 0.43-0.47 ms at (512, 20, 20, 5)
         # (benchmarks/linalg_ops.py)
         half = torch.cat([G, A, c.neg().unsqueeze(-2)], -2, out=block(B, m + self.p + 1, n)).mT
-        half = torch.linalg.solve_triangular(self.L_Q, half, upper=False, out=half)
-        self.G_half, self.A_half = half[..., :m], half[..., m:m + self.p]
-        # the unconstrained minimizer qc = -Q^-1 c = L^-T qc_half and its images G qc =
-        # (L^-1 G')' qc_half, A qc: the start of every solve. Kept as its half-solve, which
-        # gives the images and any z = L^-T (qc_half - ...) with one triangular solve each
-        self.qc_half = half[..., -1]
+        self._set_half(torch.linalg.solve_triangular(self.L_Q, half, upper=False, out=half))
         gram = scratch(pool, (B, m, m), Q.dtype, Q.device)
         W = torch.bmm(_mT(self.G_half), self.G_half, out=gram)  # G Q^-1 G'
-        self.G_qc = _mtv(self.G_half, self.qc_half)
+        # the images G qc, A qc of the unconstrained minimizer (see _set_half) in one product
+        GA_qc = _mtv(self.GA_half, self.qc_half)
+        self.G_qc, self.A_qc = GA_qc[:, :m], GA_qc[:, m:]
         if self.p:
-            self.K22 = K22 = torch.bmm(_mT(self.A_half), self.A_half)  # A Q^-1 A'
+            # [G; A] Q^-1 A' in one product: K12 = G Q^-1 A' (B, m, p) over K22 = A Q^-1 A'
+            K_A = torch.bmm(_mT(self.GA_half), self.A_half)
+            self.K12, self.K22 = K12, K22 = K_A[:, :m], K_A[:, m:]
             # regularized relative to its largest diagonal entry (a Gram matrix's: >= 0)
             K22_reg = K22.clone()
             diagonal = K22_reg.diagonal(dim1=-2, dim2=-1)
             diagonal.add_(diagonal.amax(-1, keepdim=True).clamp_(min=1.0), alpha=_regularization(Q.dtype))
             self.L22, info22 = torch.linalg.cholesky_ex(K22_reg)
             self.usable = self.usable & (info22 == 0)
-            self.K12 = torch.bmm(_mT(self.G_half), self.A_half)  # G Q^-1 A' (B, m, p)
-            self.T = _chol_solve(_mT(self.K12), self.L22)  # K22^-1 K21 (B, p, m)
-            self.A_qc = _mtv(self.A_half, self.qc_half)
-            W.baddbmm_(self.K12, self.T, alpha=-1.0)  # (in place: one (B, m, m) temporary fewer)
-        else:
-            self.A_qc = Q.new_zeros(Q.shape[0], 0)
+            self.T = _chol_solve(_mT(K12), self.L22)  # K22^-1 K21 (B, p, m)
+            W.baddbmm_(K12, self.T, alpha=-1.0)  # (in place: one (B, m, m) temporary fewer)
         # exactly symmetric, so that either triangle (or the transpose) may be copied
         self.W = torch.add(W, _mT(W), out=block(B, m, m)).mul_(0.5)
         if pool is not None:
@@ -861,6 +864,17 @@ class QPFactor:
         self.delta = reg * self.W.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1.0)  # (W is PSD)
         self.unit_delta = (self.delta + 1.0)[:, None]  # an active set's matrix: W, or 1, plus delta
 
+    def _set_half(self, half):
+        """The half-solves from their block L^-1 [G' A' -c] (B, n, m + p + 1), as views:
+        L^-1 G', L^-1 A' and the two side by side (``GA_half``: one product serves both),
+        and qc_half: the unconstrained minimizer qc = -Q^-1 c = L^-T qc_half, the start of
+        every solve, kept as its half-solve, which gives its images (G qc = (L^-1 G')'
+        qc_half) and any z = L^-T (qc_half - ...) with one triangular solve each."""
+        m = half.shape[-1] - self.p - 1
+        self.half = half
+        self.G_half, self.A_half, self.GA_half = half[..., :m], half[..., m:-1], half[..., :-1]
+        self.qc_half = half[..., -1]
+
     def half_solve(self, r):
         """L^-1 r for r (B, n), Q = L L': the half of Q^-1 r = L^-T (L^-1 r) that G Q^-1 r =
         (L^-1 G')'(L^-1 r) needs (:meth:`from_half`)."""
@@ -869,11 +883,12 @@ class QPFactor:
     def from_half(self, r_half, y=None, nu=None):
         """Q^-1 (r - G'y - A'nu) (B, n) for r_half = L^-1 r (:meth:`half_solve`; None: r = 0),
         y (B, m), nu (B, p): one triangular solve."""
-        if y is not None:
-            Gy = _mv(self.G_half, y)
-            r_half = Gy.neg_() if r_half is None else r_half - Gy
-        if self.p and nu is not None:
-            r_half = r_half - _mv(self.A_half, nu)
+        if self.p and nu is not None:  # (one product for G'y + A'nu)
+            x, M = (nu, self.A_half) if y is None else (torch.cat([y, nu], -1), self.GA_half)
+        else:
+            x, M = y, self.G_half
+        if x is not None:
+            r_half = _mv(M, x).neg_() if r_half is None else _mv_sub(r_half, M, x)
         return torch.linalg.solve_triangular(_mT(self.L_Q), r_half.unsqueeze(-1), upper=True).squeeze(-1)
 
     #: the blocks that live in constraint space (no n-sized dimension)
@@ -888,10 +903,17 @@ class QPFactor:
         ones, whose copies cost about as much as using them, only the interior point."""
         sub = copy.copy(self)
         for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and name not in self._HALF_VIEWS:
                 keep = blocks is None or name in blocks
                 setattr(sub, name, value.index_select(0, rows) if keep else None)
+        if blocks is None:  # (its views follow the block's copy)
+            sub._set_half(sub.half)
+        else:
+            for name in self._HALF_VIEWS:
+                setattr(sub, name, None)
         return sub
+
+    _HALF_VIEWS = ("G_half", "A_half", "GA_half", "qc_half")
 
     def active_set_rhs(self, h, b):
         """``G z0 - h`` (B, m) at the minimizer z0 under the equalities alone: the
@@ -944,9 +966,11 @@ class QPFactor:
         QP of :meth:`solve_active_set` for the data (c, h, b) = (r_d, -r_active, -r_eq),
         with that set's factor L on the rows ``order``."""
         qc_half = self.half_solve(r_d.neg())  # -Q^-1 r_d = L^-T qc_half
-        g0 = _mtv(self.G_half, qc_half) + r_active
+        GA_qc = _mtv(self.GA_half, qc_half)
+        m = r_active.shape[-1]
+        g0 = GA_qc[:, :m] + r_active
         if self.p:
-            e0 = _mtv(self.A_half, qc_half) + r_eq
+            e0 = GA_qc[:, m:] + r_eq
             g0 = g0 - _mtv(self.T, e0)
         dlam = _active_set_solve(g0, a, L, order)
         dnu = (_chol_solve((e0 - _mtv(self.K12, dlam)).unsqueeze(-1), self.L22).squeeze(-1) if self.p
@@ -2663,10 +2687,11 @@ def qp_adjoint(f: QPFactor, s, lam, w_z, w_lam=None, w_nu=None, active_set=None,
         failed = None
     # G Q^-1 w_z of the row-scaled G, as (L^-1 G')'(L^-1 w_z): the half-solve serves u_z too
     w_half = f.half_solve(w_z)
-    Gqw = _mtv(f.G_half, w_half)
+    GAqw = _mtv(f.GA_half, w_half)
+    Gqw = GAqw[:, :m]
     rhs = Gqw if w_lam is None else Gqw - w_lam
     if p:
-        Aqw = _mtv(f.A_half, w_half)
+        Aqw = GAqw[:, m:]
         r_eq = Aqw if w_nu is None else Aqw - w_nu
         rhs = rhs - _mtv(f.T, r_eq)
     # (the active set's factor: y is exactly zero off the active set, see solve_active_set)

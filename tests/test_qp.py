@@ -1035,6 +1035,18 @@ def test_the_constraint_space_blocks_match_their_closed_forms(p):
     np.testing.assert_allclose(f.from_half(f.qc_half).numpy(), qc, atol=1e-11, rtol=1e-11)
     np.testing.assert_allclose(f.G_qc.numpy(), (Gn @ qc[..., None])[..., 0], atol=1e-10, rtol=1e-10)
     np.testing.assert_allclose(f.A_qc.numpy(), (An @ qc[..., None])[..., 0], atol=1e-10, rtol=1e-10)
+    # Q^-1 (r - G'y - A'nu), in one product for G'y + A'nu, for the whole batch and for
+    # instances selected from it (whose half-solve views follow their block's copy)
+    gen = np.random.default_rng(5)
+    r, y, nu = gen.standard_normal((B, n)), gen.standard_normal((B, m)), gen.standard_normal((B, p))
+    z = (Qi @ (r - (Gn.transpose(0, 2, 1) @ y[..., None])[..., 0]
+               - (An.transpose(0, 2, 1) @ nu[..., None])[..., 0])[..., None])[..., 0]
+    r, y, nu = (torch.from_numpy(t) for t in (r, y, nu))
+    np.testing.assert_allclose(f.from_half(f.half_solve(r), y, nu).numpy(), z, atol=1e-10, rtol=1e-10)
+    rows = torch.tensor([3, 1])
+    sub = f.select(rows, None)
+    np.testing.assert_allclose(sub.from_half(sub.half_solve(r[rows]), y[rows], nu[rows]).numpy(), z[[3, 1]],
+                               atol=1e-10, rtol=1e-10)
 
 
 def test_factor_blocks_are_reused_only_once_their_graph_is_gone():

@@ -1642,7 +1642,6 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     are few (the others' exact solutions are kept)."""
     B, device = hv.shape[0], hv.device
     g0 = f.active_set_rhs(hv, b)
-    every = torch.arange(B, device=device)
     options = dict(tol=tol, max_iter=max_iter)
     if not active_set_rounds:
         return _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
@@ -1668,18 +1667,19 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
                else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
     if sol is None:  # that, or it would crawl: the interior point, after the solves if any
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
-        solves = torch.full_like(every, crawled + (guess is not None))
+        solves = torch.full((B,), crawled + (guess is not None), dtype=torch.int64, device=device)
         return dataclasses.replace(result, active_set_rounds=solves, active_set_pivots=pivots)
     if crawled:
         sol = dataclasses.replace(sol, solves=sol.solves + crawled)
     done = sol.kkt if skip is None else sol.kkt & ~skip
     left = (~done).nonzero().squeeze(-1)  # the host sync: skipped instances stay with the loop
-    if not left.numel():
+    if not left.numel():  # the common case: every instance is its active set's solution
         zero = torch.zeros_like(scale_dual)
-        result = InteriorPointResult(None, sol.s, sol.lam, sol.nu, torch.full_like(every, OPTIMAL),
-                                     torch.zeros_like(every), sol.rp_n, zero, zero, qp_factor=f)
-        return dataclasses.replace(_take_polished(result, f, done, every, sol), active_set_rounds=sol.solves,
-                                   active_set_pivots=pivots)
+        status = torch.full((B,), OPTIMAL, dtype=torch.int64, device=device)
+        return InteriorPointResult(
+            f.from_half(f.qc_half, sol.lam, sol.nu), sol.s, sol.lam, sol.nu, status, torch.zeros_like(status),
+            sol.rp_n, zero, zero, qp_factor=f, polished=done, active_set=sol.active, active_factor=sol.L,
+            active_order=sol.order, active_set_rounds=sol.solves, active_set_pivots=pivots)
     if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, done if skip is None else skip | done,
@@ -1690,7 +1690,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
                                **options)
         result = _embed(part, left, B, f)
     if left.numel() < B:  # (none solved: nothing to take)
-        result = _take_polished(result, f, done, every, sol)
+        result = _take_polished(result, f, done, torch.arange(B, device=device), sol)
     return dataclasses.replace(result, active_set_rounds=sol.solves, active_set_pivots=pivots)
 
 
@@ -1916,9 +1916,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     fewest, stalls = (math.inf, math.inf), 0
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
     n_rounds = rounds or _POLISH_ROUNDS
-    weights = _fingerprint_weights(active.shape[-1], active.device)
     free = f.n - f.p  # the dimensions the equalities leave
-    seen = torch.full((active.shape[0], n_rounds), math.nan, dtype=torch.float64, device=active.device)
     for k in range(n_rounds - 1):
         # the constraints to switch: active ones with a negative multiplier, inactive
         # ones violated
@@ -1944,6 +1942,9 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
             n_changes, n_wrong, n_stuck = *torch.stack([per_instance, wrong]).sum(-1).tolist(), 0
         if not n_wrong:
             break
+        if not k:  # (made here: a first guess that is right, the common case, needs neither)
+            weights = _fingerprint_weights(m, active.device)
+            seen = torch.full((active.shape[0], n_rounds), math.nan, dtype=torch.float64, device=active.device)
         if k < 2:  # (the fingerprint of a set that is kept is not needed)
             fp = torch.mv(a if dtype == torch.float64 else a.double(), weights)
         seen[:, k] = fp
@@ -1986,7 +1987,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     nu, e = f.equality_multipliers(lam, b)
     rp_n = torch.maximum(g.amax(-1).clamp(min=0.0), _inf_norm(e))  # (the violations' inf-norm)
     # (a NaN or -inf multiplier fails the sign test, a +inf one makes rp_n inf or NaN)
-    ok = ~failed & (lam >= -tol_d).all(-1) & torch.isfinite(rp_n)
+    ok = ~failed & (lam >= minus_tol_d).all(-1) & torch.isfinite(rp_n)
     kkt = ok & (rp_n <= tol * scale_primal)
     s, lam = _exact_point(active, lam, g)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, order, solves)

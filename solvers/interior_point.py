@@ -1378,13 +1378,14 @@ def _qp_residuals(Q, c, G, hv, A, b):
 
 def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None):
     residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
-    result = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
-                                     tol=tol, max_iter=max_iter, skip=skip, active_set_rounds=active_set_rounds,
-                                     pool=pool)
-    result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
+    result, whole = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
+                                            tol=tol, max_iter=max_iter, skip=skip,
+                                            active_set_rounds=active_set_rounds, pool=pool)
+    if not whole:  # (a batch its active sets solve whole is polished throughout)
+        result = _polish(result, factor, hv, b, scale_dual, scale_primal, tol, skip)
     result = _verify(result, residuals, scale_dual, scale_primal, tol)
     settled = result.status == OPTIMAL
-    if result.polished is not None:
+    if result.polished is not None and not whole:
         settled = settled & result.polished
     if bool((settled if skip is None else settled | skip).all()):
         return result  # the common case: every instance an exact, verified active-set solution
@@ -1507,8 +1508,8 @@ def _verify(result, residuals, scale_dual, scale_primal, tol):
     rd, g, h = residuals(result.z, result.lam, result.nu)
     rd_n = _inf_norm(rd)
     rp_n = torch.maximum(_inf_norm(g + result.s), _inf_norm(h))
-    bad = (result.status == OPTIMAL) & ~((rd_n <= 10 * tol * scale_dual) & (rp_n <= 10 * tol * scale_primal))
-    status = torch.where(bad, torch.full_like(result.status, NUMERICAL_ERROR), result.status)
+    kept = (result.status != OPTIMAL) | ((rd_n <= 10 * tol * scale_dual) & (rp_n <= 10 * tol * scale_primal))
+    status = torch.where(kept, result.status, NUMERICAL_ERROR)
     return dataclasses.replace(result, status=status, primal_residual=rp_n, dual_residual=rd_n)
 
 
@@ -1639,36 +1640,39 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     small blocks, from a guess by pivots; on larger ones where the iteration would crawl
     from the former, from the pivots' guess next), then the interior point
     (:func:`_constraint_space_ipm`) for the instances it leaves, on those alone when they
-    are few (the others' exact solutions are kept)."""
+    are few (the others' exact solutions are kept). Returns the result and whether the
+    active sets solved the whole batch (then every instance is polished)."""
     B, device = hv.shape[0], hv.device
     g0 = f.active_set_rhs(hv, b)
     options = dict(tol=tol, max_iter=max_iter)
     if not active_set_rounds:
-        return _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
+        return _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options), False
     # the first guess: on small blocks by pivots (_pivoted_active_set), else the
     # constraints the minimizer under the equalities violates, which took 0-1.5 rounds
     # fewer on random QPs than the interior point's least-squares start (lam > s there)
     # and needs no factorization of its own
-    tol_p = tol * scale_primal[:, None]
+    tols = tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     if _pivots_first(*g0.shape):
-        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
+        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol_d, pool)
     else:
         guess, pivots = g0 > tol_p, None
     sol = (None if guess is None  # the pivots gave up on the batch (_pivots_blocked)
-           else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
+           else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0,
+                                     tols=tols))
     crawled = 0
     if sol is None and pivots is None and _pivots_after_crawl(*g0.shape, f.n - f.p):
         # from the rough guess the iteration would crawl (_crawls: many rows per free
         # dimension, solutions at vertices), and the batch is not too small nor its blocks
         # too large for pivots: the guess by pivots, whose exchange steps reach vertices
         crawled = 1
-        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol * scale_dual[:, None], pool)
+        guess, pivots = _pivoted_active_set(f, g0, tol_p, tol_d, pool)
         sol = (None if guess is None
-               else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
+               else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0,
+                                         tols=tols))
     if sol is None:  # that, or it would crawl: the interior point, after the solves if any
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
         solves = torch.full((B,), crawled + (guess is not None), dtype=torch.int64, device=device)
-        return dataclasses.replace(result, active_set_rounds=solves, active_set_pivots=pivots)
+        return dataclasses.replace(result, active_set_rounds=solves, active_set_pivots=pivots), False
     if crawled:
         sol = dataclasses.replace(sol, solves=sol.solves + crawled)
     done = sol.kkt if skip is None else sol.kkt & ~skip
@@ -1679,7 +1683,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         return InteriorPointResult(
             f.from_half(f.qc_half, sol.lam, sol.nu), sol.s, sol.lam, sol.nu, status, torch.zeros_like(status),
             sol.rp_n, zero, zero, qp_factor=f, polished=done, active_set=sol.active, active_factor=sol.L,
-            active_order=sol.order, active_set_rounds=sol.solves, active_set_pivots=pivots)
+            active_order=sol.order, active_set_rounds=sol.solves, active_set_pivots=pivots), True
     if _whole_batch(f, left.numel()):
         # the loop on the whole batch with the solved instances retired from the start
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, done if skip is None else skip | done,
@@ -1691,7 +1695,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         result = _embed(part, left, B, f)
     if left.numel() < B:  # (none solved: nothing to take)
         result = _take_polished(result, f, done, torch.arange(B, device=device), sol)
-    return dataclasses.replace(result, active_set_rounds=sol.solves, active_set_pivots=pivots)
+    return dataclasses.replace(result, active_set_rounds=sol.solves, active_set_pivots=pivots), False
 
 
 def _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, *, tol, max_iter):
@@ -1884,7 +1888,7 @@ class ActiveSetSolution:
     solves: torch.Tensor
 
 
-def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None, g0=None):
+def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None, g0=None, tols=None):
     """Solve the equality QP where the constraints ``active`` (B, m) hold with equality.
 
     A guess from an interior-point iterate can be wrong on near-degenerate constraints:
@@ -1892,8 +1896,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     the instances concerned (only those) are solved again: ``rounds`` solves at most
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
     method (``ACTIVE_SET_ROUNDS``), and then None where the first solve says it would
-    crawl (:func:`_crawls`). ``g0``: :meth:`QPFactor.active_set_rhs`, if the caller
-    has it.
+    crawl (:func:`_crawls`). ``g0``: :meth:`QPFactor.active_set_rhs`, and ``tols`` the
+    tolerances ``tol * scale_primal``, ``tol * scale_dual`` (B, 1), if the caller has them.
     """
     g0 = (f.active_set_rhs(hv, b) if g0 is None else g0).unsqueeze(-2)
     dtype = f.W.dtype
@@ -1911,7 +1915,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
 
     lam, g, failed, L, order = f.solve_active_set(g0, a, info, factored_rows(active))
     solves = torch.ones_like(failed, dtype=torch.int64)
-    tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
+    tol_p, tol_d = (tol * scale_primal[:, None], tol * scale_dual[:, None]) if tols is None else tols
     minus_tol_d = -tol_d
     fewest, stalls = (math.inf, math.inf), 0
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
@@ -1988,7 +1992,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     rp_n = torch.maximum(g.amax(-1).clamp(min=0.0), _inf_norm(e))  # (the violations' inf-norm)
     # (a NaN or -inf multiplier fails the sign test, a +inf one makes rp_n inf or NaN)
     ok = ~failed & (lam >= minus_tol_d).all(-1) & torch.isfinite(rp_n)
-    kkt = ok & (rp_n <= tol * scale_primal)
+    kkt = ok & (rp_n <= tol_p.squeeze(-1))
     s, lam = _exact_point(active, lam, g)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, order, solves)
 

@@ -94,6 +94,40 @@ def test_nan_instance_is_isolated_and_reported(layer):
     assert torch.isfinite(q_bad.grad[keep]).all()
 
 
+@pytest.mark.parametrize("B", [4, 32])  # (32: the active sets are guessed by pivots)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", range(6))
+def test_a_non_finite_entry_of_any_parameter_fails_its_instance_alone(which, value, B):
+    # The interior point's QPs are checked for NaN and inf after their solve (a
+    # non-finite entry leaves its instance's verified residuals non-finite, so it is
+    # never optimal); the batch is then solved again without that instance. Either way
+    # the others get what a clean batch gives them, and it gets numerical_error.
+    n, m, p = 6, 5, 1
+    layer = qp_problem(n, m, p).to_torch(warn=False)
+    data = list(random_qp(B, n, m, p, seed=8))
+    clean = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    bad = data[which].clone()
+    bad[2].view(-1)[3 % bad[2].numel()] = value
+    data[which] = bad
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * 2 + ["numerical_error"] + ["optimal"] * (B - 3)
+    assert torch.isnan(x[2]).all()
+    keep = [i for i in range(B) if i != 2]
+    torch.testing.assert_close(x[keep], clean[keep], rtol=0, atol=1e-12)
+
+
+def test_a_non_finite_shared_parameter_fails_every_instance():
+    n, m, p, B = 6, 5, 1, 4
+    layer = qp_problem(n, m, p).to_torch(warn=False)
+    data = list(random_qp(B, n, m, p, seed=8))
+    data[1] = data[1][0].clone()  # q shared by the batch
+    data[1][0] = float("nan")
+    x = layer(*data)
+    assert layer.info.status == ["numerical_error"] * B
+    assert torch.isnan(x).all()
+
+
 def test_infeasible_instance_gets_status_and_nan():
     x = dl.Variable(2, name="x")
     lo = dl.Parameter(2, name="lo")

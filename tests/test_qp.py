@@ -732,17 +732,23 @@ def test_instances_the_active_set_phase_leaves_go_on_with_the_interior_point(mon
     # Two infeasible instances and one with a NaN input stay with the interior point:
     # at B = 8 the loop runs on the whole batch with the solved instances retired, at
     # B = 160 on those alone. Statuses, solutions and gradients of the others must
-    # not notice.
+    # not notice. (The layer finds the NaN after a first solve and solves again with
+    # that instance skipped: the loop batches counted are the last solve's.)
     import solvers.interior_point as ipm
 
     loop_batches = []
-    original = ipm._constraint_space_ipm
+    original, original_solve = ipm._constraint_space_ipm, ipm.solve_qp
 
     def spy(f, *args, **kwargs):
         loop_batches.append(f.W.shape[0])
         return original(f, *args, **kwargs)
 
+    def solve_spy(*args, **kwargs):
+        loop_batches.clear()
+        return original_solve(*args, **kwargs)
+
     monkeypatch.setattr(ipm, "_constraint_space_ipm", spy)
+    monkeypatch.setattr(ipm, "solve_qp", solve_spy)
     n, m, p = 12, 12, 2
     Q, q, G, h, A, b = (t.clone() for t in random_qp(B, n, m, p, seed=12))
     for i in (0, 1):  # G_i1 x <= h_i1 contradicts G_i0 x <= h_i0

@@ -64,6 +64,14 @@ def test_shared_and_batched_parameters_mix():
     x1 = layer(Q[0], q[0], G[0], h[0], A[0], b[0])
     assert x1.shape == (n,)
     np.testing.assert_allclose(x1.numpy(), x[0].numpy(), atol=1e-7)
+    # the layer remembers its checks by the parameters' shapes: each signature keeps
+    # its own answer, and a wrong one is still an error after right ones
+    torch.testing.assert_close(layer(Q[0], q, G[0], h, A[0], b), x)
+    x2 = layer(Q[0].expand(2, n, n), q[:2], G[0].expand(2, m, n), h[:2], A[0].expand(2, p, n), b[:2])
+    assert x2.shape == (2, n)
+    torch.testing.assert_close(x2, x[:2], atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        layer(Q[0], q, G[0], h[:2], A[0], b)
 
 
 def test_keyword_call_and_parameter_order():

@@ -245,9 +245,9 @@ class OptimizationLayer(torch.nn.Module):
             # changed in place), so the outputs and the report are copied out; the
             # linearization only feeds the backward, which reads it.
             with torch.inference_mode():
-                outputs, linearization = self._solve(p, batched_spec, batch, dtype, device)
+                outputs, linearization, info = self._solve(p, batched_spec, batch, dtype, device)
             outputs = tuple(o.clone() for o in outputs)
-            self.info = self.info.copied()
+            self.info = info.copied()
             if keep:  # its tensors: the linearization itself refers back to the layer
                 self._previous_state = {k: v for k, v in vars(linearization).items() if k != "layer"}
             return outputs, linearization
@@ -387,15 +387,16 @@ class OptimizationLayer(torch.nn.Module):
         # algebra. The interior point's QPs are checked after their solve instead, and
         # only when an instance failed: a NaN or inf entry of a QP's data leaves its
         # instance's residuals, which _verify recomputes from all of it, non-finite, so it
-        # is never reported optimal (the check took ~3 % of a call at (32, 10, 10, 2)).
+        # is never reported optimal (the check took 1-2 % of a call at (32, 10, 10, 2)).
         # A batch with one is solved again without it.
         checked_after = self.problem_class in (LP, QP) and self.solver != "osqp"
+        codes = None  # the statuses as a list, once read
         bad = None if checked_after else _nonfinite_instances(params, batched, batch, device)
         if bad is not None:
             params = _zeroed(params)
         tol = ipm.default_tol(dtype) if self.tol is None else self.tol
         n, m, p = stacked.n, stacked.m, stacked.p
-        ref = torch.empty(0, dtype=dtype, device=device)
+        ref = consts[0] if consts else torch.empty(0, dtype=dtype, device=device)  # (the dtype and device)
 
         def full(x, shape):
             return x if x.shape[0] == batch else x.expand((batch,) + shape)
@@ -415,11 +416,13 @@ class OptimizationLayer(torch.nn.Module):
                 options = dict(tol=tol, max_iter=self.max_iter, active_set_rounds=self.active_set_rounds,
                                pool=self._block_pool)
                 result = ipm.solve_qp(*qp, skip=bad, **options)
-                if (not bool((result.status == ipm.OPTIMAL).all())
+                codes = result.status.tolist()
+                if (codes.count(ipm.OPTIMAL) < batch
                         and (bad := _nonfinite_instances(params, batched, batch, device)) is not None):
                     params = _zeroed(params)
                     qp = qp_data(params)
                     result = ipm.solve_qp(*qp, skip=bad, **options)
+                    codes = None
             derivatives = None
         else:
             derivatives = self._derivatives(code, consts, params, full, dtype, device)
@@ -440,11 +443,12 @@ class OptimizationLayer(torch.nn.Module):
             qp = None
 
         status = result.status
-        codes = status.tolist()
+        if codes is None:
+            codes = status.tolist()
         # (in C: at B = 512 a comprehension over the codes took ~60 us, the count as a
         # generator over the names ~80 us)
         n_failed = len(codes) - codes.count(ipm.OPTIMAL)
-        self.info = SolveInfo(
+        info = SolveInfo(
             status=list(map(STATUS_NAMES.__getitem__, codes)),
             status_code=status,
             iterations=result.iterations,
@@ -457,7 +461,7 @@ class OptimizationLayer(torch.nn.Module):
         )
         if n_failed and self.warn:
             counts = {}
-            for s in self.info.status:
+            for s in info.status:
                 if s != "optimal":
                     counts[s] = counts.get(s, 0) + 1
             warnings.warn(
@@ -499,7 +503,7 @@ class OptimizationLayer(torch.nn.Module):
             qp=qp, derivatives=derivatives, valid=valid, qp_factor=result.qp_factor,
             active_set=_active_set_of(result),
         )
-        return tuple(outputs), lin
+        return tuple(outputs), lin, info
 
 
 def _nonfinite_instances(params, batched, batch, device):

@@ -446,7 +446,8 @@ def main(argv=None):
                                                   "with --retain-memory")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: leave torch's default)")
-    ap.add_argument("--no-write", dest="write", action="store_false", help="don't touch RESULTS.md")
+    ap.add_argument("--no-write", dest="write", action="store_false",
+                    help="don't touch RESULTS.md nor the default plot (an explicit --plot is written)")
     ap.add_argument("--retain-memory", action="store_true",
                     help="call dl.retain_cpu_memory() first (process-wide: every tool runs with it); "
                          "recorded in its own RESULTS.md section")
@@ -456,7 +457,7 @@ def main(argv=None):
     args.sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     if args.tol is None and args.dtype == torch.float64:
         args.tol = 1e-9
-    if args.plot is None:  # (a retained-memory run keeps its own plot, as it keeps its own section)
+    if args.plot is None and args.write:  # (a retained-memory run keeps its own plot, as its own section)
         args.plot = str(C.BENCH_DIR / f"scaling{variant}{'-retained' if args.retain_memory else ''}.png")
     if args.tools is None:
         # cvxpylayers solves on the CPU: on a GPU the comparison is with qpth
@@ -538,7 +539,7 @@ def main(argv=None):
         print("scaling sweeps ...", flush=True)
         sweeps, data = scaling(args, tools)
         st = scaling_table(sweeps, data, tools)
-        png = plot_scaling(sweeps, data, tools, args.plot)
+        png = plot_scaling(sweeps, data, tools, args.plot) if args.plot else None
         body += ["### Scaling (forward+backward)", "", st, ""]
         if png:
             rel = Path(png).resolve()
@@ -547,7 +548,7 @@ def main(argv=None):
             except ValueError:
                 pass
             body += [f"![scaling]({rel})", ""]
-        else:
+        elif args.plot:
             body += ["(plot skipped: matplotlib not installed)", ""]
     body.append(f"Total benchmark wall time: {time.perf_counter() - t_start:.0f} s; 1-min load average at the end: {C._loadavg()} (other busy processes invalidate the timings, see README)")
     md = "\n".join(body)

@@ -812,11 +812,11 @@ class QPFactor:
                 pool.hold(self, buf)
             return buf
 
-        # factored in place: Q is symmetric (exactly, from a layer), so its plain copy read
-        # in LAPACK's column-major layout is Q itself
-        L_rows = block(B, n, n).copy_(Q)
+        # factored into a block of the factor's own, in LAPACK's column-major layout: on
+        # the CPU cholesky_ex copies the lower triangle of Q there first (a copy of ours
+        # before it was one pass too many)
         self.L_Q, info = torch.linalg.cholesky_ex(
-            L_rows.mT, out=(L_rows.mT, torch.empty(B, dtype=torch.int32, device=Q.device)))
+            Q, out=(block(B, n, n).mT, torch.empty(B, dtype=torch.int32, device=Q.device)))
         diag = self.L_Q.diagonal(dim1=-2, dim2=-1)
         # Q must be safely positive definite for Q^-1 to be usable: the squared ratio of
         # the factor's smallest and largest diagonal entries above 1e-10 (float32: 1e-5)

@@ -2128,8 +2128,10 @@ def _tableau_pivots(f, g0, tol_p, units):
     dependent = _dependent_pivots(diagonal).unsqueeze(1)
     flips = torch.zeros(B, 1, m + 1, dtype=dtype, device=device)  # pivots per row
     rhs = M[:, :, m]
-    violated, live = (torch.empty(B, 1, 1, dtype=dtype, device=device) for _ in range(2))
-    one = torch.ones_like(live)
+    # the step's two flags side by side, so that one sum counts both (no cat per step)
+    flags = torch.empty(B, 1, 2, dtype=dtype, device=device)
+    live, violated = flags[:, :, :1], flags[:, :, 1:]
+    one = torch.ones(B, 1, 1, dtype=dtype, device=device)
     minus_one = -one
     for _ in range(2 * m + 4):
         # the most violated basic variable relative to the square root of its pivot (the
@@ -2140,7 +2142,7 @@ def _tableau_pivots(f, g0, tol_p, units):
         pivot = row.gather(2, kk)
         torch.lt(row[:, :, m:], -1.0, out=violated)
         torch.mul(violated, pivot > dependent.gather(2, kk), out=live)
-        n_live, n_violated = torch.cat([live, violated], -1).sum((0, 1)).tolist()  # the host sync
+        n_live, n_violated = flags.sum((0, 1)).tolist()  # the host sync
         if n_violated > n_live:  # blocked: exchange steps from the start (_row_pivots)
             guess, more = _row_pivots(f, g0, tol_p, units, None, exchange=True)
             return guess, more + flips[:, 0, :m].sum(-1).round_().to(torch.int64)

@@ -262,6 +262,10 @@ class OptimizationLayer(torch.nn.Module):
         return batch * (stacked.n + stacked.m + stacked.p) ** 2 * torch.finfo(dtype).bits // 8
 
     def _bind(self, args, kwargs) -> List[torch.Tensor]:
+        """The parameters in order, as tensors (their dtypes are _check's)."""
+        if not kwargs and len(args) == len(self.parameters_order) and all(
+                isinstance(v, torch.Tensor) for v in args):
+            return list(args)  # the usual call: every parameter a tensor, in order
         names = [p.name for p in self.parameters_order]
         if len(args) > len(names):
             raise TypeError(f"the layer takes {len(names)} parameters ({', '.join(names)}), got {len(args)}")
@@ -283,10 +287,6 @@ class OptimizationLayer(torch.nn.Module):
                     v = torch.as_tensor(v, dtype=torch.float64)
                 except (TypeError, ValueError, RuntimeError):
                     raise TypeError(f"parameter {p.name!r}: expected a tensor, got {type(v).__name__}") from None
-            if not v.is_floating_point():
-                raise TypeError(f"parameter {p.name!r}: expected a floating-point tensor, got dtype {v.dtype}")
-            if v.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"parameter {p.name!r}: dtype {v.dtype} is not supported (use float32 or float64)")
             out.append(v)
         return out
 
@@ -304,6 +304,11 @@ class OptimizationLayer(torch.nn.Module):
         return answer
 
     def _check_anew(self, tensors):
+        for p, t in zip(self.parameters_order, tensors):
+            if not t.is_floating_point():
+                raise TypeError(f"parameter {p.name!r}: expected a floating-point tensor, got dtype {t.dtype}")
+            if t.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"parameter {p.name!r}: dtype {t.dtype} is not supported (use float32 or float64)")
         batched, batches = [], {}
         for p, t in zip(self.parameters_order, tensors):
             shape = tuple(p.shape)

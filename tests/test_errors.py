@@ -38,6 +38,7 @@ def test_shape_errors_at_construction():
 
 def test_call_errors_name_the_parameter(layer):
     Q, q, G, h, A, b = (t[0] for t in random_qp(1, 4, 3, 1))
+    layer(Q, q, G, h, A, b)  # (a good call first: the layer remembers its checks by signature)
     with pytest.raises(ValueError, match=r"'q' has shape \(5,\); expected \(4,\)"):
         layer(Q, torch.zeros(5, dtype=torch.float64), G, h, A, b)
     with pytest.raises(TypeError, match="takes 6 parameters"):
@@ -50,6 +51,10 @@ def test_call_errors_name_the_parameter(layer):
         layer(Q, q, G, h, A, b, q=q)
     with pytest.raises(TypeError, match="'h'.*floating-point"):
         layer(Q, q, G, torch.ones(3, dtype=torch.int64), A, b)
+    with pytest.raises(TypeError, match="'q'.*float16 is not supported"):
+        layer(Q, q.half(), G, h, A, b)
+    with pytest.raises(TypeError, match="'b'.*expected a tensor"):
+        layer(Q, q, G, h, A, "b")
     with pytest.raises(ValueError, match="mismatched batch sizes"):
         layer(Q, q.expand(2, 4), G, h.expand(3, 3), A, b)
     with pytest.raises(TypeError, match="mixed dtypes"):

@@ -1921,6 +1921,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE
     n_rounds = rounds or _POLISH_ROUNDS
     free = f.n - f.p  # the dimensions the equalities leave
+    weights = seen = None  # the sets' fingerprints and those seen, from the first wrong round on
     for k in range(n_rounds - 1):
         # the constraints to switch: active ones with a negative multiplier, inactive
         # ones violated

@@ -199,3 +199,36 @@ def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs, general_r
     bound_only = dense.clone()
     bound_only[:, general_rows] = 0.0
     torch.testing.assert_close(Jg.bound_diagonal(w), (bound_only.mT @ (w[..., None] * bound_only)).diagonal(dim1=-2, dim2=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_one_row_newton_system_is_factored_by_its_square_root(dtype):
+    # One equality (a simplex, a budget) leaves a (B, 1, 1) system: its factor is the
+    # square root of S + E plus a shift of 1e-13 (float32: 1e-7) of |S| (1 where S is
+    # 0), or of 1e-8 |S| where that is not positive; failed (factor 1) where neither
+    # is, NaN included, as LAPACK's Cholesky says. (numpy in the same precision, the
+    # shifts added as the docstring of _regularized_cholesky says: S + (E + shift),
+    # then the difference to the larger shift.)
+    import solvers.interior_point as ipm
+
+    S = torch.tensor([0.7, 2.0, 0.0, 0.0, -1e-14, -1.0, float("nan"), 1e-300, -1.0], dtype=dtype).view(-1, 1, 1)
+    E = torch.tensor([0.3, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0 - 1e-10], dtype=dtype).view(-1, 1)
+    real = np.float64 if dtype == torch.float64 else np.float32
+    small = real(1e-13 if dtype == torch.float64 else 1e-7)
+    s, e = S.view(-1).numpy(), E.view(-1).numpy()
+    scale = np.where(np.abs(s) > 0, np.abs(s), real(1.0))
+    with np.errstate(invalid="ignore"):
+        first = s + (e + small * scale)
+        second = first + (real(1e-8) - small) * scale
+        expected_bad = ~((first > 0) | (second > 0))
+        expected = np.where(expected_bad, 1.0, np.sqrt(np.where(first > 0, first, second)))
+    L, bad = ipm._regularized_cholesky(S.clone(), E)
+    assert L.shape == (9, 1, 1) and L.dtype == dtype
+    assert bad.tolist() == expected_bad.tolist() == [False] * 4 + [True, True, True, False, False]
+    if dtype == torch.float64:  # (the last row: S + E = -1e-10, factored with the larger shift)
+        assert first[-1] < 0 < second[-1]
+    np.testing.assert_allclose(L.view(-1).numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-15)
+    # and as the general path, LAPACK's, gives them (on the rows it factors)
+    L2, info = torch.linalg.cholesky_ex(torch.from_numpy(first).view(-1, 1, 1))
+    ok = (info == 0) & ~bad
+    torch.testing.assert_close(L[ok], L2[ok])

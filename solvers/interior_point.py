@@ -616,7 +616,8 @@ def _regularized_root(S, E):
     """:func:`_regularized_cholesky` of a (B, 1, 1) system (one equality: a simplex, a
     budget), whose factor is a square root: both shifts are tried in the same pass and
     chosen per instance, with no LAPACK call (on the CPU an OpenMP region for its copy)
-    and no host sync. The same numbers as the general path."""
+    and no host sync. The general path's shifts and failure test; the root is correctly
+    rounded, where MKL's 1x1 Cholesky is 1 ulp off in ~1 % of cases."""
     s = S[:, 0, 0]
     scale = s.abs()
     scale = torch.where(scale > 0, scale, 1.0)

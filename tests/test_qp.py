@@ -1024,7 +1024,7 @@ def test_exchange_steps_reach_the_vertices(start, pivot_layout, rule_index, monk
     assert_matches_cvxpy(x, data, range(0, B, 4), atol=1e-8)
 
 
-@pytest.mark.parametrize("p", [0, 3])
+@pytest.mark.parametrize("p", [0, 1, 3])  # (p = 1: K22's factor is a square root)
 def test_the_constraint_space_blocks_match_their_closed_forms(p):
     # QPFactor's blocks (from one triangular solve on [G' A' -c]) and the floor's
     # setup_kernel against numpy's inverses: W = G P G' with P = Q^-1 - Q^-1 A' (A Q^-1 A')^-1

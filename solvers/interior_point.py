@@ -1670,14 +1670,13 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
     # constraints the minimizer under the equalities violates, which took 0-1.5 rounds
     # fewer on random QPs than the interior point's least-squares start (lam > s there)
     # and needs no factorization of its own
-    tols = tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
+    tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     if _pivots_first(*g0.shape):
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol_d, pool)
     else:
         guess, pivots = g0 > tol_p, None
     sol = (None if guess is None  # the pivots gave up on the batch (_pivots_blocked)
-           else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0,
-                                     tols=tols))
+           else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
     crawled = 0
     if sol is None and pivots is None and _pivots_after_crawl(*g0.shape, f.n - f.p):
         # from the rough guess the iteration would crawl (_crawls: many rows per free
@@ -1686,8 +1685,7 @@ def _constraint_space_solve(f: "QPFactor", hv, b, *, scale_dual, scale_primal, t
         crawled = 1
         guess, pivots = _pivoted_active_set(f, g0, tol_p, tol_d, pool)
         sol = (None if guess is None
-               else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0,
-                                         tols=tols))
+               else _active_set_solution(f, hv, b, guess, tol, scale_dual, scale_primal, rounds=active_set_rounds, g0=g0))
     if sol is None:  # that, or it would crawl: the interior point, after the solves if any
         result = _interior_point(f, g0, hv, b, scale_dual, scale_primal, skip, **options)
         solves = torch.full((B,), crawled + (guess is not None), dtype=torch.int64, device=device)
@@ -1907,7 +1905,7 @@ class ActiveSetSolution:
     solves: torch.Tensor
 
 
-def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None, g0=None, tols=None):
+def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds=None, g0=None):
     """Solve the equality QP where the constraints ``active`` (B, m) hold with equality.
 
     A guess from an interior-point iterate can be wrong on near-degenerate constraints:
@@ -1915,8 +1913,8 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     the instances concerned (only those) are solved again: ``rounds`` solves at most
     (default ``_POLISH_ROUNDS``). From a rough guess this is the primal-dual active-set
     method (``ACTIVE_SET_ROUNDS``), and then None where the first solve says it would
-    crawl (:func:`_crawls`). ``g0``: :meth:`QPFactor.active_set_rhs`, and ``tols`` the
-    tolerances ``tol * scale_primal``, ``tol * scale_dual`` (B, 1), if the caller has them.
+    crawl (:func:`_crawls`). ``g0``: :meth:`QPFactor.active_set_rhs`, if the caller
+    has it.
     """
     g0 = (f.active_set_rhs(hv, b) if g0 is None else g0).unsqueeze(-2)
     dtype = f.W.dtype
@@ -1934,7 +1932,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
 
     lam, g, failed, L, order = f.solve_active_set(g0, a, info, factored_rows(active))
     solves = torch.ones_like(failed, dtype=torch.int64)
-    tol_p, tol_d = (tol * scale_primal[:, None], tol * scale_dual[:, None]) if tols is None else tols
+    tol_p, tol_d = tol * scale_primal[:, None], tol * scale_dual[:, None]
     minus_tol_d = -tol_d
     fewest, stalls = (math.inf, math.inf), 0
     patience = _ACTIVE_SET_PATIENCE_SMALL if f.W.numel() <= _SMALL_BLOCKS else _ACTIVE_SET_PATIENCE

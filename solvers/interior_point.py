@@ -422,14 +422,15 @@ class ReducedNewton:
 
     def step(self, rd, rc, rp, re):
         """Solve the Newton equations
-        H dz + Jg'dlam + Jh'dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re."""
+        H dz + Jg'dlam + Jh'dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re
+        for (dz, dv, dnu), dv = [ds, dlam] (B, 2m) side by side as the loop keeps s and lam."""
         Jg, lam, s = self.Jg, self.lam, self.s
         m = Jg.shape[-2]
         r1 = -rd - _mtv(Jg, (lam * rp - rc) / s) if m else -rd
         dz, dnu = self.kkt.solve(r1, -re, refine=0)
         ds = -rp - _mv(Jg, dz) if m else -rp
         dlam = (-rc - lam * ds) / s
-        return dz, ds, dlam, dnu
+        return dz, torch.cat([ds, dlam], -1), dnu
 
 
 # ------------------------------------------------------------------------------------
@@ -503,6 +504,40 @@ class BoundedJacobian:
                 self.order = "bR"
             elif general_rows.start == 0 and general_rows.stop == bound_rows.start and bound_rows.stop == m:
                 self.order = "Rb"
+        n = general.shape[-1]
+        self.every_column = isinstance(bound_cols, slice) and bound_cols == slice(0, n)
+        nb = m - self.k
+        self._run_sizes = {"bR": [nb, self.k], "Rb": [self.k, nb]}.get(self.order)
+
+    # The parts below are views taken in one call (split_with_sizes), or the tensor itself
+    # where a part is all of it: each view taken by indexing costs a dispatch and Python's
+    # index parsing, more than a small product, and the steps take several per iteration.
+    def row_parts(self, x):
+        """(x[:, bound_rows], x[:, general_rows]) for x (B, m); None for the general rows'
+        part where there are none."""
+        if self.order == "b":
+            return x, None
+        if self.order == "bR":
+            return tuple(x.split_with_sizes(self._run_sizes, -1))
+        if self.order == "Rb":
+            general, bounds = x.split_with_sizes(self._run_sizes, -1)
+            return bounds, general
+        return x[:, self.bound_rows], (x[:, self.general_rows] if self.k else None)
+
+    def step_parts(self, dv):
+        """(ds_b, ds_R, dlam_b, dlam_R) as views of dv = [ds, dlam] (B, 2m) where the rows
+        are runs (ds_R and dlam_R None without general rows), else None."""
+        if self.order == "b":
+            ds, dlam = dv.split_with_sizes([self.m, self.m], -1)
+            return ds, None, dlam, None
+        if self._run_sizes is None:
+            return None
+        parts = dv.split_with_sizes(self._run_sizes * 2, -1)
+        return parts if self.order == "bR" else (parts[1], parts[0], parts[3], parts[2])
+
+    def bounded_entries(self, z):
+        """z[:, bound_cols] for z (B, n)."""
+        return z if self.every_column else z[:, self.bound_cols]
 
     def join_rows(self, bounds, general, like):
         """The (B, m) tensor with ``bounds`` on the bound rows and ``general`` on the
@@ -533,7 +568,7 @@ class BoundedJacobian:
 
     def mv(self, x):
         """Jg x: (B, n) -> (B, m)."""
-        bounds = self.bound_signs * x[:, self.bound_cols]
+        bounds = self.bound_signs * self.bounded_entries(x)
         return self.join_rows(bounds, _mv(self.general, x) if self.k else None, x)
 
     def mtv(self, y):
@@ -547,11 +582,10 @@ class BoundedJacobian:
     def bound_diagonal(self, weights):
         """diag(Jg_b' diag(weights_b) Jg_b) (B, n) for weights (B, m): the bound rows'
         share of Jg' diag(weights) Jg, which is diagonal."""
-        share = weights[:, self.bound_rows]
-        cols, n = self.bound_cols, self.shape[-1]
-        if isinstance(cols, slice) and cols == slice(0, n):
+        share = self.row_parts(weights)[0]
+        if self.every_column:
             return share
-        return _add_at(weights.new_zeros(weights.shape[0], n), cols, share)
+        return _add_at(weights.new_zeros(weights.shape[0], self.shape[-1]), self.bound_cols, share)
 
     def dense(self):
         B, n = self.general.shape[0], self.shape[-1]
@@ -650,8 +684,8 @@ class DiagonalNewton:
         cost more than the product it feeds)."""
         self.Jg = Jg
         # both steps of an iteration read these
-        self.lam_b, self.s_b = lam[:, Jg.bound_rows], s[:, Jg.bound_rows]
-        self.lam_R, self.s_R = lam[:, Jg.general_rows], s[:, Jg.general_rows]
+        self.lam_b, self.lam_R = Jg.row_parts(lam)
+        self.s_b, self.s_R = Jg.row_parts(s)
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
         self.D_inv = 1.0 / D
@@ -709,34 +743,63 @@ class DiagonalNewton:
         return out + _mtv(self.Jh, w[:, self.k:]) if self.p else out
 
     def step(self, rd, rc, rp, re):
-        """The same Newton equations as :meth:`ReducedNewton.step`.
+        """The same Newton equations as :meth:`ReducedNewton.step`, the same (dz, dv, dnu).
 
         Only the bound rows are folded into the right-hand side; the general rows keep
         dlam as an unknown (w = [dlam_R; dnu]). Folding them too would put
-        rc/s ~ 1e12 on active rows into the right-hand side and cancel it again in dz."""
+        rc/s ~ 1e12 on active rows into the right-hand side and cancel it again in dz.
+        ds and dlam are written into their halves of dv where the rows are contiguous
+        runs: a join would copy both again."""
         Jg = self.Jg
-        b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
-        lam_b, s_b, lam_R, s_R = self.lam_b, self.s_b, self.lam_R, self.s_R
-        rc_b, rp_b = rc[:, b_rows], rp[:, b_rows]
-        fold = (lam_b * rp_b - rc_b) / s_b
-        r1 = _add_at(rd, b_cols, signs * fold).neg_()
+        signs = Jg.bound_signs
+        rc_b, rc_R = Jg.row_parts(rc)
+        rp_b, rp_R = Jg.row_parts(rp)
+        r1 = self._folded(rd, rc_b, rp_b)
         rhs = self.K_mv(self.D_inv * r1)
         if self.k:
-            rc_R = rc[:, rows]
-            rhs = rhs + torch.cat([rp[:, rows] - rc_R / lam_R, re], -1)
+            rhs = rhs + torch.cat([rp_R - rc_R / self.lam_R, re], -1)
         else:
             rhs = rhs + re
         w = _chol_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
         dz = self.D_inv * (r1 - self.K_mtv(w))
-        dnu = w[:, self.k:]
-        ds_b = (rp_b + signs * dz[:, b_cols]).neg_()
-        dlam_b = torch.addcmul(rc_b, lam_b, ds_b).div_(s_b).neg_()
-        if not self.k:
-            return dz, Jg.join_rows(ds_b, None, rd), Jg.join_rows(dlam_b, None, rd), dnu
-        dlam_R = w[:, :self.k]
-        # general rows: ds from complementarity, accurate relative to s where s is tiny
-        ds_R = torch.addcmul(rc_R, s_R, dlam_R).div_(lam_R).neg_()
-        return dz, Jg.join_rows(ds_b, ds_R, rd), Jg.join_rows(dlam_b, dlam_R, rd), dnu
+        dnu = w[:, self.k:] if self.k else w
+
+        m = Jg.m
+        dv = rd.new_empty(rd.shape[0], 2 * m)
+        parts = Jg.step_parts(dv)
+        ds_b, ds_R, dlam_b, dlam_R = (None,) * 4 if parts is None else parts
+        dz_b = Jg.bounded_entries(dz)
+        if isinstance(signs, float) and signs == -1.0:  # z >= bound: ds_b = -(rp_b - dz_b)
+            ds_b = torch.sub(dz_b, rp_b, out=ds_b)
+        else:
+            ds_b = torch.add(rp_b, signs * dz_b, out=ds_b).neg_()
+        dlam_b = torch.addcmul(rc_b, self.lam_b, ds_b, out=dlam_b).div_(self.s_b).neg_()
+        w_R = w[:, :self.k] if self.k else None
+        if self.k:
+            # general rows: ds from complementarity, accurate relative to s where s is tiny
+            ds_R = torch.addcmul(rc_R, self.s_R, w_R, out=ds_R).div_(self.lam_R).neg_()
+            if parts is not None:
+                dlam_R.copy_(w_R)
+        if parts is None:
+            ds, dlam = dv.split_with_sizes([m, m], -1)
+            ds[:, Jg.bound_rows], dlam[:, Jg.bound_rows] = ds_b, dlam_b
+            if self.k:
+                ds[:, Jg.general_rows], dlam[:, Jg.general_rows] = ds_R, w_R
+        return dz, dv, dnu
+
+    def _folded(self, rd, rc_b, rp_b):
+        """r1 = -rd - Jg_b' fold, fold = (lam_b rp_b - rc_b) / s_b: the bound rows folded
+        into the stationarity row. Every column bounded once with one sign (z >= 0, a
+        box's one side) takes four ops instead of six, with the same rounding: negation
+        is exact, so -(rd + fold) = (-fold) - rd and -(rd - fold) = fold - rd."""
+        Jg = self.Jg
+        signs, cols = Jg.bound_signs, Jg.bound_cols
+        if Jg.every_column and isinstance(signs, float) and abs(signs) == 1.0:
+            lam_rp = self.lam_b * rp_b
+            fold = torch.sub(lam_rp, rc_b) if signs == -1.0 else torch.sub(rc_b, lam_rp)
+            return fold.div_(self.s_b).sub_(rd)
+        fold = (self.lam_b * rp_b - rc_b) / self.s_b
+        return _add_at(rd, cols, signs * fold).neg_()
 
 
 def _scratch(workspace, name, shape, dtype, device):
@@ -1129,6 +1192,10 @@ def primal_dual(
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
     workspace = {}  # scratch tensors reused by every iteration's Newton system
     evaluated = None  # the derivatives at (z, lam, nu), when the line search has them
+    # s and lam side by side: one tensor to step, to test against the boundary, and to
+    # receive the Newton steps' halves, where two would be joined every time
+    v = torch.cat([s, lam], -1)
+    s, lam = v[:, :m], v[:, m:]
 
     for it in range(max_iter + 1):
         rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu) if evaluated is None else evaluated
@@ -1159,32 +1226,31 @@ def primal_dual(
             # Late iterations have lam/s spanning ~1e-15..1e15, so a reduced solve can
             # lose digits; refining against the unreduced Newton equations (whose
             # residuals involve only moderate numbers) restores them.
-            dz, ds, dlam, dnu = newton.step(rd, rc, rp, h)
+            dz, dv, dnu = newton.step(rd, rc, rp, h)
             for _ in range(refine):
+                ds, dlam = dv[:, :m], dv[:, m:]
                 e_d = rd + _apply(H, dz) + (_apply_t(Jg, dlam) if m else 0) + (_mtv(Jh, dnu) if p else 0)
                 e_c = rc + lam * ds + s * dlam
                 e_p = rp + (_apply(Jg, dz) if m else 0) + ds
                 e_e = h + _mv(Jh, dz) if p else h
-                cz, cs, clam, cnu = newton.step(e_d, e_c, e_p, e_e)
-                dz, ds, dlam, dnu = dz + cz, ds + cs, dlam + clam, dnu + cnu
-            return torch.cat([ds, dlam], -1), dz, dnu
+                cz, cv, cnu = newton.step(e_d, e_c, e_p, e_e)
+                dz, dv, dnu = dz + cz, dv + cv, dnu + cnu
+            return dv, dz, dnu
 
         # how close to the boundary a step may go depends on how close the iterate is to
         # a solution, all residuals counted: on complementarity alone, mu could collapse
         # while stationarity was still far off, and the steps then stalled at the boundary
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
-        v = torch.cat([s, lam], -1)
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
         # a retired instance takes no step, but a zero step along a NaN direction (its
         # Newton system may be singular now) is NaN: its directions are zeroed
         dv, dz, dnu = dv.masked_fill_(retired, 0.0), dz.masked_fill_(retired, 0.0), dnu.masked_fill_(retired, 0.0)
-        ds, dlam = dv[:, :m], dv[:, m:]
         trial = None
         if not oracle.linear:
             # retired instances stay where they are: the trial point is then exactly the
             # next iterate for every instance that steps
             alpha = alpha.masked_fill(~active, 0.0)
-            alpha, trial, lost = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target,
+            alpha, trial, lost = _line_search(oracle, z, v, nu, rd, rp, h, dz, dv, dnu, alpha, target,
                                               active & ~newton.failed, halvings=_CORRECTOR_HALVINGS)
             if lost is not None:
                 # Mehrotra's second-order term can make the corrector an ascent direction
@@ -1195,12 +1261,11 @@ def primal_dual(
                 # keeps alpha = 0 and stops below)
                 (dv_n, dz_n, dnu_n) = direction(torch.addcmul(-target[:, None], s, lam))
                 alpha_n = _step_to_boundary(v, dv_n, fraction)
-                alpha_n, _, _ = _line_search(oracle, z, s, lam, nu, rd, rp, h, dz_n, dv_n[:, :m], dv_n[:, m:],
-                                             dnu_n, alpha_n.masked_fill(~lost, 0.0), target, lost)
+                alpha_n, _, _ = _line_search(oracle, z, v, nu, rd, rp, h, dz_n, dv_n, dnu_n,
+                                             alpha_n.masked_fill(~lost, 0.0), target, lost)
                 alpha = torch.where(lost, alpha_n, alpha)
                 take = lost[:, None]
-                dz, dnu = torch.where(take, dz_n, dz), torch.where(take, dnu_n, dnu)
-                ds, dlam = torch.where(take, dv_n[:, :m], ds), torch.where(take, dv_n[:, m:], dlam)
+                dz, dv, dnu = torch.where(take, dz_n, dz), torch.where(take, dv_n, dv), torch.where(take, dnu_n, dnu)
 
         # a failed factorization, or rounding that leaves a direction hitting the boundary
         # at once: stop those instances rather than spin. A short step along a long
@@ -1213,13 +1278,13 @@ def primal_dual(
         if trial is not None and torch.equal(step, alpha):
             # every instance took the step the line search evaluated last: its point and
             # derivatives are the next iteration's
-            (z, s, lam, nu), evaluated = trial
-            continue
-        step = step[:, None]
-        z = torch.addcmul(z, step, dz)
-        s = torch.addcmul(s, step, ds)
-        lam = torch.addcmul(lam, step, dlam)
-        nu = torch.addcmul(nu, step, dnu)
+            (z, v, nu), evaluated = trial
+        else:
+            step = step[:, None]
+            z = torch.addcmul(z, step, dz)
+            v = torch.addcmul(v, step, dv)
+            nu = torch.addcmul(nu, step, dnu)
+        s, lam = v[:, :m], v[:, m:]
 
     return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
 
@@ -1247,7 +1312,7 @@ def _squared_norm(x):
 _FILTER_DUAL_GROWTH = 100.0
 
 
-def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, target, active, halvings=40):
+def _line_search(oracle, z, v, nu, rd, rp, h, dz, dv, dnu, alpha, target, active, halvings=40):
     """Backtrack until the KKT residual decreases (Armijo) at a point where every
     function is finite (inside the domain of log, entropy, sqrt ...), per instance.
 
@@ -1257,20 +1322,21 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
     collapse, and requiring the sum to fall halved nearly every step (entropy layers
     took 21-41 iterations instead of 13-20).
 
-    Returns alpha; when every instance accepted the first trial (the usual case),
-    ``((z, s, lam, nu), derivatives)`` at that point (the first trial is evaluated with
+    v = [s, lam] and dv = [ds, dlam] (B, 2m). Returns alpha; when every instance
+    accepted the first trial (the usual case), ``((z, v, nu), derivatives)`` at that point (the first trial is evaluated with
     ``oracle.derivatives`` rather than the residuals alone, so that the next iteration
     need not evaluate the same point again), else None; and None when every instance
     of ``active`` accepted a step within ``halvings`` halvings, else the (B,) mask of
     those that did not (their alpha is then zero)."""
+    m = rp.shape[-1]
     minus_target = -target[:, None]
-    dual0, theta0 = _merit(rd, rp, h, s, lam, minus_target)
+    dual0, theta0 = _merit(rd, rp, h, v[:, :m], v[:, m:], minus_target)
     phi0 = dual0 + theta0
     pending = active.clone()
     for trial in range(halvings + 1):
         a = alpha[:, None]
-        z_t, s_t = torch.addcmul(z, a, dz), torch.addcmul(s, a, ds)
-        lam_t, nu_t = torch.addcmul(lam, a, dlam), torch.addcmul(nu, a, dnu)
+        z_t, v_t, nu_t = torch.addcmul(z, a, dz), torch.addcmul(v, a, dv), torch.addcmul(nu, a, dnu)
+        s_t, lam_t = v_t[:, :m], v_t[:, m:]
         if trial == 0:
             evaluated = oracle.derivatives(z_t, lam_t, nu_t)
             rd_t, g_t, h_t = evaluated[:3]
@@ -1282,7 +1348,7 @@ def _line_search(oracle, z, s, lam, nu, rd, rp, h, dz, ds, dlam, dnu, alpha, tar
                                     | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):
-            return alpha, (((z_t, s_t, lam_t, nu_t), evaluated) if trial == 0 else None), None
+            return alpha, (((z_t, v_t, nu_t), evaluated) if trial == 0 else None), None
         alpha = torch.where(pending, alpha * 0.5, alpha)
     return alpha.masked_fill(pending, 0.0), None, pending
 

@@ -201,6 +201,48 @@ def test_compact_index_sets_give_the_dense_jacobian(rows, cols, signs, general_r
     torch.testing.assert_close(Jg.bound_diagonal(w), (bound_only.mT @ (w[..., None] * bound_only)).diagonal(dim1=-2, dim2=-1))
 
 
+_LAYOUTS = [
+    ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4, [4, 5]),               # bounds first: slices, one sign
+    ([1, 2, 3, 4], [2, 0, 2, 3], [-1.0, 1.0, 1.0, -1.0], [0, 5]),   # repeated/shuffled columns, mixed signs
+    ([2, 3, 4, 5], [0, 1, 2, 3], [1.0] * 4, [0, 1]),                # general rows first, then the bounds
+    ([2, 0, 1], [0, 1, 2], [-1.0] * 3, []),                         # every row a bound, rows shuffled
+    ([0, 1, 2, 3], [0, 1, 2, 3], [-1.0] * 4, []),                   # every entry bounded below, in order
+    ([0, 1, 2, 3], [0, 1, 2, 3], [1.0] * 4, []),                    # ... and above
+    ([0, 1, 2], [3, 1, 2], [-1.0] * 3, [3]),                        # bounds first, not every entry
+]
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("rows, cols, signs, general_rows", _LAYOUTS)
+def test_the_structured_newton_step_solves_the_newton_equations(rows, cols, signs, general_rows, p):
+    # The step (dz, [ds, dlam], dnu) satisfies, with the dense Jacobian:
+    #   H dz + Jg' dlam + Jh' dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re
+    # whatever order the bound and general rows come in (each layout writes the step's
+    # halves its own way).
+    from solvers.interior_point import BoundedJacobian, DiagonalMatrix, DiagonalNewton
+
+    n, B = 4, 5
+    m = len(rows) + len(general_rows)
+    general = torch.randn(B, len(general_rows), n, generator=GEN, dtype=torch.float64)
+    Jg = BoundedJacobian(general, m, *BoundedJacobian.index_sets(rows, cols, signs, general_rows,
+                                                                 torch.float64, "cpu"))
+    Jh = torch.randn(B, p, n, generator=GEN, dtype=torch.float64)
+    H = DiagonalMatrix(_rand(B, n) + 0.5)
+    lam, s = _rand(B, m) + 0.1, _rand(B, m) + 0.1
+    rd, rc, rp, re = (torch.randn(B, k, generator=GEN, dtype=torch.float64) for k in (n, m, m, p))
+    newton = DiagonalNewton(H, Jg, Jh, lam, s)
+    assert newton.usable and not newton.failed.any()
+    dz, dv, dnu = newton.step(rd, rc, rp, re)
+    assert dv.shape == (B, 2 * m) and dnu.shape == (B, p)
+    ds, dlam = dv[:, :m], dv[:, m:]
+    dense = Jg.dense()
+    mv = lambda M, x: (M @ x[..., None])[..., 0]  # noqa: E731
+    torch.testing.assert_close(H.d * dz + mv(dense.mT, dlam) + mv(Jh.mT, dnu), -rd, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lam * ds + s * dlam, -rc, atol=1e-10, rtol=0)
+    torch.testing.assert_close(mv(dense, dz) + ds, -rp, atol=1e-10, rtol=0)
+    torch.testing.assert_close(mv(Jh, dz), -re, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_one_row_newton_system_is_factored_by_its_square_root(dtype):
     # One equality (a simplex, a budget) leaves a (B, 1, 1) system: its factor is the

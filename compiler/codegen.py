@@ -357,7 +357,15 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
         return "(" + " + ".join(added) + "".join(f" - {t}" for t in subtracted) + ")"
     if expr.is_Mul:
         coeff, rest = expr.as_coeff_Mul()
-        factors = [p(a) for a in sympy.Mul.make_args(rest)]
+        parts = list(sympy.Mul.make_args(rest))
+        if float(coeff) < 0:
+            # -u * (-v - 1) as u * (v + 1): a negative coefficient goes into a sum whose
+            # terms are all negative (sympy leaves it outside), which saves two negations
+            for k, f in enumerate(parts):
+                if f.is_Add and all(float(t.as_coeff_Mul()[0]) < 0 for t in f.args):
+                    parts[k], coeff = -f, -coeff
+                    break
+        factors = [p(a) for a in parts]
         body = " * ".join(factors)
         if float(coeff) == 1.0:  # also sympy's Float 1.0, which is not == 1
             return body if len(factors) == 1 else f"({body})"
@@ -371,8 +379,8 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
             return f"torch.sqrt({b})"
         if e == -sympy.Rational(1, 2):
             return f"torch.rsqrt({b})"
-        if e == -1:
-            return f"(1.0 / {b})"
+        if e == -1:  # (1.0 / x would go through Tensor.__rdiv__: a Python wrapper and two ops)
+            return f"torch.reciprocal({b})"
         if e.is_Integer:
             return f"({b} ** {int(e)})"
         return f"({b} ** {float(e)!r})"

@@ -179,11 +179,15 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
     fn, args = _compose_unary(fn, args)
     expr = fn.expr
     # Constant-valued arguments that are scalars are substituted into the formula so
-    # sympy can simplify, e.g. 0.5*u or u**2.
+    # sympy can simplify, e.g. 0.5*u or u**2. So are constants with one value in every
+    # entry (the ones and minus ones that sums and signs leave, e.g. in the gradient of
+    # sum(entr(x))) where an argument that is not constant has the node's whole shape:
+    # the node keeps its shape, and the generated code loses a product by a constant.
+    carried = any(a.shape == shape and a.op not in ("const", "zeros", "eye") for a in args)
     keep, subs = [], {}
     for sym, a in zip(fn.variables, args):
-        if a.op in ("const", "zeros") and a.shape == ():
-            subs[sym] = sympy.Float(float(const_value(a))) if a.op == "const" else sympy.Integer(0)
+        if a.op in ("const", "zeros") and (a.shape == () or (carried and _uniform(a))):
+            subs[sym] = _number(a)
         else:
             keep.append((sym, a))
     if subs:
@@ -212,6 +216,21 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
     syms = _SYMS[: len(keep)]
     expr = expr.xreplace({s: t for (s, _), t in zip(keep, syms)})
     return Node("elementwise", [a for _, a in keep], sympy.Lambda(tuple(syms), expr), shape)
+
+
+def _uniform(node: Node) -> bool:
+    """A constant or zeros node with the same value in every entry."""
+    if node.op == "zeros":
+        return True
+    flat = node.attrs.reshape(-1)
+    return flat.size > 0 and bool(np.all(flat == flat[0]))
+
+
+def _number(node: Node) -> sympy.Expr:
+    """The one value of a uniform constant, as sympy should see it: whole numbers as
+    integers, so that -1 * -(u) simplifies to u rather than 1.0*u."""
+    value = float(const_value(node).reshape(-1)[0]) if node.size else 0.0
+    return sympy.Integer(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else sympy.Float(value)
 
 
 # elementwise meanings for lambdify (its default maps Max to a reduction)
@@ -388,6 +407,27 @@ def einsum(spec: str, *args: Node) -> Node:
         rest_ins = [s for t, s in enumerate(ins) if t != scalars[0]]
         rest = [a for t, a in enumerate(args) if t != scalars[0]]
         return mul(factor, einsum(",".join(rest_ins) + "->" + out, *rest))
+    # a constant with one value c in every entry (the ones of a sum, e.g. Jh = 1' of a
+    # simplex row): c times the einsum of the others, times the sizes of the indices only
+    # it had and that are summed over; indices only it had that stay in the output must
+    # lead it, and the rest is broadcast over them (an elementwise node, which the code
+    # generator inlines into its consumers)
+    for k, a in enumerate(args):
+        if a.op != "const" or len(args) == 1 or not _uniform(a):
+            continue
+        rest_ins, rest = ins[:k] + ins[k + 1:], args[:k] + args[k + 1:]
+        only = [ch for ch in ins[k] if ch not in "".join(rest_ins)]
+        kept = [ch for ch in out if ch in only]
+        if out[:len(kept)] != "".join(kept):
+            continue
+        factor = float(const_value(a).reshape(-1)[0])
+        for ch in only:
+            if ch not in out:
+                factor *= sizes[ch]
+        inner = mul(const(factor), einsum(",".join(rest_ins) + "->" + out[len(kept):], *rest))
+        if not kept:
+            return inner
+        return elementwise(_ADD, [inner, zeros(shape)])  # (zeros of the whole shape: a broadcast)
     for s in ins:
         if len(set(s)) != len(s):
             raise ValueError(f"einsum spec {spec!r}: repeated index within an operand")
@@ -498,8 +538,10 @@ def index(a: Node, key) -> Node:
         return a
     if is_zero(a):
         return zeros(shape)
-    if a.op == "const":
-        return const(a.attrs[idx])
+    if a.op == "const" or (a.op == "eye" and int(np.prod(shape, dtype=np.int64)) <= a.shape[0]):
+        # (part of an identity folds where it is no larger than a vector: a unit vector
+        # is data like any other, an (n, n) identity is not)
+        return const(const_value(a)[idx])
     if a.op == "scatter" and a.attrs[0] == idx:
         return a.args[0]
     return Node("index", (a,), (idx,), shape)
@@ -521,8 +563,8 @@ def reshape(a: Node, shape: Shape) -> Node:
         return a
     if is_zero(a):
         return zeros(shape)
-    if a.op == "const":
-        return const(a.attrs.reshape(shape))
+    if a.op == "const" or (a.op == "eye" and a.size == 1):  # (the (1, 1) identity of one equality)
+        return const(const_value(a).reshape(shape))
     if a.op == "reshape":
         return reshape(a.args[0], shape)
     return Node("reshape", (a,), shape, shape)

@@ -68,13 +68,25 @@ def _random_nlp():
     return dl.Problem(dl.Minimize(obj), cons)
 
 
-def test_generated_derivatives_match_torch_autograd():
-    prob = _random_nlp()
+def _sums_and_entropies():
+    # sums and signs leave constants of ones and minus ones: the compiler folds them
+    # (ir.elementwise, ir.einsum), and reshapes the (1, 1) identity of one equality
+    z = dl.Variable(5, name="z")
+    theta, w = dl.Parameter(5, name="theta"), dl.Parameter(5, name="w")
+    return dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z)) - w @ dl.exp(-z) - 2 * dl.sum(z)),
+                      [dl.sum(z) == 1, -dl.sum(dl.log(z)) <= 20, z >= 0.01])
+
+
+@pytest.mark.parametrize("build, positive", [(_random_nlp, False), (_sums_and_entropies, True)])
+def test_generated_derivatives_match_torch_autograd(build, positive):
+    prob = build()
     cp_ = prob.compile()
     st, code = cp_.problem, cp_.code
     n, m, p = st.n, st.m, st.p
     torch.manual_seed(0)
     z = 0.5 * torch.randn(1, n, dtype=torch.float64)
+    if positive:  # (inside the domain of log and entropy)
+        z = z.abs() + 0.1
     lam, nu = torch.rand(1, m, dtype=torch.float64), torch.randn(1, p, dtype=torch.float64)
     params = [torch.randn((1,) + par.shape, dtype=torch.float64) for par in st.parameters]
     consts = tuple(torch.tensor(c).unsqueeze(0) for c in code.constants)
@@ -104,6 +116,20 @@ def test_generated_derivatives_match_torch_autograd():
     got = code["parameter_vjp"](z, lam, nu, u_z, u_lam, u_nu, consts, *params)
     for e, gt in zip(expected, got):
         torch.testing.assert_close(gt.expand_as(e), -e)
+
+
+def test_constants_of_sums_fold_out_of_the_generated_derivatives():
+    # softmax as an optimization: the gradient of sum(entr(z)) and the Jacobian of
+    # sum(z) == 1 are made of ones. Folded, the derivatives multiply by no constant,
+    # the Jacobian of the equality is a constant, and 1/z is one call
+    z, theta = dl.Variable(6, name="z"), dl.Parameter(6, name="theta")
+    code = dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1, z >= 0]).compile().code
+    source = code.source
+    body = source.split("def derivatives_diagonal", 1)[1].split("\ndef ", 1)[0]
+    assert "* consts" not in body and "consts[0] *" not in body and "1.0 /" not in body
+    assert re.search(r"out4 = consts\[\d+\]", body)  # Jh
+    assert "torch.reciprocal(z)" in body
+    assert body.count("\n    t") <= 10  # (18 before the folds)
 
 
 def test_generated_source_is_valid_python_with_readable_tracebacks():

@@ -658,7 +658,7 @@ def _regularized_root(S, E):
     first = s + (E[:, 0] + _regularization(S.dtype) * scale)
     second = first + (1e-8 - _regularization(S.dtype)) * scale
     first_ok = first > 0  # (False for NaN, as LAPACK's test)
-    bad = ~(first_ok | (second > 0))
+    bad = ~(second > 0)  # (second >= first: it fails wherever first does, NaN included)
     L = torch.where(first_ok, first, second).sqrt_().masked_fill_(bad, 1.0)
     return L.view(-1, 1, 1), bad
 
@@ -688,8 +688,10 @@ class DiagonalNewton:
         self.s_b, self.s_R = Jg.row_parts(s)
         self.sigma = lam / s
         D = H.d + Jg.bound_diagonal(self.sigma)
-        self.D_inv = 1.0 / D
-        safe = (D > 0) & torch.isfinite(self.D_inv)
+        self.D_inv = torch.reciprocal(D)
+        # (D_inv < inf, not isfinite: NaN fails both, -inf is ruled out by D > 0, and
+        # isfinite is three passes at (1024, 100))
+        safe = (D > 0) & (self.D_inv < math.inf)
         self.usable = bool((safe if retired is None else safe | retired).all())
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
@@ -1148,7 +1150,7 @@ def _predictor_corrector(direction, v, mu, fraction, complementarity=None):
 def _boundary_fraction(distance):
     """How far (B,) toward the boundary a step may go from an iterate at ``distance``
     (B,) from a solution: 1 - distance within [0.99, 0.9999]."""
-    return (1.0 - distance).clamp(min=_TO_BOUNDARY_MIN, max=_TO_BOUNDARY_MAX)
+    return torch.rsub(distance, 1.0).clamp_(min=_TO_BOUNDARY_MIN, max=_TO_BOUNDARY_MAX)
 
 
 def _start_status(B, skip, device):
@@ -1170,7 +1172,12 @@ def _step_to_boundary(x, dx, fraction):
     step: 1."""
     if not x.shape[-1]:
         return x.new_ones(x.shape[:1])
-    return (-fraction) / (dx / x).amin(-1).clamp(max=-fraction)
+    minus = -fraction  # (once: a tensor's negation is an op)
+    largest = (dx / x).amin(-1).clamp_(max=minus)
+    if isinstance(fraction, torch.Tensor):
+        return minus / largest
+    # number / tensor goes through Tensor.__rdiv__, a Python wrapper around these two
+    return torch.reciprocal(largest).mul_(minus)
 
 
 def _inf_norm(x):
@@ -1236,8 +1243,9 @@ def primal_dual(
         rd_n, rp_n = _inf_norm(rd), _inf_norm(here.primal)
         mu = torch.linalg.vecdot(s, lam) / mu_div
         # NaN or inf in any of them shows in their sum
-        finite = torch.isfinite(rd_n + rp_n + mu)
-        converged = (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
+        # (all three >= 0, so finite means below inf; isfinite is four ops)
+        finite = (rd_n + rp_n + mu) < math.inf
+        converged = (torch.maximum(rd_n, mu) <= tol_d) & (rp_n <= tol_p)  # (maximum keeps a NaN)
         dual_size = _inf_norm(torch.cat([lam, nu], -1))
         # duals far beyond the data while the constraints stay violated: no feasible point
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
@@ -1378,7 +1386,7 @@ def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, 
         torch.addcmul(minus_target, s_t, lam_t, out=there.comp)
         dual_t, theta = _squared_norm(rd_t), _squared_norm(there.whole)
         phi = dual_t + theta
-        ok = torch.isfinite(phi) & ((phi <= (1.0 - 1e-4 * alpha) * phi0)
+        ok = (phi < math.inf) & ((phi <= torch.rsub(1e-4 * alpha, 1.0) * phi0)
                                     | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):

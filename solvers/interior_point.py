@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -420,17 +421,18 @@ class ReducedNewton:
         self.kkt = ReducedKKT(H, Jg, Jh, lam / s)
         self.failed = self.kkt.failed
 
-    def step(self, rd, rc, rp, re):
+    def step(self, rd, rc, rp, re, out=None):
         """Solve the Newton equations
         H dz + Jg'dlam + Jh'dnu = -rd,  lam ds + s dlam = -rc,  Jg dz + ds = -rp,  Jh dz = -re
-        for (dz, dv, dnu), dv = [ds, dlam] (B, 2m) side by side as the loop keeps s and lam."""
+        for (dz, dv, dnu), dv = [ds, dlam] (B, 2m) side by side as the loop keeps s and lam
+        (written into ``out`` when given)."""
         Jg, lam, s = self.Jg, self.lam, self.s
         m = Jg.shape[-2]
         r1 = -rd - _mtv(Jg, (lam * rp - rc) / s) if m else -rd
         dz, dnu = self.kkt.solve(r1, -re, refine=0)
         ds = -rp - _mv(Jg, dz) if m else -rp
         dlam = (-rc - lam * ds) / s
-        return dz, torch.cat([ds, dlam], -1), dnu
+        return dz, torch.cat([ds, dlam], -1, out=out), dnu
 
 
 # ------------------------------------------------------------------------------------
@@ -744,7 +746,7 @@ class DiagonalNewton:
         out = _mtv(self.G, w[:, :self.k])
         return out + _mtv(self.Jh, w[:, self.k:]) if self.p else out
 
-    def step(self, rd, rc, rp, re):
+    def step(self, rd, rc, rp, re, out=None):
         """The same Newton equations as :meth:`ReducedNewton.step`, the same (dz, dv, dnu).
 
         Only the bound rows are folded into the right-hand side; the general rows keep
@@ -767,7 +769,7 @@ class DiagonalNewton:
         dnu = w[:, self.k:] if self.k else w
 
         m = Jg.m
-        dv = rd.new_empty(rd.shape[0], 2 * m)
+        dv = rd.new_empty(rd.shape[0], 2 * m) if out is None else out
         parts = Jg.step_parts(dv)
         ds_b, ds_R, dlam_b, dlam_R = (None,) * 4 if parts is None else parts
         dz_b = Jg.bounded_entries(dz)
@@ -1246,26 +1248,33 @@ def primal_dual(
         # (all three >= 0, so finite means below inf; isfinite is four ops)
         finite = (rd_n + rp_n + mu) < math.inf
         converged = (torch.maximum(rd_n, mu) <= tol_d) & (rp_n <= tol_p)  # (maximum keeps a NaN)
-        dual_size = _inf_norm(torch.cat([lam, nu], -1))
+        dual_size = lam.amax(-1) if m else z.new_zeros(B)  # (lam > 0: no abs, no join with nu)
+        if p:
+            dual_size = torch.maximum(dual_size, _inf_norm(nu))
         # duals far beyond the data while the constraints stay violated: no feasible point
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
         z_n = _inf_norm(z)
         unbounded = z_n > limit_z
         status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
                                                     (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
-        # the one host synchronization of the iteration
+        # a host synchronization (the iteration has a few: this, the Newton system's
+        # usable test, the line search's, the stall test)
         if it == max_iter or not bool(active.any()):
             break
 
         retired = (~active).unsqueeze(-1)
         newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired)
         refine = newton.refinement_rounds
+        # the predictor's step, the corrector's, and the centered step a lost line search
+        # takes: two buffers in turn (each step is dead when the next but one is taken),
+        # kept across iterations rather than fresh pages every time at large sizes
+        buffers = itertools.cycle([_scratch(workspace, name, v.shape, v.dtype, v.device) for name in ("dv0", "dv1")])
 
         def direction(rc):
             # Late iterations have lam/s spanning ~1e-15..1e15, so a reduced solve can
             # lose digits; refining against the unreduced Newton equations (whose
             # residuals involve only moderate numbers) restores them.
-            dz, dv, dnu = newton.step(rd, rc, rp, h)
+            dz, dv, dnu = newton.step(rd, rc, rp, h, out=next(buffers))
             for _ in range(refine):
                 ds, dlam = dv[:, :m], dv[:, m:]
                 e_d = rd + _apply(H, dz) + (_apply_t(Jg, dlam) if m else 0) + (_mtv(Jh, dnu) if p else 0)
@@ -1310,8 +1319,11 @@ def primal_dual(
         # at once: stop those instances rather than spin. A short step along a long
         # direction still moves z (exp of data over 24 decades took steps of 1e-13 along
         # directions of 1e14, which is progress)
-        stalled = (alpha < _STALL) & (alpha * _inf_norm(dz) <= _STALL * (1.0 + z_n))
-        status, active = _classify(status, active, ((newton.failed | stalled, NUMERICAL_ERROR),))
+        # (tested only where some active instance may be one: rarely)
+        slow = alpha < _STALL
+        if bool(((newton.failed | slow) & active).any()):
+            stalled = slow & (alpha * _inf_norm(dz) <= _STALL * (1.0 + z_n))
+            status, active = _classify(status, active, ((newton.failed | stalled, NUMERICAL_ERROR),))
         step = alpha.masked_fill(~active, 0.0)
         iterations.add_(active)
         if trial is not None and torch.equal(step, alpha):

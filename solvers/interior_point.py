@@ -1767,7 +1767,7 @@ def _least_squares_start(f: "QPFactor", g0) -> _Start:
     L1, info = torch.linalg.cholesky_ex(W1, out=(W1, torch.empty_like(f.delta, dtype=torch.int32)))
     y = _chol_solve(g0.unsqueeze(-1), L1).squeeze(-1)
     s_ls = _mv(f.W, y) - g0
-    s = s_ls + (1.0 - s_ls.amin(-1, keepdim=True)).clamp(min=0.0)
+    s = s_ls + torch.rsub(s_ls.amin(-1, keepdim=True), 1.0).clamp_(min=0.0)
     lam = -s_ls + (1.0 + s_ls.amax(-1, keepdim=True)).clamp(min=0.0)
     return _Start(y, s_ls, s, lam, info > 0)
 
@@ -2129,7 +2129,7 @@ def _active_set_solution(f, hv, b, active, tol, scale_dual, scale_primal, rounds
     nu, e = f.equality_multipliers(lam, b)
     rp_n = torch.maximum(g.amax(-1).clamp(min=0.0), _inf_norm(e))  # (the violations' inf-norm)
     # (a NaN or -inf multiplier fails the sign test, a +inf one makes rp_n inf or NaN)
-    ok = ~failed & (lam >= minus_tol_d).all(-1) & torch.isfinite(rp_n)
+    ok = ~failed & (lam >= minus_tol_d).all(-1) & (rp_n < math.inf)  # (rp_n >= 0 or NaN)
     kkt = ok & (rp_n <= tol_p.squeeze(-1))
     s, lam = _exact_point(active, lam, g)
     return ActiveSetSolution(s, lam, nu, rp_n, ok, kkt, active, L, order, solves)
@@ -2651,7 +2651,8 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
 
     def at(z):
         rd, g, h = residuals(z, z.new_zeros(B, m), nu0)
-        return rd, g, h, torch.isfinite(rd).all(-1) & torch.isfinite(g).all(-1) & torch.isfinite(h).all(-1)
+        # (NaN and inf show in the inf-norm: one reduction each, isfinite is four passes)
+        return rd, g, h, torch.maximum(torch.maximum(_inf_norm(rd), _inf_norm(g)), _inf_norm(h)) < math.inf
 
     rd, g, h, finite = at(z0)
     usable = finite if skip is None else finite | skip  # (a skipped instance needs no start)

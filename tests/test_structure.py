@@ -274,3 +274,21 @@ def test_a_one_row_newton_system_is_factored_by_its_square_root(dtype):
     L2, info = torch.linalg.cholesky_ex(torch.from_numpy(first).view(-1, 1, 1))
     ok = (info == 0) & ~bad
     torch.testing.assert_close(L[ok], L2[ok])
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_products_with_one_row_shared_by_the_batch(B):
+    # A simplex's Jacobian comes as one row expanded over the batch; its products take a
+    # shortcut (a broadcast, a dot product per instance), which must agree with the
+    # dense products, and a batched (B, 1, n) row that is not shared must not take it
+    import solvers.interior_point as ipm
+
+    n = 7
+    row = torch.randn(1, 1, n, generator=GEN, dtype=torch.float64)
+    x, y, r = (torch.randn(B, k, generator=GEN, dtype=torch.float64) for k in (n, 1, 1))
+    batched = torch.randn(B, 1, n, generator=GEN, dtype=torch.float64)
+    for A in (row.expand(B, 1, n), batched):
+        assert ipm._one_shared_row(A) == (A is not batched or B == 1)
+        torch.testing.assert_close(ipm._mv(A, x), torch.einsum("bkn,bn->bk", A, x))
+        torch.testing.assert_close(ipm._mtv(A, y), torch.einsum("bkn,bk->bn", A, y))
+        torch.testing.assert_close(ipm._mv_sub(r, A, x), r - torch.einsum("bkn,bn->bk", A, x))

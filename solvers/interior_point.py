@@ -630,7 +630,7 @@ def _dense(M):
 
 def _regularized_cholesky(S, E, workspace=None):
     """Cholesky of S + diag(E) for S (B, r, r) PSD and E (B, r) >= 0 (zero on equality
-    rows); S is overwritten. A small static shift keeps redundant equalities
+    rows; None where every row is one); S is overwritten. A small static shift keeps redundant equalities
     factorizable, and a larger one is tried where that fails. The shift scales with S
     alone: E = s/lam reaches 1e15 on inactive rows, and a shift that grew with it would
     spoil the others. It is relative to S however small S is (1 where S's diagonal is
@@ -644,7 +644,8 @@ def _regularized_cholesky(S, E, workspace=None):
     diagonal = S.diagonal(dim1=-2, dim2=-1)
     scale = diagonal.abs().amax(-1) if r else S.new_ones(S.shape[0])
     scale = torch.where(scale > 0, scale, 1.0)
-    diagonal.add_(E + (_regularization(S.dtype) * scale)[:, None])
+    shift = (_regularization(S.dtype) * scale)[:, None]
+    diagonal.add_(shift if E is None else E + shift)
     # S is symmetric: its transpose is in LAPACK's column-major layout, so the factor
     # starts from a plain copy of it rather than a transposing one
     S = S.transpose(-1, -2)
@@ -670,15 +671,17 @@ def _regularized_root(S, E):
     chosen per instance, with no LAPACK call (on the CPU an OpenMP region for its copy)
     and no host sync. The general path's shifts and failure test; the root is correctly
     rounded, where MKL's 1x1 Cholesky is 1 ulp off in ~1 % of cases."""
-    s = S[:, 0, 0]
+    s = S.reshape(-1)
     scale = s.abs()
     scale = torch.where(scale > 0, scale, 1.0)
-    first = s + (E[:, 0] + _regularization(S.dtype) * scale)
+    shift = _regularization(S.dtype) * scale
+    first = s + (shift if E is None else E.reshape(-1) + shift)
     second = first + (1e-8 - _regularization(S.dtype)) * scale
-    first_ok = first > 0  # (False for NaN, as LAPACK's test)
-    bad = ~(second > 0)  # (second >= first: it fails wherever first does, NaN included)
-    L = torch.where(first_ok, first, second).sqrt_().masked_fill_(bad, 1.0)
-    return L.view(-1, 1, 1), bad
+    # the first shift where it gives a positive pivot, else the second (>= first), and
+    # failed where neither does, NaN included (False in both tests, as in LAPACK's)
+    square = torch.where(first > 0, first, second)
+    ok = square > 0
+    return torch.where(ok, square, 1.0).sqrt_().view(-1, 1, 1), ~ok
 
 
 class DiagonalNewton:
@@ -742,9 +745,9 @@ class DiagonalNewton:
             E = torch.cat([self.s_R / self.lam_R, s.new_zeros(s.shape[0], self.p)], -1)
         elif _one_shared_row(Jh):  # (a simplex: S = sum_j a_j^2 / D_j, a dot product per instance)
             a = Jh[0, 0]
-            S, E = torch.linalg.vecdot(self.D_inv, a * a).view(-1, 1, 1), s.new_zeros(s.shape[0], 1)
+            S, E = torch.linalg.vecdot(self.D_inv, a * a).view(-1, 1, 1), None
         else:
-            S, E = (Jh * d) @ _mT(Jh), s.new_zeros(s.shape[0], self.p)
+            S, E = (Jh * d) @ _mT(Jh), None
         self.L, self.failed = _regularized_cholesky(S, E, workspace)
 
     def K_mv(self, x):
@@ -1245,7 +1248,7 @@ def primal_dual(
     # s and lam side by side: one tensor to step, to test against the boundary, and to
     # receive the Newton steps' halves, where two would be joined every time
     v = torch.cat([s, lam], -1)
-    s, lam = v[:, :m], v[:, m:]
+    s, lam = v.split_with_sizes([m, m], -1)  # (one call for both views)
     p = nu.shape[-1]
     # the residuals at the iterate, and at the line search's trial points
     here = _residual_rows(workspace, "here", B, m, p, z)
@@ -1354,7 +1357,7 @@ def primal_dual(
             z = torch.addcmul(z, step, dz)
             v = torch.addcmul(v, step, dv)
             nu = torch.addcmul(nu, step, dnu)
-        s, lam = v[:, :m], v[:, m:]
+        s, lam = v.split_with_sizes([m, m], -1)
 
     return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
 
@@ -1398,14 +1401,14 @@ def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, 
     those that did not (their alpha is then zero)."""
     m = here.rp.shape[-1]
     minus_target = -target[:, None]
-    torch.addcmul(minus_target, v[:, :m], v[:, m:], out=here.comp)
+    torch.addcmul(minus_target, *v.split_with_sizes([m, m], -1), out=here.comp)
     dual0, theta0 = _squared_norm(rd), _squared_norm(here.whole)
     phi0 = dual0 + theta0
     pending = active.clone()
     for trial in range(halvings + 1):
         a = alpha[:, None]
         z_t, v_t, nu_t = torch.addcmul(z, a, dz), torch.addcmul(v, a, dv), torch.addcmul(nu, a, dnu)
-        s_t, lam_t = v_t[:, :m], v_t[:, m:]
+        s_t, lam_t = v_t.split_with_sizes([m, m], -1)
         if trial == 0:
             evaluated = oracle.derivatives(z_t, lam_t, nu_t)
             rd_t, g_t, h_t = evaluated[:3]

@@ -1141,8 +1141,9 @@ def _classify(status, active, checks):
         ((mask, c),) = checks
         hit = active & mask
         return torch.where(hit, c, status), active & ~hit
-    code = torch.full_like(status, -1)
-    for mask, c in reversed(checks):
+    mask, c = checks[-1]
+    code = torch.where(mask, c, -1)  # (int64, as status)
+    for mask, c in reversed(checks[:-1]):
         code = torch.where(mask, c, code)
     hit = active & (code >= 0)
     return torch.where(hit, code, status), active & ~hit

@@ -1159,16 +1159,17 @@ def _predictor_corrector(direction, v, mu, fraction, complementarity=None):
     way to the boundary; at most 1) and the centering target sigma * mu (B,).
     """
     m = v.shape[-1] // 2
-    sl = v[:, :m] * v[:, m:] if complementarity is None else complementarity
+    halves = [m, m]  # (views split in one call, not two indexings)
+    sl = torch.mul(*v.split_with_sizes(halves, -1)) if complementarity is None else complementarity
     step = direction(sl)
     if not m:
         return step, torch.ones_like(mu), torch.zeros_like(mu)
     dv = step[0]
     trial = torch.addcmul(v, _step_to_boundary(v, dv, 1.0)[:, None], dv)
-    mu_aff = torch.linalg.vecdot(trial[:, :m], trial[:, m:]) / m
+    mu_aff = torch.linalg.vecdot(*trial.split_with_sizes(halves, -1)) / m
     centering = (mu_aff / mu.clamp(min=torch.finfo(v.dtype).tiny)).clamp(0.0, 1.0) ** 3
     target = centering * mu
-    step = direction(torch.addcmul(sl, dv[:, :m], dv[:, m:]).sub_(target[:, None]))
+    step = direction(torch.addcmul(sl, *dv.split_with_sizes(halves, -1)).sub_(target[:, None]))
     return step, _step_to_boundary(v, step[0], fraction), target
 
 
@@ -1285,7 +1286,8 @@ def primal_dual(
         if it == max_iter or not bool(active.any()):
             break
 
-        retired = (~active).unsqueeze(-1)
+        inactive = ~active
+        retired = inactive.unsqueeze(-1)
         newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired)
         refine = newton.refinement_rounds
         # the predictor's step, the corrector's, and the centered step a lost line search
@@ -1320,7 +1322,7 @@ def primal_dual(
         if not oracle.linear:
             # retired instances stay where they are: the trial point is then exactly the
             # next iterate for every instance that steps
-            alpha = alpha.masked_fill(~active, 0.0)
+            alpha = alpha.masked_fill(inactive, 0.0)
             alpha, trial, lost = _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target,
                                               active & ~newton.failed, halvings=_CORRECTOR_HALVINGS)
             if lost is not None:
@@ -1347,7 +1349,8 @@ def primal_dual(
         if bool(((newton.failed | slow) & active).any()):
             stalled = slow & (alpha * _inf_norm(dz) <= _STALL * (1.0 + z_n))
             status, active = _classify(status, active, ((newton.failed | stalled, NUMERICAL_ERROR),))
-        step = alpha.masked_fill(~active, 0.0)
+            inactive = ~active
+        step = alpha.masked_fill(inactive, 0.0)
         iterations.add_(active)
         if trial is not None and torch.equal(step, alpha):
             # every instance took the step the line search evaluated last: its point and

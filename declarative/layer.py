@@ -430,11 +430,21 @@ class OptimizationLayer(torch.nn.Module):
                     codes = None
             derivatives = None
         else:
-            derivatives = self._derivatives(code, consts, params, full, dtype, device)
+            def nlp_oracle(params, batch):
+                def full(x, shape):
+                    return x if x.shape[0] == batch else x.expand((batch,) + shape)
 
-            def residuals(z, lam, nu):
-                rd, g, h = code["kkt_residuals"](z, lam, nu, consts, *params)
-                return full(rd, (n,)), full(g, (m,)), full(h, (p,))
+                def residuals(z, lam, nu):
+                    rd, g, h = code["kkt_residuals"](z, lam, nu, consts, *params)
+                    return full(rd, (n,)), full(g, (m,)), full(h, (p,))
+                return self._derivatives(code, consts, params, full, dtype, device), residuals
+
+            def select(rows):
+                # the oracle of the instances ``rows`` alone: the solver drops those it has
+                # finished once they are most of the batch
+                return nlp_oracle([t[rows] if b else t for t, b in zip(params, batched)], rows.numel())
+
+            derivatives, residuals = nlp_oracle(params, batch)
 
             # the entries a log, entropy, sqrt ... takes as its argument start at 1, the
             # others at 0; where that is outside the functions' domain (log(x) + log(1 - x)
@@ -444,7 +454,7 @@ class OptimizationLayer(torch.nn.Module):
                 positive[off:off + size] = 1.0
             z0, *others = (positive.expand(batch, n) * scale for scale in _POSITIVE_STARTS)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
-                                   other_starts=others if stacked.positive_start else ())
+                                   other_starts=others if stacked.positive_start else (), select=select)
             qp = None
 
         status = result.status

@@ -1132,6 +1132,9 @@ class Oracle:
     derivatives: Callable
     residuals: Callable
     linear: bool  # constant Jacobians and Hessian: no line search needed
+    #: ``select(rows) -> (derivatives, residuals)`` of the instances ``rows`` (indices
+    #: into the batch this oracle was made for) alone; None: the batch stays whole
+    select: Optional[Callable] = None
 
 
 def _classify(status, active, checks):
@@ -1236,6 +1239,10 @@ def primal_dual(
     an instance is optimal when ``|grad_L|_inf <= tol * scale_dual``, ``|g + s|_inf`` and
     ``|h|_inf <= tol * scale_primal`` and ``s'lam / m <= tol * scale_dual``.
     ``skip`` (B,) bool marks instances not to solve (e.g. NaN inputs).
+
+    With ``oracle.select``, a large batch goes on with its unfinished instances alone once
+    they are few: the rest of the iterations then costs what they need (a batch waits for
+    its slowest instance, which can take several times the others' iterations).
     """
     B, m = z.shape[0], s.shape[-1]
     status, active = _start_status(B, skip, z.device)
@@ -1255,8 +1262,12 @@ def primal_dual(
     # the residuals at the iterate, and at the line search's trial points
     here = _residual_rows(workspace, "here", B, m, p, z)
     there = _residual_rows(workspace, "there", B, m, p, z)
+    # once the batch has dropped its finished instances: the original indices of those it
+    # goes on with, and the whole batch's results
+    rows = whole = None
 
-    for it in range(max_iter + 1):
+    it = 0
+    while True:
         if evaluated is None:
             rd, g, h, Jg, Jh, H = oracle.derivatives(z, lam, nu)
             torch.add(g, s, out=here.rp)
@@ -1283,8 +1294,24 @@ def primal_dual(
                                                     (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
         # a host synchronization (the iteration has a few: this, the Newton system's
         # usable test, the line search's, the stall test)
-        if it == max_iter or not bool(active.any()):
+        n_active = int(active.sum())
+        if it == max_iter or not n_active:
             break
+        if oracle.select is not None and B >= _DROP_MIN_BATCH and n_active <= _DROP_FRACTION * B:
+            keep = active.nonzero().squeeze(1)
+            whole = _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
+            rows = keep if rows is None else rows[keep]
+            B, z, v, nu = n_active, z[keep], v[keep], nu[keep]
+            s, lam = v.split_with_sizes([m, m], -1)
+            status, active, iterations = status[keep], active[keep], iterations[keep]
+            tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
+            derivatives, residuals = oracle.select(rows)
+            oracle = dataclasses.replace(oracle, derivatives=derivatives, residuals=residuals)
+            workspace.clear()
+            here = _residual_rows(workspace, "here", B, m, p, z)
+            there = _residual_rows(workspace, "there", B, m, p, z)
+            evaluated = None
+            continue  # (the kept instances' derivatives, and this iteration's tests again)
 
         inactive = ~active
         retired = inactive.unsqueeze(-1)
@@ -1362,8 +1389,27 @@ def primal_dual(
             v = torch.addcmul(v, step, dv)
             nu = torch.addcmul(nu, step, dnu)
         s, lam = v.split_with_sizes([m, m], -1)
+        it += 1
 
-    return InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu)
+    return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
+
+
+# a batch of at least this many instances goes on without its finished ones once the
+# unfinished are at most this fraction of it (below, the loop's small ops cost per call,
+# not per instance, and a smaller batch saves nothing)
+_DROP_MIN_BATCH = 64
+_DROP_FRACTION = 0.5
+_LOOP_FIELDS = ("z", "s", "lam", "nu", "status", "iterations", "primal_residual", "dual_residual",
+                "complementarity")
+
+
+def _with_rows(whole, rows, part):
+    """``whole`` (a result of the whole batch) with the instances ``rows`` taken from
+    ``part``; ``part`` itself where ``whole`` is None (it is the whole batch)."""
+    if whole is None:
+        return part
+    return dataclasses.replace(whole, **{name: getattr(whole, name).index_copy(0, rows, getattr(part, name))
+                                         for name in _LOOP_FIELDS})
 
 
 def _squared_norm(x):
@@ -2662,13 +2708,14 @@ def _take_polished(result, f, take, rows, sol):
 
 
 def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None,
-              other_starts=()) -> InteriorPointResult:
+              other_starts=(), select=None) -> InteriorPointResult:
     """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
 
     z0 (B, n) is the starting point; it should lie in the domain of the functions. An
     instance where it does not (the residuals there are not finite) starts from the
     first of ``other_starts`` ((B, n) each) where they are; one where none does is
-    skipped (numerical_error).
+    skipped (numerical_error). ``select(rows) -> (derivatives, residuals)`` of some
+    instances alone lets the loop drop finished ones (:attr:`Oracle.select`).
     """
     tol = default_tol(z0.dtype) if tol is None else tol
     B = z0.shape[0]
@@ -2701,10 +2748,15 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     if sigma is not None:
         derivatives, residuals = _scaled_objective(derivatives, residuals, sigma)
         rd = rd / sigma[:, None]
+        if select is not None:
+            unscaled = select
+
+            def select(rows):
+                return _scaled_objective(*unscaled(rows), sigma[rows])
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
     result = primal_dual(
-        Oracle(derivatives, residuals, linear=False), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
+        Oracle(derivatives, residuals, linear=False, select=select), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
     )
     if sigma is None:

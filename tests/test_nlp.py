@@ -343,3 +343,56 @@ def test_a_large_objective_has_the_same_gradient(scale):
     leaf = theta.clone().requires_grad_()
     (expected,) = torch.autograd.grad((w * torch.softmax(leaf, -1)).sum(), leaf)
     torch.testing.assert_close(grad, expected, atol=1e-9, rtol=0)
+
+
+def _dropping_spy(monkeypatch):
+    """The batches the NLP loop goes on with after dropping finished instances."""
+    import dataclasses
+
+    import solvers.interior_point as ipm
+
+    kept, loop = [], ipm.primal_dual
+
+    def spy(oracle, *args, **kwargs):
+        select = oracle.select
+
+        def recorded(rows):
+            kept.append(rows.clone())
+            return select(rows)
+        return loop(dataclasses.replace(oracle, select=recorded), *args, **kwargs)
+    monkeypatch.setattr(ipm, "primal_dual", spy)
+    return kept
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-8])
+def test_a_large_batch_goes_on_without_its_finished_instances(monkeypatch, scale):
+    # 128 softmax instances, every eighth with logits spread wide (several times the
+    # others' iterations): once most are finished the loop goes on with the rest alone.
+    # Every instance comes out as the closed form says, and as it does alone (output,
+    # iterations and gradient); an objective scaled to 1e-8 (divided by its size inside
+    # the solver) drops its instances the same way.
+    kept = _dropping_spy(monkeypatch)
+    layer, _ = scaled_softmax_layer(scale, n=20)
+    theta = torch.randn(128, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    theta[::8] *= 12
+    w = torch.randn(theta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    leaf = theta.clone().requires_grad_()
+    out = layer(leaf)
+    (grad,) = torch.autograd.grad((w * out).sum(), leaf)
+    iterations = layer.info.iterations.clone()
+    assert layer.info.status == ["optimal"] * 128
+    assert kept and all(len(rows) <= 64 for rows in kept)
+    assert iterations.max() > iterations.median() + 3  # (what there is to drop)
+    expected = torch.softmax(theta, -1)
+    torch.testing.assert_close(out.detach(), expected, atol=1e-9, rtol=0)
+    ref = theta.clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad((w * torch.softmax(ref, -1)).sum(), ref)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-7, rtol=0)
+    slow = int(iterations.argmax())
+    for i in (0, 1, slow):
+        alone = theta[i:i + 1].clone().requires_grad_()
+        z = layer(alone)
+        assert torch.equal(z.detach(), out[i:i + 1].detach())
+        assert int(layer.info.iterations[0]) == int(iterations[i])
+        (g,) = torch.autograd.grad((w[i:i + 1] * z).sum(), alone)
+        torch.testing.assert_close(g, grad[i:i + 1], atol=1e-12, rtol=0)

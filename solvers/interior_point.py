@@ -1611,9 +1611,18 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
     residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
 
-    def derivatives(z, lam, nu):
-        rd, g, h = residuals(z, lam, nu)
-        return rd, g, h, G, A, Q
+    def oracle_of(Q, c, G, hv, A, b):
+        residuals = _qp_residuals(Q, c, G, hv, A, b)[0]
+
+        def derivatives(z, lam, nu):
+            rd, g, h = residuals(z, lam, nu)
+            return rd, g, h, G, A, Q
+        return derivatives, residuals
+
+    def select(rows):  # (the loop drops finished instances of a large batch)
+        return oracle_of(*(_rows_of(t, rows) for t in (Q, c, G, hv, A, b)))
+
+    derivatives, residuals = oracle_of(Q, c, G, hv, A, b)
 
     # start: minimize z'Qz/2 + c'z + |Gz - hv|^2/2 s.t. Az = b, then push s, lam inside
     ones = Q.new_ones(B, m)
@@ -1623,12 +1632,20 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     s0 = (hv - _mv(G, z0)).clamp(min=1.0) if m else ones
     skip = kkt.failed if skip is None else (skip | kkt.failed)
     result = primal_dual(
-        Oracle(derivatives, residuals, linear=True), z0, s0, ones, Q.new_zeros(B, p),
+        Oracle(derivatives, residuals, linear=True, select=select), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
     )
     if m:
         result = _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip)
     return _certify_infeasible(result, G, hv, A, b, skip)
+
+
+def _rows_of(t, rows):
+    """The instances ``rows`` of t (B, ...); one expanded over the batch (shared data)
+    stays a view."""
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1].expand((rows.numel(),) + t.shape[1:])
+    return t.index_select(0, rows)
 
 
 def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):

@@ -1134,3 +1134,41 @@ def test_buffer_pool_bounds_and_copies():
     for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert not other._block_pool._free
         other(*random_qp(2, 4, 3, 1, seed=0))
+
+
+def test_a_large_lp_batch_goes_on_without_its_finished_instances(monkeypatch):
+    # LPs take the general loop, which drops a large batch's finished instances once
+    # they are most of it (every eighth cost vector is large: those take longer). Each
+    # instance comes out as it does alone, and as CVXPY says.
+    import dataclasses
+
+    import solvers.interior_point as ipm
+
+    kept, loop = [], ipm.primal_dual
+
+    def spy(oracle, *args, **kwargs):
+        select = oracle.select
+
+        def recorded(rows):
+            kept.append(rows.clone())
+            return select(rows)
+        return loop(dataclasses.replace(oracle, select=recorded), *args, **kwargs)
+    monkeypatch.setattr(ipm, "primal_dual", spy)
+    n, m, B = 8, 20, 96
+    x = dl.Variable(n, name="x")
+    c, G, h = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G"), dl.Parameter(m, name="h")
+    layer = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -10, x <= 10]).to_torch(tol=1e-11)
+    gen = torch.Generator().manual_seed(7)
+    c_t = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    c_t[::8] *= 50
+    G_t = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    h_t = torch.rand(B, m, generator=gen, dtype=torch.float64) + 0.5
+    xs = layer(c_t, G_t, h_t)
+    iterations = layer.info.iterations.clone()
+    assert layer.info.status == ["optimal"] * B and kept and all(len(rows) <= B // 2 for rows in kept)
+    for i in (0, 1, int(iterations.argmax())):
+        assert torch.equal(layer(c_t[i], G_t[i], h_t[i]), xs[i])
+        assert int(layer.info.iterations[0]) == int(iterations[i])
+        xv = cp.Variable(n)
+        solve(cp.Problem(cp.Minimize(c_t[i].numpy() @ xv), [G_t[i].numpy() @ xv <= h_t[i].numpy(), xv >= -10, xv <= 10]))
+        np.testing.assert_allclose(xs[i].numpy(), xv.value, atol=1e-6)

@@ -630,8 +630,8 @@ def _dense(M):
 
 def _regularized_cholesky(S, E, workspace=None):
     """Cholesky of S + diag(E) for S (B, r, r) PSD and E (B, r) >= 0 (zero on equality
-    rows; None where every row is one); S is overwritten. A small static shift keeps redundant equalities
-    factorizable, and a larger one is tried where that fails. The shift scales with S
+    rows; None where every row is one); S is overwritten. A small static shift keeps
+    redundant equalities factorizable, and a larger one is tried where that fails. The shift scales with S
     alone: E = s/lam reaches 1e15 on inactive rows, and a shift that grew with it would
     spoil the others. It is relative to S however small S is (1 where S's diagonal is
     zero): S = K H^-1 K' is 1e-8 for an objective times 1e8, and a shift of 1e-13 at
@@ -853,6 +853,8 @@ class _ResidualRows(NamedTuple):
 
 
 def _residual_rows(workspace, name, B, m, p, like):
+    """The :class:`_ResidualRows` kept in ``workspace`` under ``name``, made on first use
+    (the caller clears the workspace when the batch changes)."""
     rows = workspace.get(name)
     if rows is None:
         whole = like.new_empty(B, 2 * m + p)
@@ -1471,7 +1473,7 @@ def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, 
         dual_t, theta = _squared_norm(rd_t), _squared_norm(there.whole)
         phi = dual_t + theta
         ok = (phi < math.inf) & ((phi <= torch.rsub(1e-4 * alpha, 1.0) * phi0)
-                                    | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
+                                 | ((theta <= 0.1 * theta0) & (dual_t <= _FILTER_DUAL_GROWTH * phi0)))
         pending = pending & ~ok
         if not bool(pending.any()):
             return alpha, (((z_t, v_t, nu_t), evaluated) if trial == 0 else None), None

@@ -21,3 +21,24 @@ def random_qp(batch, n, m, p, seed=0, dtype=torch.float64):
 @pytest.fixture
 def qp_data():
     return random_qp
+
+
+@pytest.fixture
+def kept_batches(monkeypatch):
+    """The instances (indices into the batch) the interior-point loop goes on with each
+    time it drops finished ones, recorded as it asks its oracle for them."""
+    import dataclasses
+
+    import solvers.interior_point as ipm
+
+    kept, loop = [], ipm.primal_dual
+
+    def spy(oracle, *args, **kwargs):
+        select = oracle.select
+
+        def recorded(rows):
+            kept.append(rows.clone())
+            return select(rows)
+        return loop(dataclasses.replace(oracle, select=recorded), *args, **kwargs)
+    monkeypatch.setattr(ipm, "primal_dual", spy)
+    return kept

@@ -345,33 +345,14 @@ def test_a_large_objective_has_the_same_gradient(scale):
     torch.testing.assert_close(grad, expected, atol=1e-9, rtol=0)
 
 
-def _dropping_spy(monkeypatch):
-    """The batches the NLP loop goes on with after dropping finished instances."""
-    import dataclasses
-
-    import solvers.interior_point as ipm
-
-    kept, loop = [], ipm.primal_dual
-
-    def spy(oracle, *args, **kwargs):
-        select = oracle.select
-
-        def recorded(rows):
-            kept.append(rows.clone())
-            return select(rows)
-        return loop(dataclasses.replace(oracle, select=recorded), *args, **kwargs)
-    monkeypatch.setattr(ipm, "primal_dual", spy)
-    return kept
-
-
 @pytest.mark.parametrize("scale", [1.0, 1e-8])
-def test_a_large_batch_goes_on_without_its_finished_instances(monkeypatch, scale):
+def test_a_large_batch_goes_on_without_its_finished_instances(kept_batches, scale):
     # 128 softmax instances, every eighth with logits spread wide (several times the
     # others' iterations): once most are finished the loop goes on with the rest alone.
     # Every instance comes out as the closed form says, and as it does alone (output,
     # iterations and gradient); an objective scaled to 1e-8 (divided by its size inside
     # the solver) drops its instances the same way.
-    kept = _dropping_spy(monkeypatch)
+    kept = kept_batches
     layer, _ = scaled_softmax_layer(scale, n=20)
     theta = torch.randn(128, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     theta[::8] *= 12

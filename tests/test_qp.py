@@ -1136,24 +1136,11 @@ def test_buffer_pool_bounds_and_copies():
         other(*random_qp(2, 4, 3, 1, seed=0))
 
 
-def test_a_large_lp_batch_goes_on_without_its_finished_instances(monkeypatch):
+def test_a_large_lp_batch_goes_on_without_its_finished_instances(kept_batches):
     # LPs take the general loop, which drops a large batch's finished instances once
     # they are most of it (every eighth cost vector is large: those take longer). Each
     # instance comes out as it does alone, and as CVXPY says.
-    import dataclasses
-
-    import solvers.interior_point as ipm
-
-    kept, loop = [], ipm.primal_dual
-
-    def spy(oracle, *args, **kwargs):
-        select = oracle.select
-
-        def recorded(rows):
-            kept.append(rows.clone())
-            return select(rows)
-        return loop(dataclasses.replace(oracle, select=recorded), *args, **kwargs)
-    monkeypatch.setattr(ipm, "primal_dual", spy)
+    kept = kept_batches
     n, m, B = 8, 20, 96
     x = dl.Variable(n, name="x")
     c, G, h = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G"), dl.Parameter(m, name="h")

@@ -403,8 +403,7 @@ class OptimizationLayer(torch.nn.Module):
         n, m, p = stacked.n, stacked.m, stacked.p
         ref = consts[0] if consts else torch.empty(0, dtype=dtype, device=device)  # (the dtype and device)
 
-        def full(x, shape):
-            return x if x.shape[0] == batch else x.expand((batch,) + shape)
+        full = _batch_full(batch)
 
         def qp_data(params):
             Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
@@ -431,8 +430,7 @@ class OptimizationLayer(torch.nn.Module):
             derivatives = None
         else:
             def nlp_oracle(params, batch):
-                def full(x, shape):
-                    return x if x.shape[0] == batch else x.expand((batch,) + shape)
+                full = _batch_full(batch)
 
                 def residuals(z, lam, nu):
                     rd, g, h = code["kkt_residuals"](z, lam, nu, consts, *params)
@@ -533,6 +531,14 @@ def _nonfinite_instances(params, batched, batch, device):
         finite = torch.isfinite(p).reshape(p.shape[0], -1).all(-1)
         bad = bad | ~(finite if b else finite.expand(batch))
     return bad
+
+
+def _batch_full(batch):
+    """``full(x, shape)``: x (batch or 1, *shape) as a (batch, *shape) tensor (a shared
+    one expanded, not copied)."""
+    def full(x, shape):
+        return x if x.shape[0] == batch else x.expand((batch,) + shape)
+    return full
 
 
 def _zeroed(params):

@@ -377,3 +377,29 @@ def test_a_large_batch_goes_on_without_its_finished_instances(kept_batches, scal
         assert int(layer.info.iterations[0]) == int(iterations[i])
         (g,) = torch.autograd.grad((w[i:i + 1] * z).sum(), alone)
         torch.testing.assert_close(g, grad[i:i + 1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(dtype):
+    # Weighted entropy with linear inequalities G z <= h, G a batched parameter, duals
+    # returned. Alone (B = 1) the generated code took one matrix product for G'lam where
+    # a batch takes a batched one, and float64 and float32 rounded differently; and a
+    # batch of 96 drops its finished instances, down to one at the end.
+    n, k, B = 10, 5, 96
+    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
+    G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
+    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
+                       [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(return_duals=True, warn=False)
+    g = torch.Generator().manual_seed(2)
+    G_t = torch.randn(B, k, n, generator=g, dtype=torch.float64)
+    args = [3 * torch.randn(B, n, generator=g, dtype=torch.float64), torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5,
+            G_t, G_t.sum(-1) / n + 0.1]
+    args = [a.to(dtype) for a in args]
+    together = layer(*args)
+    iterations = layer.info.iterations.clone()
+    assert layer.info.status == ["optimal"] * B
+    for i in (0, int(iterations.argmax()), B - 1):
+        alone = layer(*(a[i:i + 1] for a in args))
+        assert int(layer.info.iterations[0]) == int(iterations[i])
+        for x, y in zip(together, alone):
+            assert torch.equal(x[i:i + 1], y)

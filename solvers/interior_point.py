@@ -2768,10 +2768,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         derivatives, residuals = _scaled_objective(derivatives, residuals, sigma)
         rd = rd / sigma[:, None]
         if select is not None:
-            unscaled = select
-
-            def select(rows):
-                return _scaled_objective(*unscaled(rows), sigma[rows])
+            select = _scaled_select(select, sigma)
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
     result = primal_dual(
@@ -2797,6 +2794,12 @@ def _objective_scale_nlp(grad0, skip):
     if not bool(small.any()):
         return None
     return torch.where(small, size, 1.0)
+
+
+def _scaled_select(select, sigma):
+    """``select`` (:attr:`Oracle.select`) of the problem with its objective divided by
+    ``sigma`` (B,): the kept instances' oracle, scaled by their own sigma."""
+    return lambda rows: _scaled_objective(*select(rows), sigma[rows])
 
 
 def _scaled_objective(derivatives, residuals, sigma):

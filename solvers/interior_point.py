@@ -1299,7 +1299,7 @@ def primal_dual(
         n_active = int(active.sum())
         if it == max_iter or not n_active:
             break
-        if oracle.select is not None and B >= _DROP_MIN_BATCH and n_active <= _DROP_FRACTION * B:
+        if oracle.select is not None and n_active <= _DROP_FRACTION * B and _worth_dropping(B, Jg, Jh):
             keep = active.nonzero().squeeze(1)
             whole = _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
             rows = keep if rows is None else rows[keep]
@@ -1396,13 +1396,26 @@ def primal_dual(
     return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
 
 
-# a batch of at least this many instances goes on without its finished ones once the
-# unfinished are at most this fraction of it (below, the loop's small ops cost per call,
-# not per instance, and a smaller batch saves nothing)
-_DROP_MIN_BATCH = 64
+# a batch goes on without its finished instances once the unfinished are at most this
+# fraction of it, if it has at least this many instances, or at least this many entries
+# in its constraints' Jacobians (dense blocks: their products and the factorization they
+# feed cost per instance). Below both, the loop's small ops cost per call, not per
+# instance, and a smaller batch saves less than the drop costs (softmax, 32 x 10: 12 %
+# slower; weighted entropy with 50 dense rows, 32 x 100: 5 % faster)
 _DROP_FRACTION = 0.5
+_DROP_MIN_BATCH = 64
+_DROP_MIN_ENTRIES = 1 << 16
 _LOOP_FIELDS = ("z", "s", "lam", "nu", "status", "iterations", "primal_residual", "dual_residual",
                 "complementarity")
+
+
+def _worth_dropping(B, Jg, Jh):
+    """Whether a batch of B instances with these constraint Jacobians saves more by
+    dropping its finished instances than the drop costs (the limits above)."""
+    if B >= _DROP_MIN_BATCH:
+        return True
+    dense = Jg.general if isinstance(Jg, BoundedJacobian) else Jg
+    return B * (dense.shape[-2] * dense.shape[-1] + Jh.shape[-2] * Jh.shape[-1]) >= _DROP_MIN_ENTRIES
 
 
 def _with_rows(whole, rows, part):

@@ -380,11 +380,12 @@ def test_a_large_batch_goes_on_without_its_finished_instances(kept_batches, scal
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(dtype):
+def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(kept_batches, dtype):
     # Weighted entropy with linear inequalities G z <= h, G a batched parameter, duals
     # returned. Alone (B = 1) the generated code took one matrix product for G'lam where
-    # a batch takes a batched one, and float64 and float32 rounded differently; and a
-    # batch of 96 drops its finished instances, down to one at the end.
+    # a batch takes a batched one, and float64 and float32 rounded differently; and the
+    # batch of 96 goes on without its finished instances (once: the 42 left are too few
+    # to drop more).
     n, k, B = 10, 5, 96
     z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
     G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
@@ -398,8 +399,49 @@ def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(dtyp
     together = layer(*args)
     iterations = layer.info.iterations.clone()
     assert layer.info.status == ["optimal"] * B
+    assert kept_batches and len(kept_batches[0]) <= B // 2
     for i in (0, int(iterations.argmax()), B - 1):
         alone = layer(*(a[i:i + 1] for a in args))
         assert int(layer.info.iterations[0]) == int(iterations[i])
         for x, y in zip(together, alone):
             assert torch.equal(x[i:i + 1], y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_instances(kept_batches, monkeypatch,
+                                                                                     dtype):
+    # 16 instances are few, but their (50, 100) inequality blocks make every product and
+    # factorization of the iteration cost per instance: once half are finished the rest
+    # go on alone (every fourth has its logits spread twice as wide and takes more
+    # iterations). The results are bitwise those of the batch that keeps every instance.
+    import solvers.interior_point as ipm
+
+    n, k, B = 100, 50, 16
+    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
+    G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
+    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
+                       [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(return_duals=True, warn=False)
+    g = torch.Generator().manual_seed(2)
+    G_t = torch.randn(B, k, n, generator=g, dtype=torch.float64)
+    theta_t = 3 * torch.randn(B, n, generator=g, dtype=torch.float64)
+    theta_t[::4] *= 2
+    args = [a.to(dtype) for a in (theta_t, torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5, G_t,
+                                  G_t.sum(-1) / n + 0.1)]
+    u = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype)
+
+    def solved():
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = layer(*leaves)
+        grads = torch.autograd.grad((u * out[0]).sum(), leaves)
+        return [o.detach() for o in out], grads, layer.info.iterations.clone(), list(layer.info.status)
+
+    out, grads, iterations, status = solved()
+    assert status == ["optimal"] * B
+    assert kept_batches and len(kept_batches[0]) <= B // 2
+    monkeypatch.setattr(ipm, "_DROP_FRACTION", 0.0)  # (never: some instance is unfinished)
+    kept_batches.clear()
+    whole_out, whole_grads, whole_iterations, _ = solved()
+    assert not kept_batches
+    assert torch.equal(iterations, whole_iterations)
+    for x, y in zip(out + list(grads), whole_out + list(whole_grads)):
+        assert torch.equal(x, y)

@@ -605,11 +605,13 @@ def entropy_reference(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
     for i in range(B):
         th.value, wp.value, Gp.value, hp.value = theta[i], wt[i], G[i], h[i]
         # Clarabel ends some of these 'optimal_inaccurate' even at 1e-8 (on one CPU and
-        # not another): kept, and polished like the others
-        inaccurate += _clarabel_solve(prob, accept_inaccurate=True) == math.inf
+        # not another): kept, and polished like the others, the polish allowed to move
+        # further (one at (1024, 100) was 1.7e-5 off the KKT point it polished to)
+        rough = _clarabel_solve(prob, accept_inaccurate=True) == math.inf
+        inaccurate += rough
         zr = np.asarray(z.value, dtype=float)
         lam = np.asarray(cons[2].dual_value, dtype=float)
-        zp = _polish_entropy(theta[i], wt[i], G[i], h[i], zr, lam)
+        zp = _polish_entropy(theta[i], wt[i], G[i], h[i], zr, lam, max_correction=1e-3 if rough else 1e-5)
         if zp is not None:
             delta = max(delta, float(np.max(np.abs(zp - zr))))
             polished += 1
@@ -621,8 +623,13 @@ def entropy_reference(d: Dict[str, torch.Tensor]) -> Dict[str, object]:
                 seconds=time.perf_counter() - t0, active_per_instance=nact / B, inaccurate=inaccurate)
 
 
-def _polish_entropy(theta, wt, G, h, z, lam, iters=20):
-    """Newton on  theta - wt*(log z + 1) - nu*1 - Ga' lam = 0, 1'z = 1, Ga z = ha."""
+def _polish_entropy(theta, wt, G, h, z, lam, iters=20, max_correction=1e-5):
+    """Newton on  theta - wt*(log z + 1) - nu*1 - Ga' lam = 0, 1'z = 1, Ga z = ha.
+
+    The result is kept only if it is a KKT point of the whole problem (stationary,
+    feasible, the active rows' multipliers nonnegative, the others' rows satisfied:
+    with a strictly concave objective, the unique solution) and within
+    ``max_correction`` of Clarabel's z, a check on the active set guessed from it."""
     slack = h - G @ z
     act = lam > slack
     Ga, ha = G[act], h[act]
@@ -660,7 +667,7 @@ def _polish_entropy(theta, wt, G, h, z, lam, iters=20):
         return None
     if (G[~act] @ zz - h[~act]).max(initial=-1.0) > 1e-10:
         return None
-    if np.max(np.abs(zz - z)) > 1e-5:
+    if np.max(np.abs(zz - z)) > max_correction:
         return None
     return zz
 

@@ -104,20 +104,25 @@ def _matmat(a, b):
     return a @ b
 
 
-def _outer_sum(pairs, scale):
-    """scale * sum_k outer(a_k, b_k) for vectors a_k (B or 1, r), b_k (B or 1, c): one
-    (B, r, K) x (B, K, c) matrix product instead of K outer products and K - 1 sums
-    over (B, r, c) temporaries. Small ones are the outer products, accumulated in place:
-    the two stacks cost more than the passes there (10 against 18 us at (32, 10, 10), K = 2)."""
+def _outer_sum(pairs, scale, weights=None):
+    """scale * sum_k w_k outer(a_k, b_k) for vectors a_k (B or 1, r), b_k (B or 1, c) and
+    numbers w_k (``weights``, one per pair after the first, whose is 1; default all 1):
+    one (B, r, K) x (B, K, c) matrix product instead of K outer products and K - 1 sums
+    over (B, r, c) temporaries (a difference of two took a third of the time at
+    (1024, 50, 100)). Small ones are the outer products, accumulated in place: the two
+    stacks cost more than the passes there (10 against 18 us at (32, 10, 10), K = 2)."""
     batch = max(x.shape[0] for pair in pairs for x in pair)
     (a, b), rest = pairs[0], pairs[1:]
+    weights = (1.0,) * len(rest) if weights is None else weights
     if batch * a.shape[-1] * b.shape[-1] <= 1 << 13:
         out = torch.mul(a.unsqueeze(-1), b.unsqueeze(-2))
         if out.shape[0] != batch:  # (the first pair shared, a later one batched)
             out = out.expand(batch, -1, -1).contiguous()
-        for a, b in rest:
-            out.addcmul_(a.unsqueeze(-1), b.unsqueeze(-2))
+        for (a, b), w in zip(rest, weights):
+            out.addcmul_(a.unsqueeze(-1), b.unsqueeze(-2), value=w)
         return out if scale == 1.0 else out.mul_(scale)
+    rest = [(a if w == 1.0 else a * w, b) for (a, b), w in zip(rest, weights)]
+    pairs = [pairs[0]] + rest
     left = torch.stack([a if a.shape[0] == batch else a.expand(batch, -1) for a, _ in pairs], -1)
     right = torch.stack([b if b.shape[0] == batch else b.expand(batch, -1) for _, b in pairs], -2)
     # bmm, not @: matmul's shape dispatch costs about as much as a small product
@@ -212,16 +217,14 @@ class _Writer:
         raise NotImplementedError(f"cannot generate code for {op} nodes (nonsmooth atoms must be canonicalized)")
 
     def _outer_sum(self, node: Node):
-        """``c * (outer(a1, b1) + outer(a2, b2) + ...)`` as one batched matrix product
-        (:func:`_outer_sum` in the prelude), or None when ``node`` is not of that form.
+        """``c1 outer(a1, b1) + c2 outer(a2, b2) + ...`` (numbers c_k) as one batched matrix
+        product (:func:`_outer_sum` in the prelude), or None when ``node`` is not of that form.
         Gradients with respect to matrix parameters (dQ, dG, dA) have this form; as
         separate outer products they cost 2K passes over (B, r, c) tensors."""
         expr = node.attrs.expr
         if node.ndim != 2 or not expr.is_Add:
             return None
-        coeffs = {float(t.as_coeff_Mul()[0]) for t in expr.args}
-        if len(coeffs) != 1:
-            return None
+        coeffs = [float(t.as_coeff_Mul()[0]) for t in expr.args]
         by_symbol = dict(zip(node.attrs.variables, node.args))
         pairs = []
         for term in expr.args:
@@ -239,7 +242,10 @@ class _Writer:
             else:
                 return None
         text = ", ".join(f"({self.name(a)}, {self.name(b)})" for a, b in pairs)
-        return f"_outer_sum(({text},), {coeffs.pop()!r})"
+        weights = tuple(c / coeffs[0] for c in coeffs[1:])
+        if all(w == 1.0 for w in weights):
+            return f"_outer_sum(({text},), {coeffs[0]!r})"
+        return f"_outer_sum(({text},), {coeffs[0]!r}, {weights!r})"
 
     def output(self, out: Output) -> str:
         blocks = out.blocks

@@ -77,7 +77,17 @@ def _sums_and_entropies():
                       [dl.sum(z) == 1, -dl.sum(dl.log(z)) <= 20, z >= 0.01])
 
 
-@pytest.mark.parametrize("build, positive", [(_random_nlp, False), (_sums_and_entropies, True)])
+def _entropy_with_rows():
+    # the gradient with respect to G of G z <= h is a difference of two outer products
+    # (lam u_lam z' and lam u_z'): one _outer_sum with a weight of -1
+    z = dl.Variable(5, name="z")
+    theta, w = dl.Parameter(5, name="theta"), dl.Parameter(5, name="w")
+    G, h = dl.Parameter((3, 5), name="G"), dl.Parameter(3, name="h")
+    return dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)), [dl.sum(z) == 1, z >= 0, G @ z <= h])
+
+
+@pytest.mark.parametrize("build, positive", [(_random_nlp, False), (_sums_and_entropies, True),
+                                             (_entropy_with_rows, True)])
 def test_generated_derivatives_match_torch_autograd(build, positive):
     prob = build()
     cp_ = prob.compile()
@@ -130,6 +140,11 @@ def test_constants_of_sums_fold_out_of_the_generated_derivatives():
     assert re.search(r"out4 = consts\[\d+\]", body)  # Jh
     assert "torch.reciprocal(z)" in body
     assert body.count("\n    t") <= 10  # (18 before the folds)
+
+
+def test_a_difference_of_outer_products_is_one_product():
+    body = _entropy_with_rows().compile().code.source.split("def parameter_vjp", 1)[1].split("\ndef ", 1)[0]
+    assert re.search(r"_outer_sum\(\(\(\w+, \w+\), \(\w+, \w+\),\), [-0-9.]+, \(-1\.0,\)\)", body), body
 
 
 def test_generated_source_is_valid_python_with_readable_tracebacks():
@@ -215,7 +230,9 @@ def test_outer_sum_matches_explicit_outer_products(batch, r, c):
         pairs = [(torch.randn(k, r, generator=gen, dtype=torch.float64),
                   torch.randn(k, c, generator=gen, dtype=torch.float64)) for k in batches]
         for scale in (1.0, -0.5):
-            expected = scale * sum(torch.einsum("bi,bj->bij", a, b_) for a, b_ in pairs)
-            got = prelude["_outer_sum"](tuple(pairs), scale)
-            assert got.shape == (batch, r, c)
-            torch.testing.assert_close(got, expected.expand(batch, r, c), rtol=1e-12, atol=1e-12)
+            for weights in (None, (-1.0, 2.5)):
+                w = (1.0,) + (weights or (1.0, 1.0))
+                expected = scale * sum(w_k * torch.einsum("bi,bj->bij", a, b_) for w_k, (a, b_) in zip(w, pairs))
+                got = prelude["_outer_sum"](tuple(pairs), scale, weights)
+                assert got.shape == (batch, r, c)
+                torch.testing.assert_close(got, expected.expand(batch, r, c), rtol=1e-12, atol=1e-12)

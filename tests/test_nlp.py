@@ -379,6 +379,21 @@ def test_a_large_batch_goes_on_without_its_finished_instances(kept_batches, scal
         torch.testing.assert_close(g, grad[i:i + 1], atol=1e-12, rtol=0)
 
 
+def weighted_entropy_with_rows(n, k, B):
+    """Weighted entropy with linear inequalities G z <= h (G a batched parameter; duals
+    returned) and B random instances in float64 (h keeps z = 1/n strictly feasible):
+    (layer, [theta, w, G, h], the generator, for further draws)."""
+    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
+    G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
+    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
+                       [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(return_duals=True, warn=False)
+    g = torch.Generator().manual_seed(2)
+    G_t = torch.randn(B, k, n, generator=g, dtype=torch.float64)
+    args = [3 * torch.randn(B, n, generator=g, dtype=torch.float64),
+            torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5, G_t, G_t.sum(-1) / n + 0.1]
+    return layer, args, g
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(kept_batches, dtype):
     # Weighted entropy with linear inequalities G z <= h, G a batched parameter, duals
@@ -386,15 +401,8 @@ def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(kept
     # a batch takes a batched one, and float64 and float32 rounded differently; and the
     # batch of 96 goes on without its finished instances (once: the 42 left are too few
     # to drop more).
-    n, k, B = 10, 5, 96
-    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
-    G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
-    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
-                       [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(return_duals=True, warn=False)
-    g = torch.Generator().manual_seed(2)
-    G_t = torch.randn(B, k, n, generator=g, dtype=torch.float64)
-    args = [3 * torch.randn(B, n, generator=g, dtype=torch.float64), torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5,
-            G_t, G_t.sum(-1) / n + 0.1]
+    B = 96
+    layer, args, _ = weighted_entropy_with_rows(10, 5, B)
     args = [a.to(dtype) for a in args]
     together = layer(*args)
     iterations = layer.info.iterations.clone()
@@ -416,17 +424,10 @@ def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_inst
     # iterations). The results are bitwise those of the batch that keeps every instance.
     import solvers.interior_point as ipm
 
-    n, k, B = 100, 50, 16
-    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
-    G, h = dl.Parameter((k, n), name="G"), dl.Parameter(k, name="h")
-    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
-                       [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(return_duals=True, warn=False)
-    g = torch.Generator().manual_seed(2)
-    G_t = torch.randn(B, k, n, generator=g, dtype=torch.float64)
-    theta_t = 3 * torch.randn(B, n, generator=g, dtype=torch.float64)
-    theta_t[::4] *= 2
-    args = [a.to(dtype) for a in (theta_t, torch.rand(B, n, generator=g, dtype=torch.float64) + 0.5, G_t,
-                                  G_t.sum(-1) / n + 0.1)]
+    n, B = 100, 16
+    layer, args, g = weighted_entropy_with_rows(n, 50, B)
+    args[0][::4] *= 2  # (theta)
+    args = [a.to(dtype) for a in args]
     u = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype)
 
     def solved():

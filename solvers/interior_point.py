@@ -1400,8 +1400,8 @@ def primal_dual(
 # fraction of it, if it has at least this many instances, or at least this many entries
 # in its constraints' Jacobians (dense blocks: their products and the factorization they
 # feed cost per instance). Below both, the loop's small ops cost per call, not per
-# instance, and a smaller batch saves less than the drop costs (softmax, 32 x 10: 12 %
-# slower; weighted entropy with 50 dense rows, 32 x 100: 5 % faster)
+# instance, and a smaller batch saves less than the drop costs (dropping made softmax at
+# 32 x 10 12 % slower; weighted entropy with 50 dense rows at 32 x 100 is 4-5 % faster)
 _DROP_FRACTION = 0.5
 _DROP_MIN_BATCH = 64
 _DROP_MIN_ENTRIES = 1 << 16

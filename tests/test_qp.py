@@ -1160,12 +1160,14 @@ def test_buffer_pool_bounds_and_copies():
         other(*random_qp(2, 4, 3, 1, seed=0))
 
 
-def test_a_large_lp_batch_goes_on_without_its_finished_instances(kept_batches):
-    # LPs take the general loop, which drops a large batch's finished instances once
-    # they are most of it (every eighth cost vector is large: those take longer). Each
-    # instance comes out as it does alone, and as CVXPY says.
+@pytest.mark.parametrize("B", [96, 16])
+def test_an_lp_batch_goes_on_without_its_finished_instances(kept_batches, B):
+    # LPs take the general loop, which drops a batch's finished instances once they are
+    # most of it (every eighth cost vector is large: those take longer): a large batch,
+    # and a small one, whose (n, n) systems cost per instance. Each instance comes out as
+    # it does alone, and as CVXPY says.
     kept = kept_batches
-    n, m, B = 8, 20, 96
+    n, m = 8, 20
     x = dl.Variable(n, name="x")
     c, G, h = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G"), dl.Parameter(m, name="h")
     layer = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -10, x <= 10]).to_torch(tol=1e-11)

@@ -1185,3 +1185,40 @@ def test_an_lp_batch_goes_on_without_its_finished_instances(kept_batches, B):
         xv = cp.Variable(n)
         solve(cp.Problem(cp.Minimize(c_t[i].numpy() @ xv), [G_t[i].numpy() @ xv <= h_t[i].numpy(), xv >= -10, xv <= 10]))
         np.testing.assert_allclose(xs[i].numpy(), xv.value, atol=1e-6)
+
+
+def test_float32_lps_the_loop_cannot_finish_are_solved_again_in_float64(monkeypatch):
+    # Float32 LPs with 20 variables, 40 rows and a box: on some instances the general
+    # loop's complementarity collapsed while stationarity stayed a few times the
+    # tolerance, and they ended max_iter or numerical_error (2 of these 64). Those get a
+    # second solve in float64: every instance is optimal, its objective and feasibility
+    # within the float32 tolerance of HiGHS' vertex.
+    from scipy.optimize import linprog
+
+    n, m, B = 20, 40, 64
+    x = dl.Variable(n, name="x")
+    c, G, h = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G"), dl.Parameter(m, name="h")
+    layer = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -3, x <= 3]).to_torch()
+    gen = torch.Generator().manual_seed(1)
+    c_t = torch.randn(B, n, generator=gen)
+    c_t[::8] *= 30
+    G_t = torch.randn(B, m, n, generator=gen)
+    h_t = torch.rand(B, m, generator=gen) + 0.1
+    xs = layer(c_t, G_t, h_t)
+    assert xs.dtype == torch.float32
+    assert layer.info.status == ["optimal"] * B
+    for i in range(B):
+        ci, Gi, hi, xi = (t[i].double().numpy() for t in (c_t, G_t, h_t, xs))
+        ref = linprog(ci, A_ub=Gi, b_ub=hi, bounds=(-3, 3), method="highs")
+        assert ref.status == 0
+        assert abs(ci @ xi - ref.fun) <= 1e-4 * (1 + abs(ref.fun))
+        assert max((Gi @ xi - hi).max(), np.abs(xi).max() - 3) <= 1e-4
+    # an iteration limit is the caller's: instances it stops are not solved again
+    import solvers.interior_point as ipm
+
+    dtypes = []
+    general = ipm._general_qp
+    monkeypatch.setattr(ipm, "_general_qp", lambda Q, *rest: dtypes.append(Q.dtype) or general(Q, *rest))
+    short = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -3, x <= 3]).to_torch(max_iter=2, warn=False)
+    short(c_t, G_t, h_t)
+    assert "max_iter" in short.info.status and dtypes == [torch.float32]

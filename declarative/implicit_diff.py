@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Linearization", "implicit_solution"]
+__all__ = ["Linearization", "EmptyBatch", "implicit_solution"]
 
 
 class Linearization(abc.ABC):
@@ -57,6 +57,22 @@ class Linearization(abc.ABC):
     def parameter_vjp(self, u) -> Tuple[Optional[torch.Tensor], ...]:
         """Return ``-(dF/dtheta)^T u`` for every parameter (None where not needed),
         reduced to each parameter's own shape (batch dimension summed for shared ones)."""
+
+
+class EmptyBatch(Linearization):
+    """The linearization of a batch of no instances: no equations, so no cotangent
+    reaches a parameter (zeros of its shape; a shared parameter's gradient sums over no
+    instances). Every layer kind answers an empty batch with empty outputs and this."""
+
+    def __init__(self, parameters: Sequence[torch.Tensor], parameter_batched: Sequence[bool]):
+        self.parameters = tuple(parameters)
+        self.parameter_batched = tuple(parameter_batched)
+
+    def transposed_solve(self, output_cotangents):
+        return None
+
+    def parameter_vjp(self, u):
+        return tuple(torch.zeros_like(p) for p in self.parameters)
 
 
 class _ImplicitFunction(torch.autograd.Function):

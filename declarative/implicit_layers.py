@@ -42,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from declarative.implicit_diff import Linearization, implicit_solution
+from declarative.implicit_diff import EmptyBatch, Linearization, implicit_solution
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
@@ -526,6 +526,9 @@ class ImplicitLayer(nn.Module):
         def solve(*arguments):
             explicit = arguments[: len(inputs)]
             y, codes, iterations = layer._run_solver(explicit, y0, batch, dtype, device)
+            if not y.shape[0]:  # an empty batch: nothing to check, nothing to differentiate
+                layer.info = ImplicitInfo(status=[], residual=y.new_zeros(0), iterations=iterations)
+                return (y.clone(),), EmptyBatch(arguments, batched + (False,) * len(parameters))
             f = layer.residual(*explicit, y)
             _check_residual(f, y)
             residual = f.reshape(y.shape[0], -1).abs().amax(dim=1)
@@ -547,7 +550,8 @@ class ImplicitLayer(nn.Module):
 
         holder = {}
         (y,) = implicit_solution(solve, *inputs, *parameters)
-        _check_closure_if_detached(holder["linearization"], inputs, parameters)
+        if "linearization" in holder:
+            _check_closure_if_detached(holder["linearization"], inputs, parameters)
         _warn_failures(self.info, type(self).__name__, _NAN_GRADIENTS)
         return y
 
@@ -777,6 +781,8 @@ class FixedPointLayer(nn.Module):
                 raise ValueError(f"input {k} has shape {tuple(tensor.shape)}; every input must be batched "
                                  f"with B = {x.shape[0]} rows")
         start = self._start(x, y0)
+        if not x.shape[0]:
+            return self._empty(inputs, start)
         tol = self.tol if self.tol is not None else default_tolerance(start.dtype)
         if self.backward_mode == "unroll":
             y, result = self._unroll(inputs, start, tol)
@@ -814,6 +820,19 @@ class FixedPointLayer(nn.Module):
                     f"{where[:10]}: estimated Lipschitz constant in y up to {float(contraction[above].max()):.3g} > 1. "
                     "The fixed point may be non-unique or unstable, the forward solver may fail and IFT/JFB "
                     "gradients may be unreliable", NonContractiveWarning, stacklevel=2)
+        return y
+
+    def _empty(self, inputs, start):
+        """A batch of no instances: the empty state, attached to the inputs and parameters
+        with zero gradients, and an empty report."""
+        parameters = _module_parameters(self.T, extra=self.extra_parameters)
+        flags = (True,) * len(inputs) + (False,) * len(parameters)
+        (y,) = implicit_solution(lambda *arguments: ((start.clone(),), EmptyBatch(arguments, flags)),
+                                 *inputs, *parameters)
+        self.info = FixedPointInfo(status=[], residual=start.new_zeros(0),
+                                   iterations=torch.zeros(0, dtype=torch.int64, device=start.device),
+                                   solver=self.solver if self.backward_mode != "unroll" else "iteration",
+                                   backward=self.backward_mode)
         return y
 
     def _start(self, x, y0):

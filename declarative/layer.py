@@ -18,7 +18,7 @@ from solvers import interior_point as ipm
 from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
-from .implicit_diff import Linearization, implicit_solution
+from .implicit_diff import EmptyBatch, Linearization, implicit_solution
 
 __all__ = ["OptimizationLayer", "SolveInfo"]
 
@@ -409,7 +409,12 @@ class OptimizationLayer(torch.nn.Module):
             Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
             return full(Q, (n, n)), full(c, (n,)), full(G, (m, n)), full(hv, (m,)), full(A, (p, n)), full(b, (p,))
 
-        if self.problem_class in (LP, QP):
+        if not batch:  # (an empty batch: nothing to solve, and nothing to differentiate)
+            result = ipm.InteriorPointResult(*(ref.new_zeros(0, k) for k in (n, m, m, p)),
+                                             *(torch.zeros(0, dtype=torch.int64, device=device) for _ in range(2)),
+                                             *(ref.new_zeros(0) for _ in range(3)))
+            qp = derivatives = None
+        elif self.problem_class in (LP, QP):
             qp = qp_data(params)
             if self.solver == "osqp":
                 from solvers.osqp_backend import solve_qp_osqp
@@ -511,6 +516,8 @@ class OptimizationLayer(torch.nn.Module):
                 size = int(torch.Size(shape).numel())
                 src = lam_out if kind == "ineq" else nu_out
                 outputs.append(src[:, off:off + size].reshape((batch,) + tuple(shape)))
+        if not batch:
+            return tuple(outputs), EmptyBatch(params, batched), info
         lin = _KKTLinearization(
             layer=self, params=params, batched=batched, consts=consts, z=z, s=s, lam=lam, nu=nu,
             qp=qp, derivatives=derivatives, valid=valid, qp_factor=result.qp_factor,

@@ -371,7 +371,7 @@ def vjp_jacobian(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         the gradient of output ``i``. The graph is retained.
     """
     batch = outputs.shape[0]
-    m = outputs[0].numel()
+    m = outputs.shape[1:].numel()  # (not outputs[0]: a batch may be empty)
     basis = torch.eye(m, dtype=outputs.dtype, device=outputs.device)
     seeds = basis[:, None, :].expand(m, batch, m).reshape((m,) + tuple(outputs.shape))
     try:
@@ -390,8 +390,8 @@ def vjp_jacobian(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
             rows_list.append(torch.zeros_like(inputs) if row is None else row)
         rows = torch.stack(rows_list)
     if rows is None:
-        return outputs.new_zeros(batch, m, inputs[0].numel())
-    return rows.reshape(m, batch, -1).transpose(0, 1)
+        return outputs.new_zeros(batch, m, inputs.shape[1:].numel())
+    return rows.reshape(m, batch, inputs.shape[1:].numel()).transpose(0, 1)
 
 
 def newton_solve(func: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor, *,
@@ -430,13 +430,13 @@ def newton_solve(func: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
     tol = default_tolerance(y0.dtype) if tol is None else tol
     shape = y0.shape
     batch = shape[0]
-    n = y0[0].numel()
+    n = shape[1:].numel()  # (not y0[0]: a batch may be empty)
 
     def residual(y_flat):
         out = func(y_flat.reshape(shape))
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the residual must return a tensor, got {type(out).__name__}")
-        if out.dim() < 1 or out.shape[0] != batch or out[0].numel() != n:
+        if out.dim() < 1 or out.shape[0] != batch or out.shape[1:].numel() != n:
             raise ValueError(f"the residual returned shape {tuple(out.shape)} for y of shape {tuple(shape)}; "
                              f"it must return {n} entries per instance, shape ({batch}, ...)")
         return out.reshape(batch, n)

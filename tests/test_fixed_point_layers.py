@@ -339,3 +339,20 @@ def test_deq_digits_example_learns(tmp_path):
     for mode in ("jfb", "ift"):
         assert results[mode]["accuracy"] > 0.85, results   # chance is 0.1
         assert results[mode]["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("backward", ["ift", "jfb", "unroll"])
+def test_an_empty_batch_gives_an_empty_state_and_gradients(backward):
+    # A batch of no instances: the empty state, an empty report, zero-size gradients for
+    # the input and zeros for the cell's parameters; then a real batch as before.
+    torch.manual_seed(0)
+    cell = nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double()
+    layer = FixedPointLayer(lambda y, x: 0.5 * cell(y) + x, backward=backward, extra_parameters=list(cell.parameters()))
+    x = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 5) and layer.info.status == [] and layer.info.iterations.shape == (0,)
+    y.sum().backward()
+    assert x.grad.shape == (0, 5)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in cell.parameters())
+    assert layer(torch.randn(3, 5, dtype=torch.float64)).shape == (3, 5) and layer.info.status == ["converged"] * 3
+

@@ -444,3 +444,19 @@ def test_an_output_aliasing_the_input_is_copied():
     assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     (grad,) = torch.autograd.grad((y * 2).sum(), x)
     torch.testing.assert_close(grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("solver", ["newton", "user"])
+def test_an_implicit_layer_passes_an_empty_batch_through(solver):
+    # An ImplicitLayer's output shape is its solver's: an empty batch goes through it
+    # (Newton included) and comes out empty, with zero-size gradients.
+    residual = lambda x, y: y ** 3 + y - x  # noqa: E731
+    if solver == "newton":
+        layer = ImplicitLayer(residual, newton, initial_guess=torch.zeros(4, dtype=torch.float64))
+    else:
+        layer = ImplicitLayer(residual, lambda x: x / 2)
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 4) and layer.info.status == []
+    y.sum().backward()
+    assert x.grad.shape == (0, 4)

@@ -1222,3 +1222,24 @@ def test_float32_lps_the_loop_cannot_finish_are_solved_again_in_float64(monkeypa
     short = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x >= -3, x <= 3]).to_torch(max_iter=2, warn=False)
     short(c_t, G_t, h_t)
     assert "max_iter" in short.info.status and dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["lp", "qp", "nlp"])
+def test_an_empty_batch_gives_empty_outputs_and_gradients(kind):
+    # A batch of no instances (the last, filtered batch of a data loader, say): empty
+    # outputs and report, zero-size gradients for batched parameters and zeros for
+    # shared ones; the layer then solves a real batch as before.
+    n, m = 4, 6
+    x = dl.Variable(n, name="x")
+    c, G = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G")
+    objective = {"lp": c @ x, "qp": dl.sum_squares(x) + c @ x, "nlp": -dl.sum(dl.entropy(x)) - c @ x}[kind]
+    layer = dl.Problem(dl.Minimize(objective), [G @ x <= 1, x >= -2, x <= 2]).to_torch(return_duals=True)
+    c_t = torch.zeros(0, n, dtype=torch.float64, requires_grad=True)
+    G_t = torch.randn(m, n, dtype=torch.float64, requires_grad=True)  # shared by the batch
+    outputs = layer(c_t, G_t)
+    assert [tuple(o.shape) for o in outputs] == [(0, n), (0, m), (0, n), (0, n)]
+    assert layer.info.status == [] and layer.info.iterations.shape == (0,)
+    sum(o.sum() for o in outputs).backward()
+    assert c_t.grad.shape == (0, n) and torch.equal(G_t.grad, torch.zeros(m, n, dtype=torch.float64))
+    c_1 = torch.randn(3, n, dtype=torch.float64)
+    assert layer(c_1, G_t)[0].shape == (3, n) and layer.info.status == ["optimal"] * 3

@@ -383,7 +383,7 @@ class OptimizationLayer(torch.nn.Module):
             return tuple(full(o, s) for o, s in zip(out, shapes))
         return derivatives
 
-    def _solve(self, params, batched, batch, dtype, device):
+    def _solve(self, params, batched, batch, dtype, device, nested=False):
         stacked = self.compiled.problem
         code = self.compiled.code
         consts = self._constants(dtype, device)
@@ -409,6 +409,7 @@ class OptimizationLayer(torch.nn.Module):
             Q, c, G, hv, A, b = code["qp_data"](ref, consts, *params)
             return full(Q, (n, n)), full(c, (n,)), full(G, (m, n)), full(hv, (m,)), full(A, (p, n)), full(b, (p,))
 
+        wide = None  # (float32 NLP instances solved again in float64: _in_float64_for_failures)
         if not batch:  # (an empty batch: nothing to solve, and nothing to differentiate)
             result = ipm.InteriorPointResult(*(ref.new_zeros(0, k) for k in (n, m, m, p)),
                                              *(torch.zeros(0, dtype=torch.int64, device=device) for _ in range(2)),
@@ -459,7 +460,15 @@ class OptimizationLayer(torch.nn.Module):
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
                                    other_starts=others if stacked.positive_start else (), select=select)
             qp = None
+            if dtype == torch.float32 and device.type != "mps":  # (MPS has no float64)
+                codes = result.status.tolist()
+                if ipm.NUMERICAL_ERROR in codes or ipm.MAX_ITER in codes:
+                    wide = self._in_float64_for_failures(result, params, batched, bad, tol, device)
+                    codes = None if wide is not None else codes
 
+        narrow = result  # (the float32 solve, whose linearization serves its own instances)
+        if wide is not None:
+            result = wide.merged
         status = result.status
         if codes is None:
             codes = status.tolist()
@@ -477,7 +486,7 @@ class OptimizationLayer(torch.nn.Module):
             active_set_rounds=result.active_set_rounds,
             active_set_pivots=result.active_set_pivots,
         )
-        if n_failed and self.warn:
+        if n_failed and self.warn and not nested:
             counts = {}
             for s in info.status:
                 if s != "optimal":
@@ -489,20 +498,8 @@ class OptimizationLayer(torch.nn.Module):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        # a failed instance keeps a benign state inside; users get NaN (or the last
-        # iterate for max_iter) and the backward pass skips it
-        if n_failed:
-            usable = status == ipm.MAX_ITER
-            valid = status == ipm.OPTIMAL
-            safe = valid[:, None]
-            z = torch.where(safe, result.z, torch.zeros_like(result.z))
-            s = torch.where(safe, result.s, torch.ones_like(result.s))
-            lam = torch.where(safe, result.lam, torch.ones_like(result.lam))
-            nu = torch.where(safe, result.nu, torch.zeros_like(result.nu))
-            shown = (valid | usable)[:, None]
-        else:  # every instance solved: nothing to mask (valid None means all)
-            valid, shown = None, None
-            z, s, lam, nu = result.z, result.s, result.lam, result.nu
+        # users get NaN for a failed instance (or the last iterate for max_iter)
+        shown = None if not n_failed else ((status == ipm.OPTIMAL) | (status == ipm.MAX_ITER))[:, None]
         nan = float("nan")
 
         def shown_or_nan(x):
@@ -518,12 +515,58 @@ class OptimizationLayer(torch.nn.Module):
                 outputs.append(src[:, off:off + size].reshape((batch,) + tuple(shape)))
         if not batch:
             return tuple(outputs), EmptyBatch(params, batched), info
+        # a failed instance keeps a benign state inside, and the backward pass skips it
+        valid = None if not n_failed and wide is None else narrow.status == ipm.OPTIMAL
+        z, s, lam, nu = narrow.z, narrow.s, narrow.lam, narrow.nu
+        if valid is not None:
+            safe = valid[:, None]
+            z = torch.where(safe, z, torch.zeros_like(z))
+            s = torch.where(safe, s, torch.ones_like(s))
+            lam = torch.where(safe, lam, torch.ones_like(lam))
+            nu = torch.where(safe, nu, torch.zeros_like(nu))
         lin = _KKTLinearization(
             layer=self, params=params, batched=batched, consts=consts, z=z, s=s, lam=lam, nu=nu,
-            qp=qp, derivatives=derivatives, valid=valid, qp_factor=result.qp_factor,
-            active_set=_active_set_of(result),
+            qp=qp, derivatives=derivatives, valid=valid, qp_factor=narrow.qp_factor,
+            active_set=_active_set_of(narrow),
         )
+        if wide is not None:
+            lin = _TwoPrecisions(lin, wide.linearization, wide.rows)
         return tuple(outputs), lin, info
+
+    def _in_float64_for_failures(self, result, params, batched, bad, tol, device):
+        """Float32 NLP instances the loop could not finish for want of precision (as
+        :func:`solvers.interior_point._in_float64_for_failures` has it for QPs), solved
+        again in float64 on their rows alone. Softmax of logits 20 x randn needs entries
+        near 1e-52, below float32's range: 25 of 320 instances at n = 10 and 284 of 320
+        at n = 100 ended ``numerical_error`` or ``max_iter`` (``benchmarks/spread.py
+        --dtype float32``); in float64 they solve. Those that end optimal or infeasible
+        take the float64 result, rounded to float32 for the outputs; their backward runs
+        in float64 too (:class:`_TwoPrecisions`), since the rounded point may leave the
+        functions' domain (an entropy's entry rounded to 0). None where none qualify."""
+        stalled = (result.status == ipm.MAX_ITER) & (result.complementarity <= tol)
+        left = (result.status == ipm.NUMERICAL_ERROR) | stalled
+        if bad is not None:
+            left = left & ~bad
+        rows = left.nonzero().squeeze(-1)
+        if not rows.numel():
+            return None
+        part = [(t.index_select(0, rows) if b else t).double() for t, b in zip(params, batched)]
+        _, linearization, info = self._solve(part, batched, rows.numel(), torch.float64, device, nested=True)
+        code = info.status_code
+        taken = (code == ipm.OPTIMAL) | (code == ipm.INFEASIBLE)
+        take = torch.zeros_like(left).index_copy(0, rows, taken)
+
+        def put(mine, theirs):
+            mask = take.reshape(take.shape + (1,) * (mine.dim() - 1))
+            return torch.where(mask, mine.index_copy(0, rows, theirs.to(mine.dtype)), mine)
+        part_result = (linearization.z, linearization.s, linearization.lam, linearization.nu, code,
+                       info.primal_residual, info.dual_residual, info.complementarity)
+        names = ("z", "s", "lam", "nu", "status", "primal_residual", "dual_residual", "complementarity")
+        merged = dataclasses.replace(
+            result, **{name: put(getattr(result, name), theirs) for name, theirs in zip(names, part_result)},
+            iterations=result.iterations.index_add(0, rows, info.iterations * taken))
+        # (the float64 linearization holds a benign state where its solve failed too)
+        return _Wide(merged, linearization, rows)
 
 
 def _nonfinite_instances(params, batched, batch, device):
@@ -624,6 +667,48 @@ class _KKTLinearization(Linearization):
             else:
                 g = g.sum(0, keepdim=True) if g.shape[0] != 1 else g
             out.append(g)
+        return tuple(out)
+
+
+@dataclass
+class _Wide:
+    """The float64 solve of some float32 instances: the batch's result with theirs in
+    place, their linearization, and their rows."""
+
+    merged: "ipm.InteriorPointResult"
+    linearization: Linearization
+    rows: torch.Tensor
+
+
+class _TwoPrecisions(Linearization):
+    """A batch whose instances ``rows`` were solved in float64 and the others in the
+    batch's dtype: each linearization differentiates its own instances, in its own
+    precision (``narrow`` holds a benign state at ``rows``, which it treats as failed),
+    and the parameters' cotangents are put together: a batched one's rows from
+    ``wide``, a shared one's sum of both."""
+
+    def __init__(self, narrow: Linearization, wide: Linearization, rows: torch.Tensor):
+        self.narrow, self.wide, self.rows = narrow, wide, rows
+        self.parameter_batched = narrow.parameter_batched
+
+    @property
+    def valid(self):  # (read again after the backward, which may clear entries of either)
+        narrow, wide = self.narrow.valid, self.wide.valid
+        if wide is None:
+            wide = torch.ones(self.rows.shape, dtype=torch.bool, device=self.rows.device)
+        return narrow.index_copy(0, self.rows, wide)
+
+    def transposed_solve(self, output_cotangents):
+        narrow = tuple(None if g is None else g.index_fill(0, self.rows, 0.0) for g in output_cotangents)
+        wide = tuple(None if g is None else g.index_select(0, self.rows).double() for g in output_cotangents)
+        return self.narrow.transposed_solve(narrow), self.wide.transposed_solve(wide)
+
+    def parameter_vjp(self, u):
+        out = []
+        for mine, theirs, batched in zip(self.narrow.parameter_vjp(u[0]), self.wide.parameter_vjp(u[1]),
+                                         self.parameter_batched):
+            theirs = theirs.to(mine.dtype)
+            out.append(mine.index_copy(0, self.rows, theirs) if batched else mine + theirs)
         return tuple(out)
 
 

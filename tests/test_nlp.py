@@ -67,6 +67,33 @@ def test_softmax_of_widely_spread_logits_in_float32():
     torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-5, rtol=0)
 
 
+def test_float32_softmax_beyond_float32s_range_is_solved_again_in_float64():
+    # Logits 20 x randn need entries of z* near 1e-52, below float32's range: most such
+    # instances ended numerical_error in float32. They are solved again in float64, and
+    # their backward runs there too (rounded to float32, an entry of 1e-52 is 0, outside
+    # the entropy's domain). Half the batch is ordinary (logits 1 x randn) and stays in
+    # float32; a shared shift w sums its gradient over both kinds. Reference: softmax
+    # in float64 and its autograd.
+    n, B = 100, 16
+    z = dl.Variable(n, name="z")
+    theta, w = dl.Parameter(n, name="theta"), dl.Parameter(n, name="w")
+    layer = dl.Problem(dl.Maximize((theta - w) @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1, z >= 0]).to_torch()
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([20.0, 1.0]).repeat(B // 2)[:, None]
+    theta_t = (scale * torch.randn(B, n, generator=gen)).requires_grad_()
+    w_t = torch.randn(n, generator=gen).requires_grad_()
+    out = layer(theta_t, w_t)
+    assert out.dtype == torch.float32 and layer.info.status == ["optimal"] * B
+    weights = torch.randn(B, n, generator=gen)
+    (out * weights).sum().backward()
+    theta_64, w_64 = theta_t.detach().double().requires_grad_(), w_t.detach().double().requires_grad_()
+    ref = torch.softmax(theta_64 - w_64, -1)
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(theta_t.grad.double(), theta_64.grad, atol=2e-6, rtol=0)
+    torch.testing.assert_close(w_t.grad.double(), w_64.grad, atol=1e-5, rtol=0)
+
+
 def test_softmax_with_entries_spanning_25_decades():
     # 1/z, the Hessian's diagonal, then spans 1 to 1e25: the structured Newton step is
     # exact there, where a dense one regularized by its largest entry stalls

@@ -457,10 +457,12 @@ class OptimizationLayer(torch.nn.Module):
             for off, size in stacked.positive_start:
                 positive[off:off + size] = 1.0
             z0, *others = (positive.expand(batch, n) * scale for scale in _POSITIVE_STARTS)
+            widens = ipm._widens(z0)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
-                                   other_starts=others if stacked.positive_start else (), select=select)
+                                   other_starts=others if stacked.positive_start else (), select=select,
+                                   stop_collapsed=widens)
             qp = None
-            if dtype == torch.float32 and device.type != "mps":  # (MPS has no float64)
+            if widens:
                 codes = result.status.tolist()
                 if ipm.NUMERICAL_ERROR in codes or ipm.MAX_ITER in codes:
                     wide = self._in_float64_for_failures(result, params, batched, bad, tol, device)

@@ -50,6 +50,9 @@ _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasi
 # the rounding of float32 products (|G'lam + A'nu| ~ 1e-4 of |lam|)
 _FARKAS_RADIUS = {torch.float64: 1e6, torch.float32: 1e2}
 _STALL = 1e-12  # a step shorter than this makes no progress
+# complementarity this far below the tolerance, the other residuals above it: collapsed
+# (primal_dual's stop_collapsed)
+_COLLAPSED_MU = 1e-6
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # a QP instance tries its active set when complementarity falls below _CROSSOVER
 # (relative to the data), and after a failure again each time it has fallen by
@@ -1234,6 +1237,7 @@ def primal_dual(
     tol: float,
     max_iter: int,
     skip: Optional[torch.Tensor] = None,
+    stop_collapsed: bool = False,
 ) -> InteriorPointResult:
     """Mehrotra predictor-corrector from the starting point (z, s > 0, lam > 0, nu).
 
@@ -1245,6 +1249,21 @@ def primal_dual(
     With ``oracle.select``, a large batch goes on with its unfinished instances alone once
     they are few: the rest of the iterations then costs what they need (a batch waits for
     its slowest instance, which can take several times the others' iterations).
+
+    ``stop_collapsed``: end an instance that shows want of precision as
+    ``numerical_error`` at once, for callers that solve such instances again in float64.
+    With a linear oracle (LPs, QPs), that is complementarity collapsed _COLLAPSED_MU
+    below the tolerance while the other residuals miss it: float32 LPs stalled so, their
+    Newton systems spread over lam/s ~ 1e-10..1e10 and stationarity a few times the
+    tolerance, for the rest of max_iter. An NLP's complementarity collapses so on its way
+    to many solutions (softmax: the multipliers of z >= 0 vanish long before the
+    stationarity residual does, and float32 softmax of logits 3 x randn would have
+    stopped there 62 times in 64); its sign is a slack below the dtype's smallest normal
+    number (1.2e-38 in float32), where the iterate has left its range: softmax of logits
+    20 x randn crawled on toward entries of 1e-52, then ended ``numerical_error`` or
+    ran out of iterations. (Multipliers of inactive constraints legitimately get that
+    small; and at tiny / eps, 1e-31, instances with entries of z* near 1e-28 stopped,
+    which float32 solves.)
     """
     B, m = z.shape[0], s.shape[-1]
     status, active = _start_status(B, skip, z.device)
@@ -1254,6 +1273,8 @@ def primal_dual(
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     limit_dual = _DUAL_DIVERGENCE * scale_dual
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
+    # (stop_collapsed: an NLP's slacks below this have left the dtype's normal range)
+    bottom = torch.finfo(z.dtype).tiny
     workspace = {}  # scratch tensors reused by every iteration's Newton system
     evaluated = None  # the derivatives at (z, lam, nu), when the line search has them
     # s and lam side by side: one tensor to step, to test against the boundary, and to
@@ -1292,8 +1313,14 @@ def primal_dual(
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
         z_n = _inf_norm(z)
         unbounded = z_n > limit_z
-        status, active = _classify(status, active, ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
-                                                    (diverged, INFEASIBLE), (unbounded, UNBOUNDED)))
+        checks = ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL), (diverged, INFEASIBLE), (unbounded, UNBOUNDED))
+        if stop_collapsed:
+            if oracle.linear:
+                collapsed = (mu < tol_d * _COLLAPSED_MU) & ((rd_n > tol_d) | (rp_n > tol_p))
+            else:
+                collapsed = s.amin(-1) < bottom if m else torch.zeros_like(active)
+            checks += ((collapsed, NUMERICAL_ERROR),)
+        status, active = _classify(status, active, checks)
         # a host synchronization (the iteration has a few: this, the Newton system's
         # usable test, the line search's, the stall test)
         n_active = int(active.sum())
@@ -1657,11 +1684,18 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     result = primal_dual(
         Oracle(derivatives, residuals, linear=True, select=select), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
+        stop_collapsed=_widens(c),
     )
     if m:
         result = _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip)
     result = _certify_infeasible(result, G, hv, A, b, skip)
     return _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip)
+
+
+def _widens(x) -> bool:
+    """Whether instances of x's dtype that fail for want of precision are solved again
+    in float64: float32, on any device but MPS (which has no float64)."""
+    return x.dtype == torch.float32 and x.device.type != "mps"
 
 
 def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
@@ -1677,9 +1711,7 @@ def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     active set, factored in float32, meets the tolerance 30x over. A ``max_iter`` with
     complementarity still above the tolerance is the iteration limit at work, and is
     left to the caller's choice."""
-    if c.dtype != torch.float32:  # (float64 has no wider type here; MPS has no float64)
-        return result
-    if c.device.type == "mps":
+    if not _widens(c):
         return result
     stalled = (result.status == MAX_ITER) & (result.complementarity <= tol * (1.0 + _inf_norm(c)))
     left = (result.status == NUMERICAL_ERROR) | stalled
@@ -2788,7 +2820,7 @@ def _take_polished(result, f, take, rows, sol):
 
 
 def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None,
-              other_starts=(), select=None) -> InteriorPointResult:
+              other_starts=(), select=None, stop_collapsed=False) -> InteriorPointResult:
     """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
 
     z0 (B, n) is the starting point; it should lie in the domain of the functions. An
@@ -2796,6 +2828,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     first of ``other_starts`` ((B, n) each) where they are; one where none does is
     skipped (numerical_error). ``select(rows) -> (derivatives, residuals)`` of some
     instances alone lets the loop drop finished ones (:attr:`Oracle.select`).
+    ``stop_collapsed``: see :func:`primal_dual`.
     """
     tol = default_tol(z0.dtype) if tol is None else tol
     B = z0.shape[0]
@@ -2835,6 +2868,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     result = primal_dual(
         Oracle(derivatives, residuals, linear=False, select=select), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
+        stop_collapsed=stop_collapsed,
     )
     if sigma is None:
         return result

@@ -53,6 +53,7 @@ _STALL = 1e-12  # a step shorter than this makes no progress
 # complementarity this far below the tolerance, the other residuals above it: collapsed
 # (primal_dual's stop_collapsed)
 _COLLAPSED_MU = 1e-6
+_COLLAPSED_RD = 100.0
 _POLISH_ROUNDS = 4  # active-set corrections when polishing a QP solution
 # a QP instance tries its active set when complementarity falls below _CROSSOVER
 # (relative to the data), and after a failure again each time it has fallen by
@@ -1259,11 +1260,13 @@ def primal_dual(
     to many solutions (softmax: the multipliers of z >= 0 vanish long before the
     stationarity residual does, and float32 softmax of logits 3 x randn would have
     stopped there 62 times in 64); its sign is a slack below the dtype's smallest normal
-    number (1.2e-38 in float32), where the iterate has left its range: softmax of logits
-    20 x randn crawled on toward entries of 1e-52, then ended ``numerical_error`` or
-    ran out of iterations. (Multipliers of inactive constraints legitimately get that
-    small; and at tiny / eps, 1e-31, instances with entries of z* near 1e-28 stopped,
-    which float32 solves.)
+    number (1.2e-38 in float32), where the iterate has left its range, with the
+    stationarity residual still _COLLAPSED_RD times the tolerance: softmax of logits
+    20 x randn crawled on toward entries of 1e-52, then ended ``numerical_error`` or ran
+    out of iterations. (Multipliers of inactive constraints legitimately get that small;
+    so do slacks of active ones as the iterate converges: weighted entropy with 5 rows at
+    logits 10 x randn, which float32 solves, was stopped without the stationarity test;
+    and at tiny / eps, 1e-31, instances with entries of z* near 1e-28 stopped too.)
     """
     B, m = z.shape[0], s.shape[-1]
     status, active = _start_status(B, skip, z.device)
@@ -1318,7 +1321,7 @@ def primal_dual(
             if oracle.linear:
                 collapsed = (mu < tol_d * _COLLAPSED_MU) & ((rd_n > tol_d) | (rp_n > tol_p))
             else:
-                collapsed = s.amin(-1) < bottom if m else torch.zeros_like(active)
+                collapsed = ((s.amin(-1) < bottom) & (rd_n > _COLLAPSED_RD * tol_d)) if m else torch.zeros_like(active)
             checks += ((collapsed, NUMERICAL_ERROR),)
         status, active = _classify(status, active, checks)
         # a host synchronization (the iteration has a few: this, the Newton system's

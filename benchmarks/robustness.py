@@ -6,13 +6,15 @@
 Each row is one batch of a family that once broke the solver: an objective far from
 unit scale, ill-conditioned or singular Q, a degenerate vertex, a projection whose
 interior-point iterate suggested one constraint too many, redundant equalities,
-float32 data, infeasible instances mixed into a batch. Every feasible instance has an
+float32 data (a QP family and LPs), infeasible instances mixed into a batch. Every
+feasible instance has an
 optimum, so the row lists the statuses (``optimal`` is the only right one, but for the
 instances made infeasible) and, over the optimal instances, the largest error of x
 relative to max(1, |x_ref|). The reference is CVXPY/Clarabel at tight tolerance,
 polished on its active set (``common.qp_reference``), on the problem as written or, for
 a scaled objective, on the unscaled one (Clarabel's own tolerances are not scale-free);
-for the degenerate vertex it is the constructed solution.
+for the degenerate vertex it is the constructed solution, for the LPs HiGHS' vertex
+(scipy's ``linprog``).
 """
 from __future__ import annotations
 
@@ -135,6 +137,28 @@ def float32_infeasible(B, seed):
     return [t.float() for t in data], data, bad
 
 
+def float32_lp(B, seed, n=50, m=100):
+    """min c'x s.t. G x <= h, |x_i| <= 3, a'x = 0, in float32: c, G, a Gaussian (every
+    eighth c 30x larger), h ~ U(0.1, 1.1) (x = 0 strictly feasible); Q = 0."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(B, n, generator=g, dtype=DT)
+    c[::8] *= 30
+    eye = torch.eye(n, dtype=DT).expand(B, n, n)
+    G = torch.cat([torch.randn(B, m, n, generator=g, dtype=DT), -eye, eye], 1)
+    h = torch.cat([torch.rand(B, m, generator=g, dtype=DT) + 0.1, torch.full((B, 2 * n), 3.0, dtype=DT)], 1)
+    data = [torch.zeros(B, n, n, dtype=DT), c, G, h, torch.randn(B, 1, n, generator=g, dtype=DT),
+            torch.zeros(B, 1, dtype=DT)]
+    data = [t.float() for t in data]
+    # the reference: HiGHS' vertex of the float32 data (Clarabel ends some of these LPs
+    # 'optimal_inaccurate' at tight tolerances)
+    from scipy.optimize import linprog
+
+    _, c, G, h, A, b = (t.double().numpy() for t in data)
+    x_ref = np.stack([linprog(c[i], A_ub=G[i], b_ub=h[i], A_eq=A[i], b_eq=b[i], bounds=(None, None),
+                              method="highs").x for i in range(B)])
+    return data, None, x_ref
+
+
 FAMILIES = {
     "objective x 1e-6, (10, 20, 2)": scaled_objective(1e-6),
     "objective x 1e6, (10, 20, 2)": scaled_objective(1e6),
@@ -147,6 +171,7 @@ FAMILIES = {
     "redundant equalities (4 + 3 combinations), (20, 40)": redundant_equalities,
     "float32, (20, 30, 4)": float32_family,
     "float32, a quarter infeasible, (20, 20, 4)": float32_infeasible,
+    "float32 LPs, (50, 100 + box, 1)": float32_lp,
 }
 
 

@@ -7,9 +7,9 @@ Each row is one batch of a family that once broke the solver: an objective far f
 unit scale, ill-conditioned or singular Q, a degenerate vertex, a projection whose
 interior-point iterate suggested one constraint too many, redundant equalities,
 float32 data (a QP family and LPs), infeasible instances mixed into a batch. Every
-feasible instance has an
-optimum, so the row lists the statuses (``optimal`` is the only right one, but for the
-instances made infeasible) and, over the optimal instances, the largest error of x
+feasible instance has an optimum, so the row lists the statuses (``optimal`` is the
+only right one, but for the instances made infeasible) and, over the optimal
+instances, the largest error of x
 relative to max(1, |x_ref|). The reference is CVXPY/Clarabel at tight tolerance,
 polished on its active set (``common.qp_reference``), on the problem as written or, for
 a scaled objective, on the unscaled one (Clarabel's own tolerances are not scale-free);

@@ -1193,7 +1193,7 @@ def test_float32_lps_the_loop_cannot_finish_are_solved_again_in_float64(monkeypa
     # tolerance, and they ended max_iter or numerical_error (2 of these 32). They are
     # stopped as soon as complementarity collapses and solved again in float64: every
     # instance is optimal, its objective and feasibility within the float32 tolerance of
-    # HiGHS' vertex, and no instance runs on to the iteration limit first (114 iterations
+    # HiGHS' vertex, and no instance runs on to the iteration limit first (116 iterations
     # in all before the early stop, 35 now).
     from scipy.optimize import linprog
 

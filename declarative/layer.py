@@ -457,12 +457,12 @@ class OptimizationLayer(torch.nn.Module):
             for off, size in stacked.positive_start:
                 positive[off:off + size] = 1.0
             z0, *others = (positive.expand(batch, n) * scale for scale in _POSITIVE_STARTS)
-            widens = ipm._widens(z0)
+            retry = ipm.retries_in_float64(z0)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
                                    other_starts=others if stacked.positive_start else (), select=select,
-                                   stop_collapsed=widens)
+                                   stop_collapsed=retry)
             qp = None
-            if widens:
+            if retry:
                 codes = result.status.tolist()
                 if ipm.NUMERICAL_ERROR in codes or ipm.MAX_ITER in codes:
                     wide = self._in_float64_for_failures(result, params, batched, bad, tol, device)
@@ -545,6 +545,7 @@ class OptimizationLayer(torch.nn.Module):
         take the float64 result, rounded to float32 for the outputs; their backward runs
         in float64 too (:class:`_TwoPrecisions`), since the rounded point may leave the
         functions' domain (an entropy's entry rounded to 0). None where none qualify."""
+        # (complementarity within tol absolutely: within the loop's scaled tolerance too)
         stalled = (result.status == ipm.MAX_ITER) & (result.complementarity <= tol)
         left = (result.status == ipm.NUMERICAL_ERROR) | stalled
         if bad is not None:

@@ -1687,7 +1687,7 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     result = primal_dual(
         Oracle(derivatives, residuals, linear=True, select=select), z0, s0, ones, Q.new_zeros(B, p),
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
-        stop_collapsed=_widens(c),
+        stop_collapsed=retries_in_float64(c),
     )
     if m:
         result = _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip)
@@ -1695,7 +1695,7 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     return _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip)
 
 
-def _widens(x) -> bool:
+def retries_in_float64(x) -> bool:
     """Whether instances of x's dtype that fail for want of precision are solved again
     in float64: float32, on any device but MPS (which has no float64)."""
     return x.dtype == torch.float32 and x.device.type != "mps"
@@ -1714,7 +1714,7 @@ def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     active set, factored in float32, meets the tolerance 30x over. A ``max_iter`` with
     complementarity still above the tolerance is the iteration limit at work, and is
     left to the caller's choice."""
-    if not _widens(c):
+    if not retries_in_float64(c):
         return result
     stalled = (result.status == MAX_ITER) & (result.complementarity <= tol * (1.0 + _inf_norm(c)))
     left = (result.status == NUMERICAL_ERROR) | stalled

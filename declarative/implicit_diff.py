@@ -24,7 +24,17 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Linearization", "EmptyBatch", "implicit_solution"]
+__all__ = ["Linearization", "EmptyBatch", "implicit_solution", "eager_under_compile"]
+
+
+def eager_under_compile(forward):
+    """``forward`` run eagerly inside a ``torch.compile``-d model: a graph break around
+    the layer. Dynamo cannot trace the solvers usefully (their loops end on data, and
+    synchronize with the host to find out), and it failed outright on two layer kinds:
+    the generated code's module is not importable, and a fixed-point layer's own
+    autograd calls are a double backward to aot_autograd. (About 0.3 us a call.)"""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)  # (torch >= 2.1)
+    return forward if disable is None else disable(forward)
 
 
 class Linearization(abc.ABC):

@@ -18,7 +18,7 @@ from solvers import interior_point as ipm
 from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
-from .implicit_diff import EmptyBatch, Linearization, implicit_solution
+from .implicit_diff import EmptyBatch, Linearization, eager_under_compile, implicit_solution
 
 __all__ = ["OptimizationLayer", "SolveInfo"]
 
@@ -218,6 +218,7 @@ class OptimizationLayer(torch.nn.Module):
         return f"{self.problem_class}, parameters=({names}) -> ({outs}), tol={self.tol}, max_iter={self.max_iter}"
 
     # ---- forward --------------------------------------------------------------------
+    @eager_under_compile
     def forward(self, *args, **kwargs):
         """Solve for a batch of parameter values; see the class docstring."""
         tensors = self._bind(args, kwargs)

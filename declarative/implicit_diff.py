@@ -25,28 +25,55 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Linearization", "EmptyBatch", "implicit_solution", "eager_under_compile"]
+__all__ = ["Linearization", "EmptyBatch", "implicit_solution", "full_precision_forward"]
 
 
-def eager_under_compile(forward):
-    """``forward`` run eagerly inside a ``torch.compile``-d model: a graph break around
-    the layer. Dynamo cannot trace the solvers usefully (their loops end on data, and
-    synchronize with the host to find out), and it failed outright on two layer kinds:
-    the generated code's module is not importable, and a fixed-point layer's own
-    autograd calls are a double backward to aot_autograd.
+def full_precision_forward(forward):
+    """A layer's ``forward`` as ``torch.compile`` and autocast see it: run eagerly, in
+    the inputs' dtype.
 
-    ``torch.compiler.disable`` is applied only while dynamo traces: it imports dynamo,
-    and with dynamo imported, 4 of 6 runs of two DDP workers (gloo, spawned) hung."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # (torch >= 2.3)
-    if is_compiling is None:
-        return forward
+    * Inside a ``torch.compile``-d model the layer is a graph break. Dynamo cannot trace
+      the solvers usefully (their loops end on data, and synchronize with the host to
+      find out), and it failed outright on two layer kinds: the generated code's module
+      is not importable, and a fixed-point layer's own autograd calls are a double
+      backward to aot_autograd. ``torch.compiler.disable`` is applied only while dynamo
+      traces: it imports dynamo, and with dynamo imported, 4 of 6 runs of two spawned
+      DDP workers (gloo) hung.
+    * Under autocast the layer runs with autocast off: an interior point whose batched
+      products autocast made bfloat16 ended every instance of a QP ``numerical_error``
+      (NaN outputs). A user function inside a layer may enable autocast itself.
+    """
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", lambda: False)  # (torch >= 2.3)
 
     @functools.wraps(forward)
-    def eager_forward(*args, **kwargs):
+    def full_precision(*args, **kwargs):
         if is_compiling():
-            return torch.compiler.disable(forward)(*args, **kwargs)
+            return compiler.disable(forward)(*args, **kwargs)
+        device_type = _device_type(args, kwargs)
+        if autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return forward(*args, **kwargs)
         return forward(*args, **kwargs)
-    return eager_forward
+    return full_precision
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # (torch < 2.4: no device argument)
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # (a device type autocast does not know)
+        return False
+
+
+def _device_type(args, kwargs) -> str:
+    """The device type of the first tensor among a call's arguments ('cpu' if none)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 class Linearization(abc.ABC):
@@ -107,6 +134,16 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *output_cotangents):
+        # (a backward called inside an autocast region runs with it: off here, as in
+        # the forward, see full_precision_forward)
+        device_type = _device_type(output_cotangents, {})
+        if autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return _ImplicitFunction._backward(ctx, output_cotangents)
+        return _ImplicitFunction._backward(ctx, output_cotangents)
+
+    @staticmethod
+    def _backward(ctx, output_cotangents):
         lin: Linearization = ctx.linearization
         if lin.valid is not None:
             # A failed instance must not leak NaN into shared parameters' gradients.

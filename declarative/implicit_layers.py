@@ -42,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from declarative.implicit_diff import EmptyBatch, Linearization, eager_under_compile, implicit_solution
+from declarative.implicit_diff import EmptyBatch, Linearization, full_precision_forward, implicit_solution
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
@@ -502,7 +502,7 @@ class ImplicitLayer(nn.Module):
         self.gmres_restart = gmres_restart
         self.info: Optional[ImplicitInfo] = None
 
-    @eager_under_compile
+    @full_precision_forward
     def forward(self, *inputs: torch.Tensor, y0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Solve for ``y`` given ``inputs``.
 
@@ -769,7 +769,7 @@ class FixedPointLayer(nn.Module):
         self.contraction_iterations = contraction_iterations
         self.info: Optional[FixedPointInfo] = None
 
-    @eager_under_compile
+    @full_precision_forward
     def forward(self, x: torch.Tensor, *more: torch.Tensor, y0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the fixed point ``y`` of ``T(., x, *more)``, ``(B, *state_shape)``.
 

@@ -18,7 +18,7 @@ from solvers import interior_point as ipm
 from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
-from .implicit_diff import EmptyBatch, Linearization, eager_under_compile, implicit_solution
+from .implicit_diff import EmptyBatch, Linearization, full_precision_forward, implicit_solution
 
 __all__ = ["OptimizationLayer", "SolveInfo"]
 
@@ -29,6 +29,13 @@ STATUS_NAMES = ipm.STATUS_NAMES
 SOLVERS = ("ipm", "osqp")
 #: an inference call keeps its solver state until the next call up to this size (forward)
 _PREVIOUS_STATE_BYTES = 64 << 20
+
+
+# the dtype a parameter's dtype is solved in: float16 and bfloat16 (autocast's outputs,
+# say) in float32, whose outputs they get (as autocast's softmax gives): an interior point
+# needs the digits
+_SOLVED_IN = {torch.float32: torch.float32, torch.float64: torch.float64,
+              torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 @dataclass
@@ -218,7 +225,7 @@ class OptimizationLayer(torch.nn.Module):
         return f"{self.problem_class}, parameters=({names}) -> ({outs}), tol={self.tol}, max_iter={self.max_iter}"
 
     # ---- forward --------------------------------------------------------------------
-    @eager_under_compile
+    @full_precision_forward
     def forward(self, *args, **kwargs):
         """Solve for a batch of parameter values; see the class docstring."""
         tensors = self._bind(args, kwargs)
@@ -308,7 +315,7 @@ class OptimizationLayer(torch.nn.Module):
         for p, t in zip(self.parameters_order, tensors):
             if not t.is_floating_point():
                 raise TypeError(f"parameter {p.name!r}: expected a floating-point tensor, got dtype {t.dtype}")
-            if t.dtype not in (torch.float32, torch.float64):
+            if t.dtype not in _SOLVED_IN:
                 raise TypeError(f"parameter {p.name!r}: dtype {t.dtype} is not supported (use float32 or float64)")
         batched, batches = [], {}
         for p, t in zip(self.parameters_order, tensors):
@@ -328,8 +335,9 @@ class OptimizationLayer(torch.nn.Module):
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise ValueError(f"parameters are on different devices: {sorted(map(str, devices))}")
-        dtype = torch.float32 if tensors and all(t.dtype == torch.float32 for t in tensors) else torch.float64
-        if tensors and len({t.dtype for t in tensors}) > 1:
+        solved_in = {_SOLVED_IN[t.dtype] for t in tensors}
+        dtype = solved_in.pop() if len(solved_in) == 1 else torch.float64
+        if solved_in:  # (float16 or bfloat16 mixed with float32 is float32; with float64, an error)
             raise TypeError(
                 "parameters have mixed dtypes: "
                 + ", ".join(f"{p.name}: {t.dtype}" for p, t in zip(self.parameters_order, tensors))

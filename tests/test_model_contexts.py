@@ -1,0 +1,102 @@
+"""Layers inside models as they are trained: compiled, under autocast.
+
+Inside a ``torch.compile``-d model a layer runs eagerly (a graph break around each); the
+backend here is ``aot_eager``: dynamo's tracing and aot_autograd, where the layers once
+failed, without inductor's C++ code generation (no compiler needed on the test machine).
+Under autocast a layer computes in its inputs' dtype, float16 and bfloat16 inputs in
+float32.
+"""
+import pytest
+import torch
+from torch import nn
+
+import declarative as dl
+
+DOUBLE = torch.float64
+
+
+def _qp_layer(n=4, m=6):
+    x = dl.Variable(n, name="x")
+    c, G = dl.Parameter(n, name="c"), dl.Parameter((m, n), name="G")
+    return dl.Problem(dl.Minimize(dl.sum_squares(x) + c @ x), [G @ x <= 1]).to_torch()
+
+
+def _softmax_layer(n=4):
+    z, theta = dl.Variable(n, name="z"), dl.Parameter(n, name="theta")
+    return dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1, z >= 0]).to_torch()
+
+
+def _layers(dtype=DOUBLE):
+    torch.manual_seed(0)
+    G = torch.randn(6, 4, dtype=dtype)
+    qp, softmax = _qp_layer(), _softmax_layer()
+    cell = nn.Linear(4, 4).to(dtype)
+    fixed_point = dl.FixedPointLayer(lambda y, x: torch.tanh(0.5 * cell(y) + x), extra_parameters=list(cell.parameters()))
+    implicit = dl.ImplicitLayer(lambda x, y: y ** 3 + y - x, dl.newton, initial_guess=torch.zeros(4, dtype=dtype))
+    return {
+        "qp": lambda a: qp(a, G),
+        "nlp": softmax,
+        "fixed_point": fixed_point,
+        "implicit": implicit,
+    }
+
+
+@pytest.mark.parametrize("kind", ["qp", "nlp", "fixed_point", "implicit"])
+def test_a_compiled_model_runs_the_layer_eagerly(kind):
+    # A linear map before the layer and a loss after it, compiled: the same loss and
+    # gradients as eager. (The QP and NLP layers' generated code failed dynamo's import
+    # of its module; a fixed-point layer's autograd calls were a double backward to
+    # aot_autograd.)
+    torch._dynamo.reset()
+    layer = _layers()[kind]
+    torch.manual_seed(1)
+    linear = nn.Linear(4, 4).double()
+
+    def model(a):
+        return layer(linear(a)).square().sum()
+
+    a = torch.randn(3, 4, dtype=DOUBLE)
+    expected = model(a)
+    expected.backward()
+    expected_grad = linear.weight.grad.clone()
+    linear.weight.grad = None
+    loss = torch.compile(model, backend="aot_eager")(a)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(linear.weight.grad, expected_grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qp", "nlp", "fixed_point", "implicit"])
+def test_under_autocast_a_layer_computes_in_its_inputs_dtype(kind):
+    # CPU autocast (bfloat16) made the interior point's batched products bfloat16: every
+    # QP instance ended numerical_error, its outputs NaN. Inside and outside autocast,
+    # forward and backward (called inside), a layer now gives the same float32 numbers.
+    layer = _layers(torch.float32)[kind]
+    a = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    outside = a.clone().requires_grad_()
+    expected = layer(outside)
+    expected.square().sum().backward()
+    inside = a.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(inside)
+        out.square().sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(inside.grad, outside.grad, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_and_float16_inputs_are_solved_in_float32():
+    # Autocast hands a layer bfloat16 tensors (a linear map's outputs, say): they are
+    # solved in float32, whose outputs they get, and gradients flow back in their dtype.
+    G = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    layer = _qp_layer()
+    c = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    for low in (torch.bfloat16, torch.float16):
+        c_low = c.to(low).requires_grad_()
+        out = layer(c_low, G)
+        assert out.dtype == torch.float32 and layer.info.status == ["optimal"] * 5
+        c_32 = c_low.detach().float().requires_grad_()
+        torch.testing.assert_close(out, layer(c_32, G), atol=0, rtol=0)
+        out.sum().backward()
+        layer(c_32, G).sum().backward()
+        assert c_low.grad.dtype == low
+        torch.testing.assert_close(c_low.grad.float(), c_32.grad.to(low).float(), atol=0, rtol=0)

@@ -58,6 +58,17 @@ def full_precision_forward(forward):
     return full_precision
 
 
+#: input dtypes a layer solves in float32 (autocast hands them on): an iterative solver
+#: needs the digits, and some of its kernels (LU on the CPU) have no bfloat16 version
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def solvable(t):
+    """``t`` in the dtype a layer solves it in: float16 and bfloat16 as float32
+    (differentiably), anything else as it is."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` in this thread."""
     try:

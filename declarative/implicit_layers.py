@@ -42,7 +42,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from declarative.implicit_diff import EmptyBatch, Linearization, full_precision_forward, implicit_solution
+from declarative.implicit_diff import (EmptyBatch, Linearization, full_precision_forward, implicit_solution,
+                                      solvable)
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
@@ -519,6 +520,7 @@ class ImplicitLayer(nn.Module):
             ``y``, ``(B, *shape)``.
         """
         batched = self._batched_flags(inputs)
+        inputs, y0 = tuple(solvable(x) for x in inputs), solvable(y0)  # (float16, bfloat16: in float32)
         batch = self._batch_size(inputs, batched)
         dtype, device = self._dtype_device(inputs)
         parameters = _module_parameters(self.residual, extra=self.extra_parameters)
@@ -782,6 +784,8 @@ class FixedPointLayer(nn.Module):
             if tensor.dim() == 0 or tensor.shape[0] != x.shape[0]:
                 raise ValueError(f"input {k} has shape {tuple(tensor.shape)}; every input must be batched "
                                  f"with B = {x.shape[0]} rows")
+        inputs, y0 = tuple(solvable(t) for t in inputs), solvable(y0)  # (float16, bfloat16: in float32)
+        x = inputs[0]
         start = self._start(x, y0)
         if not x.shape[0]:
             return self._empty(inputs, start)

@@ -18,7 +18,7 @@ from solvers import interior_point as ipm
 from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
-from .implicit_diff import EmptyBatch, Linearization, full_precision_forward, implicit_solution
+from .implicit_diff import LOW_PRECISION, EmptyBatch, Linearization, full_precision_forward, implicit_solution
 
 __all__ = ["OptimizationLayer", "SolveInfo"]
 
@@ -31,11 +31,10 @@ SOLVERS = ("ipm", "osqp")
 _PREVIOUS_STATE_BYTES = 64 << 20
 
 
-# the dtype a parameter's dtype is solved in: float16 and bfloat16 (autocast's outputs,
-# say) in float32, whose outputs they get (as autocast's softmax gives): an interior point
-# needs the digits
+# the dtype a parameter's dtype is solved in (LOW_PRECISION ones in float32, whose
+# outputs they get, as autocast's softmax gives)
 _SOLVED_IN = {torch.float32: torch.float32, torch.float64: torch.float64,
-              torch.float16: torch.float32, torch.bfloat16: torch.float32}
+              **{low: torch.float32 for low in LOW_PRECISION}}
 
 
 @dataclass

@@ -20,6 +20,7 @@ depend on how many iterations the forward pass took.
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 from typing import Optional, Sequence, Tuple
 
@@ -50,11 +51,8 @@ def full_precision_forward(forward):
     def full_precision(*args, **kwargs):
         if is_compiling():
             return compiler.disable(forward)(*args, **kwargs)
-        device_type = _device_type(args, kwargs)
-        if autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return forward(*args, **kwargs)
-        return forward(*args, **kwargs)
+        with _without_autocast((*args, *kwargs.values())):
+            return forward(*args, **kwargs)
     return full_precision
 
 
@@ -69,22 +67,17 @@ def solvable(t):
     return t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t
 
 
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` in this thread."""
+def _without_autocast(values):
+    """A context with autocast off for the device of the first tensor among ``values``
+    (the CPU if none), where it is on; else one that does nothing (the common case)."""
+    device_type = next((v.device.type for v in values if isinstance(v, torch.Tensor)), "cpu")
     try:
-        return torch.is_autocast_enabled(device_type)
+        enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # (torch < 2.4: no device argument)
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:  # (a device type autocast does not know)
-        return False
-
-
-def _device_type(args, kwargs) -> str:
-    """The device type of the first tensor among a call's arguments ('cpu' if none)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-    return "cpu"
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 class Linearization(abc.ABC):
@@ -147,11 +140,8 @@ class _ImplicitFunction(torch.autograd.Function):
     def backward(ctx, *output_cotangents):
         # (a backward called inside an autocast region runs with it: off here, as in
         # the forward, see full_precision_forward)
-        device_type = _device_type(output_cotangents, {})
-        if autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return _ImplicitFunction._backward(ctx, output_cotangents)
-        return _ImplicitFunction._backward(ctx, output_cotangents)
+        with _without_autocast(output_cotangents):
+            return _ImplicitFunction._backward(ctx, output_cotangents)
 
     @staticmethod
     def _backward(ctx, output_cotangents):

@@ -133,15 +133,22 @@ class _ImplicitFunction(torch.autograd.Function):
     def forward(ctx, solve, *parameters):
         outputs, linearization = solve(*parameters)
         ctx.linearization = linearization
+        # (references, not saved tensors: the backward reads none of them, it only ties
+        # its gradients to them when asked for a graph, see _NotTwice)
+        ctx.anchors = tuple(p for p in parameters if isinstance(p, torch.Tensor) and p.requires_grad)
         return tuple(outputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *output_cotangents):
+        create_graph = torch.is_grad_enabled()
         # (a backward called inside an autocast region runs with it: off here, as in
         # the forward, see full_precision_forward)
-        with _without_autocast(output_cotangents):
-            return _ImplicitFunction._backward(ctx, output_cotangents)
+        with torch.no_grad(), _without_autocast(output_cotangents):
+            grads = _ImplicitFunction._backward(ctx, output_cotangents)
+        if create_graph:
+            anchors = ctx.anchors + tuple(g for g in output_cotangents if g is not None and g.requires_grad)
+            grads = tuple(g if g is None else _NotTwice.apply(g, *anchors) for g in grads)
+        return grads
 
     @staticmethod
     def _backward(ctx, output_cotangents):
@@ -160,6 +167,25 @@ class _ImplicitFunction(torch.autograd.Function):
                 if g is not None and batched:
                     grads[k] = torch.where(_expand_mask(lin.valid, g), g, torch.full_like(g, float("nan")))
         return (None, *grads)
+
+
+class _NotTwice(torch.autograd.Function):
+    """A layer's gradient, as a function of the layer's inputs that cannot be
+    differentiated: the backward pass is not itself recorded, so a second derivative
+    through a layer (``create_graph=True``: gradient penalties, MAML) would otherwise
+    treat the gradient as a constant, a silently wrong answer where the second-order
+    loss also depends on something else. Differentiating it raises instead."""
+
+    @staticmethod
+    def forward(ctx, gradient, *anchors):
+        return gradient.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "a declarative layer is differentiable once: its gradients (implicit function theorem) "
+            "are not themselves differentiable, so second derivatives through it (create_graph=True: "
+            "gradient penalties, MAML's outer loop) are not supported")
 
 
 def _expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

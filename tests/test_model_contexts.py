@@ -4,7 +4,7 @@ Inside a ``torch.compile``-d model a layer runs eagerly (a graph break around ea
 backend here is ``aot_eager``: dynamo's tracing and aot_autograd, where the layers once
 failed, without inductor's C++ code generation (no compiler needed on the test machine).
 Under autocast a layer computes in its inputs' dtype, float16 and bfloat16 inputs in
-float32.
+float32. A second derivative through a layer raises.
 """
 import pytest
 import torch
@@ -107,3 +107,22 @@ def test_bfloat16_and_float16_inputs_are_solved_in_float32(kind):
         expected.sum().backward()
         assert a_low.grad.dtype == low
         torch.testing.assert_close(a_low.grad, a_32.grad.to(low), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qp", "nlp", "fixed_point", "implicit"])
+def test_a_second_derivative_through_a_layer_raises(kind):
+    # The backward is not recorded: with create_graph=True the gradient was a constant,
+    # and a second-order loss that also depends on the input otherwise (a gradient
+    # penalty plus a first-order term, MAML's outer loss) came out silently without the
+    # layer's part. The first-order gradient is as without create_graph; differentiating
+    # it raises.
+    # (A loss linear in the output, so that its cotangent does not require grad: one
+    # that does, as from y.square().sum(), raised torch's once_differentiable error.)
+    layer = _layers()[kind]
+    a = torch.randn(3, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    w = torch.randn(3, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(6))
+    (plain,) = torch.autograd.grad((w * layer(a)).sum(), a)
+    (gradient,) = torch.autograd.grad((w * layer(a)).sum(), a, create_graph=True)
+    torch.testing.assert_close(gradient, plain, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (gradient.square().sum() + a.sum()).backward()

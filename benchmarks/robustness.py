@@ -9,8 +9,7 @@ interior-point iterate suggested one constraint too many, redundant equalities,
 float32 data (a QP family and LPs), infeasible instances mixed into a batch. Every
 feasible instance has an optimum, so the row lists the statuses (``optimal`` is the
 only right one, but for the instances made infeasible) and, over the optimal
-instances, the largest error of x
-relative to max(1, |x_ref|). The reference is CVXPY/Clarabel at tight tolerance,
+instances, the largest error of x relative to max(1, |x_ref|). The reference is CVXPY/Clarabel at tight tolerance,
 polished on its active set (``common.qp_reference``), on the problem as written or, for
 a scaled objective, on the unscaled one (Clarabel's own tolerances are not scale-free);
 for the degenerate vertex it is the constructed solution, for the LPs HiGHS' vertex
@@ -154,9 +153,13 @@ def float32_lp(B, seed, n=50, m=100):
     from scipy.optimize import linprog
 
     _, c, G, h, A, b = (t.double().numpy() for t in data)
-    x_ref = np.stack([linprog(c[i], A_ub=G[i], b_ub=h[i], A_eq=A[i], b_eq=b[i], bounds=(None, None),
-                              method="highs").x for i in range(B)])
-    return data, None, x_ref
+    x_ref = []
+    for i in range(B):
+        ref = linprog(c[i], A_ub=G[i], b_ub=h[i], A_eq=A[i], b_eq=b[i], bounds=(None, None), method="highs")
+        if ref.status != 0:
+            raise RuntimeError(f"reference solve of LP instance {i} failed: {ref.message}")
+        x_ref.append(ref.x)
+    return data, None, np.stack(x_ref)
 
 
 FAMILIES = {

@@ -554,11 +554,7 @@ class OptimizationLayer(torch.nn.Module):
         in float64 too (:class:`_TwoPrecisions`), since the rounded point may leave the
         functions' domain (an entropy's entry rounded to 0). None where none qualify."""
         # (complementarity within tol absolutely: within the loop's scaled tolerance too)
-        stalled = (result.status == ipm.MAX_ITER) & (result.complementarity <= tol)
-        left = (result.status == ipm.NUMERICAL_ERROR) | stalled
-        if bad is not None:
-            left = left & ~bad
-        rows = left.nonzero().squeeze(-1)
+        left, rows = ipm.wanting_precision(result, tol, bad)
         if not rows.numel():
             return None
         part = [(t.index_select(0, rows) if b else t).double() for t, b in zip(params, batched)]

@@ -1701,6 +1701,18 @@ def retries_in_float64(x) -> bool:
     return x.dtype == torch.float32 and x.device.type != "mps"
 
 
+def wanting_precision(result, tol_dual, skip):
+    """The instances of ``result`` that failed for want of precision, as a mask (B,) and
+    their indices: ``numerical_error``, or ``max_iter`` with complementarity within
+    ``tol_dual`` (B,) or a number (a ``max_iter`` short of it is the iteration limit at
+    work); not those ``skip`` (B,) bool or None marks."""
+    stalled = (result.status == MAX_ITER) & (result.complementarity <= tol_dual)
+    left = (result.status == NUMERICAL_ERROR) | stalled
+    if skip is not None:
+        left = left & ~skip
+    return left, left.nonzero().squeeze(-1)
+
+
 def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     """Float32 instances the general loop could not finish for want of precision get a
     second solve in float64, on their rows alone; where that ends optimal (its point,
@@ -1716,11 +1728,7 @@ def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     left to the caller's choice."""
     if not retries_in_float64(c):
         return result
-    stalled = (result.status == MAX_ITER) & (result.complementarity <= tol * (1.0 + _inf_norm(c)))
-    left = (result.status == NUMERICAL_ERROR) | stalled
-    if skip is not None:
-        left = left & ~skip
-    rows = left.nonzero().squeeze(-1)
+    left, rows = wanting_precision(result, tol * (1.0 + _inf_norm(c)), skip)
     if not rows.numel():
         return result
     data = [t.index_select(0, rows) for t in (Q, c, G, hv, A, b)]

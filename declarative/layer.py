@@ -419,9 +419,11 @@ class OptimizationLayer(torch.nn.Module):
 
         wide = None  # (float32 NLP instances solved again in float64: _in_float64_for_failures)
         if not batch:  # (an empty batch: nothing to solve, and nothing to differentiate)
-            result = ipm.InteriorPointResult(*(ref.new_zeros(0, k) for k in (n, m, m, p)),
-                                             *(torch.zeros(0, dtype=torch.int64, device=device) for _ in range(2)),
-                                             *(ref.new_zeros(0) for _ in range(3)))
+            none = torch.zeros(0, dtype=torch.int64, device=device)
+            result = ipm.InteriorPointResult(
+                z=ref.new_zeros(0, n), s=ref.new_zeros(0, m), lam=ref.new_zeros(0, m), nu=ref.new_zeros(0, p),
+                status=none, iterations=none, primal_residual=ref.new_zeros(0), dual_residual=ref.new_zeros(0),
+                complementarity=ref.new_zeros(0))
             qp = derivatives = None
         elif self.problem_class in (LP, QP):
             qp = qp_data(params)

@@ -522,6 +522,10 @@ def normalize_index(key, shape: Shape):
             index.append(k % d)
         elif isinstance(k, slice):
             start, stop, step = k.indices(d)
+            if step < 0:
+                # torch slices only step forward, and the derivative pass scatters back
+                # through the same slices: a reversed one would go wrong far from here
+                raise IndexError(f"slice {k} steps backward: reversed slices are not supported")
             n = len(range(start, stop, step))
             if n == 0:
                 raise IndexError(f"empty slice {k} of a dimension of size {d}")

@@ -36,6 +36,23 @@ def test_shape_errors_at_construction():
         dl.Problem(dl.Minimize(dl.sum_squares(x) + dl.sum_squares(y)))
 
 
+def test_reversed_slices_are_refused_and_strided_ones_solve():
+    # a reversed slice of a constant once folded to an empty array (numpy read its
+    # normalized stop -1 as the last entry), and one of a variable failed in torch
+    x = dl.Variable(5, name="x")
+    c = dl.Parameter(2, name="c")
+    for expr in (x, dl.Constant(np.arange(4.0))):
+        with pytest.raises(IndexError, match="reversed slices"):
+            expr[::-1]
+    with pytest.raises(IndexError, match="reversed slices"):
+        x[3:0:-2]
+    # argmin |x|^2 - c'x[1::2]: x[1::2] = c / 2, the other entries 0
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x) - c @ x[1::2])).to_torch()
+    c_t = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    expected = torch.tensor([0.0, 0.5, 0.0, -1.5, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(layer(c_t), expected, atol=1e-9, rtol=0)
+
+
 def test_call_errors_name_the_parameter(layer):
     Q, q, G, h, A, b = (t[0] for t in random_qp(1, 4, 3, 1))
     layer(Q, q, G, h, A, b)  # (a good call first: the layer remembers its checks by signature)

@@ -23,6 +23,7 @@ parameters, each ``(B or 1, *shape)``):
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import keyword
 import linecache
@@ -421,14 +422,31 @@ class GeneratedCode:
         return self.namespace[name]
 
 
+def _top_level_names(source: str) -> frozenset:
+    tree = ast.parse(source)
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return frozenset(names)
+
+
+# the generated routines' own arguments, and every name the prelude defines: a
+# parameter named like a helper (``_eye``) would shadow it inside the routines
+_RESERVED = frozenset({"consts", "ref", "z", "lam", "nu", "u_z", "u_lam", "u_nu"}) | _top_level_names(_PRELUDE)
+
+
 def _identifier(name: str, used: set) -> str:
     base = name.split("#")[0]
     base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in base) or "v"
     if base[0].isdigit() or keyword.iskeyword(base):
         base = "_" + base
     out, k = base, 1
-    reserved = {"torch", "consts", "ref", "z", "lam", "nu", "u_z", "u_lam", "u_nu"}
-    while out in used or out in reserved or out.startswith("t") and out[1:].isdigit() or out.startswith("out") and out[3:].isdigit():
+    while out in used or out in _RESERVED or out.startswith("t") and out[1:].isdigit() or out.startswith("out") and out[3:].isdigit():
         out = f"{base}_{k}"
         k += 1
     used.add(out)

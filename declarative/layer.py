@@ -107,6 +107,23 @@ _CHECKED_SIGNATURES = 32
 #: the values the entries under a domain-restricted atom try, in order, as the NLP start
 _POSITIVE_STARTS = (1.0, 0.5, 0.1, 2.0, 10.0)
 
+
+def _other_starts(positive, batch, direct):
+    """The NLP starts an instance tries, in order, where the first (``positive``: 1 on
+    the ``direct`` entries a domain-restricted atom takes as its argument itself, 0
+    elsewhere) lies outside a domain: those entries at the other _POSITIVE_STARTS
+    (log(x) + log(1 - x) at x = 1); then, unless they are all of z, every entry at each
+    of _POSITIVE_STARTS, for atoms that take an expression of the variables (log(2 x),
+    entropy(P.T), which the first starts leave at 0). Made as they are tried: most
+    calls try none."""
+    shape = (batch, positive.shape[0])
+    if direct:
+        for scale in _POSITIVE_STARTS[1:]:
+            yield positive.expand(shape) * scale
+    if direct < positive.shape[0]:
+        for scale in _POSITIVE_STARTS:
+            yield positive.new_full(shape, scale)
+
 class OptimizationLayer(torch.nn.Module):
     """A differentiable, batched solution map ``theta -> argmin`` of a ``dl.Problem``.
 
@@ -461,15 +478,15 @@ class OptimizationLayer(torch.nn.Module):
             derivatives, residuals = nlp_oracle(params, batch)
 
             # the entries a log, entropy, sqrt ... takes as its argument start at 1, the
-            # others at 0; where that is outside the functions' domain (log(x) + log(1 - x)
-            # at x = 1), at 1/2, 1/10, 2 and 10
+            # others at 0 (_other_starts: where that is outside a domain)
             positive = torch.zeros(n, dtype=dtype, device=device)
             for off, size in stacked.positive_start:
                 positive[off:off + size] = 1.0
-            z0, *others = (positive.expand(batch, n) * scale for scale in _POSITIVE_STARTS)
+            z0 = positive.expand(batch, n) * _POSITIVE_STARTS[0]
             retry = ipm.retries_in_float64(z0)
+            direct = sum(size for _, size in stacked.positive_start)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
-                                   other_starts=others if stacked.positive_start else (), select=select,
+                                   other_starts=_other_starts(positive, batch, direct), select=select,
                                    stop_collapsed=retry)
             qp = None
             if retry:

@@ -355,6 +355,28 @@ def test_start_inside_the_domain_of_every_atom():
     torch.testing.assert_close(out[0], torch.cat([roots, torch.tensor([0.5], dtype=torch.float64)]), atol=1e-8, rtol=0)
 
 
+def test_start_inside_the_domain_of_an_atom_of_an_expression():
+    # log(2 x), log(x / 2) and entropy(P') take an expression of the variables, so the
+    # first start left them at 0, outside the domain: 'numerical_error' at once, bounds
+    # or not. Every entry now tries the starts too. Closed forms: x = 1/a; P = 1/4.
+    x = dl.Variable(3, name="x")
+    a = dl.Parameter(3, name="a")
+    a_t = torch.tensor([[0.5, 2.0, 4.0], [1.0, 3.0, 0.25]], dtype=torch.float64)
+    for objective, constraints in ((a @ x - dl.sum(dl.log(2 * x)), []),
+                                   (a @ x - dl.sum(dl.log(x / 2)), [x >= 0.1])):
+        layer = dl.Problem(dl.Minimize(objective), constraints).to_torch()
+        out = layer(a_t)
+        assert layer.info.status == ["optimal"] * 2
+        torch.testing.assert_close(out, 1 / a_t, atol=1e-8, rtol=0)
+    P = dl.Variable((2, 2), name="P")
+    w = dl.Parameter((2, 2), name="w")
+    layer = dl.Problem(dl.Maximize(dl.sum(dl.entropy(P.T)) + dl.sum(w * P)), [dl.sum(P) == 1]).to_torch()
+    w_t = torch.tensor([[0.0, 1.0], [-2.0, 0.5]], dtype=torch.float64)
+    out = layer(w_t)
+    assert layer.info.status == ["optimal"]
+    torch.testing.assert_close(out.flatten(), torch.softmax(w_t.flatten(), 0), atol=1e-8, rtol=0)
+
+
 def scaled_softmax_layer(scale, n=10, B=8):
     """Softmax as optimization with its objective times ``scale`` (the same minimizer),
     and a batch of logits."""

@@ -136,7 +136,11 @@ class _ImplicitFunction(torch.autograd.Function):
         # (references, not saved tensors: the backward reads none of them, it only ties
         # its gradients to them when asked for a graph, see _NotTwice)
         ctx.anchors = tuple(p for p in parameters if isinstance(p, torch.Tensor) and p.requires_grad)
-        return tuple(outputs)
+        # the caller gets copies it owns: an output edited in place (y += b, a ReLU with
+        # inplace=True) must not move the point the backward linearizes at (an implicit
+        # layer's backward silently differentiated at the edited point), nor be a view
+        # of the solver's state or an inference tensor of its solve
+        return tuple(o.clone() for o in outputs)
 
     @staticmethod
     def backward(ctx, *output_cotangents):

@@ -531,7 +531,7 @@ class ImplicitLayer(nn.Module):
             y, codes, iterations = layer._run_solver(explicit, y0, batch, dtype, device)
             if not y.shape[0]:  # an empty batch: nothing to check, nothing to differentiate
                 layer.info = ImplicitInfo(status=[], residual=y.new_zeros(0), iterations=iterations)
-                return (y.clone(),), EmptyBatch(arguments, batched + (False,) * len(parameters))
+                return (y,), EmptyBatch(arguments, batched + (False,) * len(parameters))
             f = layer.residual(*explicit, y)
             _check_residual(f, y)
             residual = f.reshape(y.shape[0], -1).abs().amax(dim=1)
@@ -546,8 +546,6 @@ class ImplicitLayer(nn.Module):
                 tol=layer.backward_tol if layer.backward_tol is not None else _default_backward_tol(y.dtype),
                 max_iter=layer.backward_max_iter, restart=layer.gmres_restart, info=info,
                 layer_name=type(layer).__name__)
-            if any(_shares_storage(y, x) for x in arguments):
-                y = y.clone()  # an output aliasing an input would let later in-place edits corrupt it
             holder["linearization"] = linearization
             return (y,), linearization
 
@@ -631,10 +629,6 @@ class ImplicitLayer(nn.Module):
         if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
             raise ValueError(f"solve returned shape {tuple(out.shape)}; expected (B, *shape) with B = {batch}")
         return out.detach(), codes, iterations
-
-
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _check_closure_if_detached(linearization, inputs, parameters) -> None:
@@ -833,7 +827,7 @@ class FixedPointLayer(nn.Module):
         with zero gradients, and an empty report."""
         parameters = _module_parameters(self.T, extra=self.extra_parameters)
         flags = (True,) * len(inputs) + (False,) * len(parameters)
-        (y,) = implicit_solution(lambda *arguments: ((start.clone(),), EmptyBatch(arguments, flags)),
+        (y,) = implicit_solution(lambda *arguments: ((start,), EmptyBatch(arguments, flags)),
                                  *inputs, *parameters)
         self.info = FixedPointInfo(status=[], residual=start.new_zeros(0),
                                    iterations=torch.zeros(0, dtype=torch.int64, device=start.device),

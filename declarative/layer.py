@@ -266,11 +266,10 @@ class OptimizationLayer(torch.nn.Module):
             # each small op's cost (benchmarks/linalg_ops.py) and 10-18 % of a small solve.
             # Nothing in it needs autograd: the backward is the implicit one. Inference
             # tensors must not reach the caller (autograd cannot save them, nor may they be
-            # changed in place), so the outputs and the report are copied out; the
-            # linearization only feeds the backward, which reads it.
+            # changed in place), so the report is copied out here and the outputs by
+            # implicit_solution; the linearization only feeds the backward, which reads it.
             with torch.inference_mode():
                 outputs, linearization, info = self._solve(p, batched_spec, batch, dtype, device)
-            outputs = tuple(o.clone() for o in outputs)
             self.info = info.copied()
             if keep:  # its tensors: the linearization itself refers back to the layer
                 self._previous_state = {k: v for k, v in vars(linearization).items() if k != "layer"}

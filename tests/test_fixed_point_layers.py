@@ -141,6 +141,21 @@ def directional_derivative(layer, cell, x, loss, seed):
     return analytic, (shifted(step) - shifted(-step)) / (2 * step)
 
 
+def test_an_output_edited_in_place_keeps_its_gradient():
+    # relu_ on the state raised "Output 0 of _ImplicitFunction is a view ... modified
+    # inplace"; the gradient is that of relu(y), against a central difference
+    cell = TanhCell(6, 4, seed=3)
+    layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(6,))
+    x = torch.randn(2, 4, dtype=DOUBLE, generator=generator(4), requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.relu_(layer(x)).sum(), x)
+    direction = torch.randn(x.shape, dtype=DOUBLE, generator=generator(5))
+    with torch.no_grad():
+        step = 1e-6
+        difference = (torch.relu(layer(x + step * direction)).sum()
+                      - torch.relu(layer(x - step * direction)).sum()) / (2 * step)
+    torch.testing.assert_close((grad * direction).sum(), difference, atol=1e-7, rtol=1e-6)
+
+
 def test_ift_gradient_of_module_parameters_matches_finite_differences():
     cell = TanhCell(8, 5, seed=7)
     layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(8,))

@@ -446,6 +446,17 @@ def test_an_output_aliasing_the_input_is_copied():
     torch.testing.assert_close(grad, torch.full_like(x, 2.0))
 
 
+def test_an_output_edited_in_place_keeps_the_papers_gradient():
+    # the output once shared memory with the point the backward linearizes at, so
+    # y.add_(1) moved that point: dy/dx came out (-2, 1.24) instead of (-1, 0)
+    layer = ImplicitLayer(seed_residual, newton, tol=1e-12, initial_guess=torch.tensor([1.2, 1.2], dtype=DOUBLE))
+    x = torch.tensor([[1.0]], dtype=DOUBLE, requires_grad=True)
+    y = layer(x)
+    y.add_(1.0)
+    rows = [torch.autograd.grad(y[0, i], x, retain_graph=True)[0].item() for i in range(2)]
+    assert rows == pytest.approx([-1.0, 0.0], abs=1e-9)
+
+
 @pytest.mark.parametrize("solver", ["newton", "user"])
 def test_an_implicit_layer_passes_an_empty_batch_through(solver):
     # An ImplicitLayer's output shape is its solver's: an empty batch goes through it

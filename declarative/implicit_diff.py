@@ -43,6 +43,11 @@ def full_precision_forward(forward):
     * Under autocast the layer runs with autocast off: an interior point whose batched
       products autocast made bfloat16 ended every instance of a QP ``numerical_error``
       (NaN outputs). A user function inside a layer may enable autocast itself.
+    * Under ``torch.inference_mode()`` (Lightning validates, tests and predicts in it) the
+      layer runs outside it, under ``no_grad``, on copies of inputs made there: autograd
+      records nothing in inference mode, ``enable_grad`` included, and implicit and
+      fixed-point layers record their own functions (Newton's Jacobians, the contraction
+      estimate): Newton raised, and the contraction factor read 0.
     """
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", lambda: False)  # (torch >= 2.3)
@@ -51,9 +56,18 @@ def full_precision_forward(forward):
     def full_precision(*args, **kwargs):
         if is_compiling():
             return compiler.disable(forward)(*args, **kwargs)
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return full_precision(*map(_ordinary, args), **{k: _ordinary(v) for k, v in kwargs.items()})
         with _without_autocast((*args, *kwargs.values())):
             return forward(*args, **kwargs)
     return full_precision
+
+
+def _ordinary(value):
+    """An inference tensor copied into an ordinary one (which autograd may record
+    functions of); anything else as it is."""
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 #: input dtypes a layer solves in float32 (autocast hands them on): an iterative solver

@@ -126,3 +126,24 @@ def test_a_second_derivative_through_a_layer_raises(kind):
     torch.testing.assert_close(gradient, plain, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="differentiable once"):
         (gradient.square().sum() + a.sum()).backward()
+
+
+@pytest.mark.parametrize("kind", ["qp", "nlp", "fixed_point", "implicit"])
+def test_under_inference_mode_a_layer_gives_its_no_grad_results(kind):
+    # Lightning validates and predicts under inference_mode, where autograd records
+    # nothing, enable_grad included: Newton inside an implicit layer raised, and a
+    # fixed-point layer's contraction estimate read 0. Inputs made there are inference
+    # tensors.
+    layer = _layers()[kind]
+    a = torch.randn(3, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = layer(a)
+    report = getattr(layer, "layer", layer).info
+    with torch.inference_mode():
+        got = layer(a.clone())
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    if kind == "fixed_point":
+        assert bool((report.contraction_factor > 0).all())
+        torch.testing.assert_close(layer.info.contraction_factor, report.contraction_factor)
+    if kind == "implicit":  # y^3 + y = a
+        torch.testing.assert_close(got ** 3 + got, a, atol=1e-9, rtol=0)

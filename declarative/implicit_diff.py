@@ -147,6 +147,11 @@ class _ImplicitFunction(torch.autograd.Function):
     def forward(ctx, solve, *parameters):
         outputs, linearization = solve(*parameters)
         ctx.linearization = linearization
+        # saved, though the backward reads them through the linearization: so that
+        # autograd's version check sees an input changed in place before the backward
+        # (an optimizer step taken with a backward still pending), which would otherwise
+        # get a gradient mixing the old solution with the new values
+        ctx.save_for_backward(*(p for p in parameters if isinstance(p, torch.Tensor)))
         # (references, not saved tensors: the backward reads none of them, it only ties
         # its gradients to them when asked for a graph, see _NotTwice)
         ctx.anchors = tuple(p for p in parameters if isinstance(p, torch.Tensor) and p.requires_grad)
@@ -158,6 +163,7 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *output_cotangents):
+        ctx.saved_tensors  # (raises where an input was changed in place since the forward)
         create_graph = torch.is_grad_enabled()
         # (a backward called inside an autocast region runs with it: off here, as in
         # the forward, see full_precision_forward)

@@ -215,3 +215,25 @@ def test_badly_scaled_feasible_rows_are_never_called_infeasible():
     for i in optimal[:4]:
         xr, _, _ = qp_reference(*(t[i].numpy() for t in (Q, q, G, h, A, b)))
         np.testing.assert_allclose(x[i].numpy(), xr, atol=1e-6)
+
+
+def test_an_input_changed_in_place_before_the_backward_raises():
+    # as torch's own functions do; the gradient once mixed the forward's solution with
+    # the new values (off by 2.46 for exp(theta) below). An optimizer step taken with a
+    # backward still pending does this to a fixed-point layer's weights.
+    x = dl.Variable(4, name="x")
+    th = dl.Parameter(4, name="theta")
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x - dl.exp(th))), [x >= 0.5]).to_torch()
+    theta = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = layer(theta)
+    with torch.no_grad():
+        theta.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    cell = torch.nn.Linear(3, 3).double()
+    deq = dl.FixedPointLayer(lambda y, u: torch.tanh(0.5 * cell(y) + u), extra_parameters=list(cell.parameters()))
+    y = deq(torch.randn(2, 3, dtype=torch.float64))
+    with torch.no_grad():
+        cell.weight.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -279,6 +279,13 @@ def _regularization(dtype) -> float:
     return 1e-13 if dtype == torch.float64 else 1e-7
 
 
+def _second_regularization(dtype) -> float:
+    """The larger shift a factorization tries where the first fails: 1e-8 in float64,
+    1e-5 in float32 (a flat 1e-8 is below float32's first shift, and float32 QPs with an
+    equality row written twice then failed where the retry should have helped)."""
+    return max(1e-8, 100 * _regularization(dtype))
+
+
 class ReducedKKT:
     """Cholesky factorization of the reduced Newton system (see the module docstring).
 
@@ -661,7 +668,7 @@ def _regularized_cholesky(S, E, workspace=None):
         L, info = torch.linalg.cholesky_ex(S, out=out)
     bad = info > 0
     if bool(bad.any()):
-        diagonal.add_(((1e-8 - _regularization(S.dtype)) * scale)[:, None])
+        diagonal.add_(((_second_regularization(S.dtype) - _regularization(S.dtype)) * scale)[:, None])
         L2, info2 = torch.linalg.cholesky_ex(S)
         bad = bad & (info2 > 0)
         eye = torch.eye(r, dtype=S.dtype, device=S.device)
@@ -680,7 +687,7 @@ def _regularized_root(S, E):
     scale = torch.where(scale > 0, scale, 1.0)
     shift = _regularization(S.dtype) * scale
     first = s + (shift if E is None else E.reshape(-1) + shift)
-    second = first + (1e-8 - _regularization(S.dtype)) * scale
+    second = first + (_second_regularization(S.dtype) - _regularization(S.dtype)) * scale
     # the first shift where it gives a positive pivot, else the second (>= first), and
     # failed where neither does, NaN included (False in both tests, as in LAPACK's)
     square = torch.where(first > 0, first, second)

@@ -740,6 +740,26 @@ def test_redundant_equalities_end_polished():
     assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
+def test_float32_qps_with_an_equality_written_twice_solve():
+    # The factorizations' second, larger shift was a flat 1e-8, below float32's first
+    # (1e-7): 5 of these 64 instances ended numerical_error, NaN.
+    rng = np.random.default_rng(61)
+    n, m, p, B = 6, 8, 2, 64
+    L = rng.standard_normal((B, n, n))
+    Q = L @ L.transpose(0, 2, 1) + np.eye(n)
+    q, x0 = rng.standard_normal((B, n)), rng.uniform(-0.5, 0.5, (B, n))
+    G = rng.standard_normal((B, m, n))
+    h = np.einsum("bij,bj->bi", G, x0) + rng.random((B, m))
+    A = rng.standard_normal((B, p, n))
+    b = np.einsum("bij,bj->bi", A, x0)
+    A, b = np.concatenate([A, 2 * A[:, :1]], 1), np.concatenate([b, 2 * b[:, :1]], 1)
+    data = tuple(torch.tensor(v, dtype=torch.float32) for v in (Q, q, G, h, A, b))
+    layer = qp_problem(n, m, p + 1).to_torch()
+    x = layer(*data)
+    assert layer.info.status == ["optimal"] * B
+    assert_matches_cvxpy(x.double(), tuple(t.double() for t in data), range(0, B, 4), atol=2e-4)
+
+
 def test_active_set_iteration_leaves_a_cycle(monkeypatch):
     # Instance 8 of this batch, from the constraints its equality-constrained minimizer
     # violates (no pivots first), cycles through four active sets (the iteration is

@@ -1723,8 +1723,10 @@ def wanting_precision(result, tol_dual, skip):
 def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     """Float32 instances the general loop could not finish for want of precision get a
     second solve in float64, on their rows alone; where that ends optimal (its point,
-    rounded to float32, verified against the float32 data) or infeasible it replaces
-    theirs, iterations counted together.
+    rounded to float32, verified against the float32 data), infeasible or unbounded (of
+    the same data: float32 numbers are float64 ones) it replaces theirs, iterations
+    counted together. (Float32 LPs never reached ``unbounded`` on their own: min x s.t.
+    x <= 1 ended ``numerical_error``.)
 
     Want of precision: ``numerical_error``, or ``max_iter`` with complementarity
     within the tolerance while the other residuals are not. Of 64 float32 LPs with 50
@@ -1748,7 +1750,7 @@ def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     residuals, scale_dual, scale_primal = _qp_residuals(*data)
     part = _verify(part, residuals, scale_dual, scale_primal, tol)
     part = dataclasses.replace(part, iterations=part.iterations + result.iterations.index_select(0, rows))
-    ok = (part.status == OPTIMAL) | (part.status == INFEASIBLE)
+    ok = (part.status == OPTIMAL) | (part.status == INFEASIBLE) | (part.status == UNBOUNDED)
     take = torch.zeros_like(left).index_copy(0, rows, ok)
     return _per_instance(take, _embed(part, rows, left.shape[0], result.qp_factor), result)
 

@@ -740,6 +740,25 @@ def test_redundant_equalities_end_polished():
     assert_matches_cvxpy(x, data, range(B), atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unbounded_lps_are_reported_in_either_dtype(dtype):
+    # min q'x s.t. x <= h is unbounded where some q_i > 0, else solved at x = h. Float32
+    # ended those numerical_error (its float64 re-solve said unbounded, and was dropped).
+    n, B = 5, 16
+    g = torch.Generator().manual_seed(3)
+    q = -torch.rand(B, n, generator=g, dtype=torch.float64) - 0.1
+    q[::2, 0] = 1.0
+    h = torch.randn(B, n, generator=g, dtype=torch.float64)
+    x = dl.Variable(n, name="x")
+    qp, hp = dl.Parameter(n, name="q"), dl.Parameter(n, name="h")
+    layer = dl.Problem(dl.Minimize(qp @ x), [x <= hp]).to_torch()
+    with pytest.warns(RuntimeWarning, match="unbounded"):
+        out = layer(q.to(dtype), h.to(dtype))
+    assert layer.info.status == ["unbounded", "optimal"] * (B // 2)
+    torch.testing.assert_close(out[1::2].double(), h[1::2], atol=1e-5 if dtype == torch.float32 else 1e-9, rtol=0)
+    assert bool(out[::2].isnan().all())
+
+
 def test_float32_qps_with_an_equality_written_twice_solve():
     # The factorizations' second, larger shift was a flat 1e-8, below float32's first
     # (1e-7): 5 of these 64 instances ended numerical_error, NaN.

@@ -1569,8 +1569,9 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
     (r_G, G_s), (r_A, A_s) = _row_scaled(G, pool), _row_scaled(A, pool)
     sigma = _objective_scale(Q, c)
     Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
-    result = _solve_qp_rows_scaled(Q_s, c_s, G_s, hv * r_G, A_s, b * r_A, tol, max_iter, skip, active_set_rounds,
-                                   pool)
+    data = (Q_s, c_s, G_s, hv * r_G, A_s, b * r_A)
+    result = _solve_qp_rows_scaled(*data, tol, max_iter, skip, active_set_rounds, pool)
+    result = _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds)
     result = _in_caller_units(result, r_G, r_A, sigma, Q, G, A)
     if pool is not None:  # (nothing refers to the scaled copies now: the factor holds G and A)
         pool.give_back(G_s, A_s)
@@ -1622,18 +1623,61 @@ def _in_caller_units(result: InteriorPointResult, r_G, r_A, sigma, Q, G, A) -> I
     return dataclasses.replace(result, s=result.s / r_G, lam=lam, nu=nu)
 
 
-def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None):
+def _solve_qp_rows_scaled(Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None, primal_scale=None):
     if G.shape[-2]:
         factor = QPFactor(Q, c, G, A, pool)
         if bool(factor.usable.all()):
-            return _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool)
-    return _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip)
+            return _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool,
+                                        primal_scale)
+    return _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale)
 
 
-def _qp_residuals(Q, c, G, hv, A, b):
+def _own_scale(z, G, hv, A, b):
+    """The primal scale of the point z (B, n) itself, 1 + the largest |G z| or |b|, and
+    its violation of the constraints, the largest G z - hv (if positive) or |A z - b|
+    (rows scaled to a largest entry of 1)."""
+    Gz = _mv(G, z)
+    scale = 1.0 + torch.maximum(_inf_norm(Gz), _inf_norm(b))
+    violation = torch.maximum((Gz - hv).amax(-1).clamp(min=0.0), _inf_norm(_mv(A, z) - b))
+    return scale, violation
+
+
+def _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds):
+    """Optimal instances whose tolerance a far constraint loosened, solved again
+    without it (``data`` the row-scaled (Q, c, G, hv, A, b)).
+
+    The primal tolerance is relative to the data, 1 + the largest |hv| or |b|: one bound
+    meant as no limit (sum(x) <= 1e10) made it 1e10 times the tolerance for every row,
+    and an instance whose other rows its point violated by 5 came back optimal (1e6 was
+    enough in float32). A point is therefore also held to its own scale (see
+    :func:`_own_scale`: a far row's bound is not among its constraints' values); one that
+    misses it, with verify's margin, is solved again with that scale and takes the new
+    solution where it is optimal and meets it; elsewhere it ends ``numerical_error``
+    (LPs with a row bounded by 1e20 came back optimal with their other rows 1.6 off)."""
+    Q, c, G, hv, A, b = data
+    # (a point's violation is at most its primal residual |G z - hv + s| with s >= 0, and
+    # its own scale at least 1: the usual exact solution, 1e-15 off, is done in two ops)
+    if not G.shape[-2] or not bool((result.primal_residual > 10 * tol).any()):
+        return result
+    scale, violation = _own_scale(result.z, G, hv, A, b)
+    loose = (result.status == OPTIMAL) & (violation > 10 * tol * scale)
+    if not bool(loose.any()):
+        return result
+    rows = loose.nonzero().squeeze(-1)
+    part_data = [t.index_select(0, rows) for t in data]
+    part = _solve_qp_rows_scaled(*part_data, tol, max_iter, None, active_set_rounds, None, scale.index_select(0, rows))
+    part_scale, part_violation = _own_scale(part.z, *part_data[2:])
+    good = (part.status == OPTIMAL) & (part_violation <= 10 * tol * part_scale)
+    take = torch.zeros_like(loose).index_copy(0, rows, good)
+    result = dataclasses.replace(result, status=torch.where(loose & ~take, NUMERICAL_ERROR, result.status))
+    return _per_instance(take, _embed(part, rows, loose.shape[0], result.qp_factor), result)
+
+
+def _qp_residuals(Q, c, G, hv, A, b, primal_scale=None):
     """The residual function of the QP's KKT conditions and their scales:
     ``(residuals(z, lam, nu) -> (Qz + c + G'lam + A'nu, Gz - hv, Az - b), scale_dual,
-    scale_primal)``."""
+    scale_primal)``; ``scale_primal`` is ``primal_scale`` (B,) where given (see
+    :func:`_with_far_rows_discounted`), else 1 + the largest |hv| or |b|."""
     m, p = G.shape[-2], A.shape[-2]
 
     def residuals(z, lam, nu):
@@ -1644,11 +1688,14 @@ def _qp_residuals(Q, c, G, hv, A, b):
             rd = rd + _mtv(A, nu)
         return rd, _mv(G, z) - hv, _mv(A, z) - b
 
-    return residuals, 1.0 + _inf_norm(c), 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
+    if primal_scale is None:
+        primal_scale = 1.0 + torch.maximum(_inf_norm(hv), _inf_norm(b))
+    return residuals, 1.0 + _inf_norm(c), primal_scale
 
 
-def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None):
-    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
+def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_set_rounds, pool=None,
+                         primal_scale=None):
+    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b, primal_scale)
     result, whole = _constraint_space_solve(factor, hv, b, scale_dual=scale_dual, scale_primal=scale_primal,
                                             tol=tol, max_iter=max_iter, skip=skip,
                                             active_set_rounds=active_set_rounds, pool=pool)
@@ -1662,14 +1709,14 @@ def _constraint_space_qp(factor, Q, c, G, hv, A, b, tol, max_iter, skip, active_
         return result  # the common case: every instance an exact, verified active-set solution
     result = _refine(result, factor, residuals, hv, b, scale_dual, scale_primal, tol, skip)
     result = _certify_infeasible(result, G, hv, A, b, skip)
-    return _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip)
+    return _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale)
 
 
-def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
+def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale=None):
     """Any convex QP or LP (Q PSD, possibly singular), by the general loop with the
     n-space reduction, and the polish of :func:`_polish_kkt`."""
     B, m, p = Q.shape[0], G.shape[-2], A.shape[-2]
-    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b)
+    residuals, scale_dual, scale_primal = _qp_residuals(Q, c, G, hv, A, b, primal_scale)
 
     def oracle_of(Q, c, G, hv, A, b):
         residuals = _qp_residuals(Q, c, G, hv, A, b)[0]
@@ -1699,7 +1746,7 @@ def _general_qp(Q, c, G, hv, A, b, tol, max_iter, skip):
     if m:
         result = _polish_kkt(result, Q, c, G, hv, A, b, residuals, scale_dual, scale_primal, tol, skip)
     result = _certify_infeasible(result, G, hv, A, b, skip)
-    return _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip)
+    return _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale)
 
 
 def retries_in_float64(x) -> bool:
@@ -1720,7 +1767,7 @@ def wanting_precision(result, tol_dual, skip):
     return left, left.nonzero().squeeze(-1)
 
 
-def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
+def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale=None):
     """Float32 instances the general loop could not finish for want of precision get a
     second solve in float64, on their rows alone; where that ends optimal (its point,
     rounded to float32, verified against the float32 data), infeasible or unbounded (of
@@ -1741,13 +1788,15 @@ def _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     if not rows.numel():
         return result
     data = [t.index_select(0, rows) for t in (Q, c, G, hv, A, b)]
+    scale = None if primal_scale is None else primal_scale.index_select(0, rows)
     # (at float64's tolerance: its polish then finds the exact solution of the active set,
     # where at float32's it may stop at an iterate as loose as that tolerance allows)
-    wide = _general_qp(*(t.double() for t in data), min(tol, default_tol(torch.float64)), max_iter, None)
+    wide = _general_qp(*(t.double() for t in data), min(tol, default_tol(torch.float64)), max_iter, None,
+                       None if scale is None else scale.double())
     part = dataclasses.replace(wide, **{
         f.name: getattr(wide, f.name).to(c.dtype) for f in dataclasses.fields(wide)
         if isinstance(getattr(wide, f.name), torch.Tensor) and getattr(wide, f.name).is_floating_point()})
-    residuals, scale_dual, scale_primal = _qp_residuals(*data)
+    residuals, scale_dual, scale_primal = _qp_residuals(*data, scale)
     part = _verify(part, residuals, scale_dual, scale_primal, tol)
     part = dataclasses.replace(part, iterations=part.iterations + result.iterations.index_select(0, rows))
     ok = (part.status == OPTIMAL) | (part.status == INFEASIBLE) | (part.status == UNBOUNDED)
@@ -1763,7 +1812,7 @@ def _rows_of(t, rows):
     return t.index_select(0, rows)
 
 
-def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
+def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale=None):
     """Instances the constraint-space path ended in numerical_error (a Q positive
     definite but near singular: its factor's solves carry the rounding) get a second
     solve by the general loop, on their rows alone; where that ends optimal or
@@ -1776,7 +1825,8 @@ def _general_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip):
     rows = left.nonzero().squeeze(-1)
     if not rows.numel():
         return result
-    part = _general_qp(*(t.index_select(0, rows) for t in (Q, c, G, hv, A, b)), tol, max_iter, None)
+    part = _general_qp(*(t.index_select(0, rows) for t in (Q, c, G, hv, A, b)), tol, max_iter, None,
+                       None if primal_scale is None else primal_scale.index_select(0, rows))
     ok = (part.status == OPTIMAL) | (part.status == INFEASIBLE)
     take = torch.zeros_like(left).index_copy(0, rows, ok)
     # (not polished in the constraint-space sense: the backward factors W + D for them)

@@ -741,6 +741,30 @@ def test_redundant_equalities_end_polished():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("quadratic", [True, False])
+def test_a_far_bound_does_not_loosen_the_other_constraints(dtype, quadratic):
+    # A bound meant as no limit (sum(x) <= 1e10) made the primal tolerance 1e10 times
+    # tol for every row (it is relative to the largest |h|): the projection of
+    # (5, -2, 3) onto x <= 0 came back 'optimal' at (5, -2, 3). The LP has the box
+    # x >= -1 and the closed form x_i = 0 where q_i < 0, -1 where q_i > 0.
+    n = 3
+    x = dl.Variable(n, name="x")
+    t, h = dl.Parameter(n, name="t"), dl.Parameter(n + 1, name="h")
+    G = torch.cat([torch.eye(n), torch.ones(1, n)])
+    if quadratic:
+        layer = dl.Problem(dl.Minimize(0.5 * dl.sum_squares(x - t)), [G @ x <= h]).to_torch()
+        expected = torch.tensor([0.0, -2.0, 0.0])
+    else:
+        layer = dl.Problem(dl.Minimize(t @ x), [G @ x <= h, x >= -1]).to_torch()
+        expected = torch.tensor([0.0, -1.0, 0.0])
+    target = torch.tensor([5.0, -2.0, 3.0]) if quadratic else torch.tensor([-1.0, 1.0, -2.0])
+    for far in (1e6, 1e10, 1e15):
+        out = layer(target.to(dtype), torch.tensor([0.0, 0.0, 0.0, far], dtype=dtype))
+        assert layer.info.status == ["optimal"]
+        torch.testing.assert_close(out, expected.to(dtype), atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_unbounded_lps_are_reported_in_either_dtype(dtype):
     # min q'x s.t. x <= h is unbounded where some q_i > 0, else solved at x = h. Float32
     # ended those numerical_error (its float64 re-solve said unbounded, and was dropped).

@@ -152,10 +152,11 @@ def _resolve(name: str, value, valid: Sequence[str]) -> str:
 class _AutogradLinearization(Linearization):
     """``F`` at the solution, with both products from autograd on ``F``.
 
-    Holds only the inputs and the solution (nothing of the forward solver); the graph
-    of ``F`` is rebuilt in the backward pass on the valid instances alone, so a failed
-    instance (NaN solution, singular Jacobian) cannot leak into other instances or into
-    the gradients of shared parameters.
+    Holds only the inputs and the solution (nothing of the forward solver) and the graph
+    of ``F`` at the solution on the valid instances alone, so a failed instance (NaN
+    solution, singular Jacobian) cannot leak into other instances or into the gradients
+    of shared parameters. The layer builds that graph as its forward ends
+    (:func:`_prepare_backward`); a second backward builds it again.
     """
 
     def __init__(self, residual: Callable, inputs: Sequence[torch.Tensor], input_batched: Sequence[bool],
@@ -219,7 +220,8 @@ class _AutogradLinearization(Linearization):
             self._record_backward(skipped, None, None)
             self._graph = None
             return u
-        self._build_graph()
+        if self._graph is None:
+            self._build_graph()
         index, y, _, f = self._graph
         rows = y.shape[0]
         rhs = ybar.reshape(batch, n)
@@ -552,7 +554,7 @@ class ImplicitLayer(nn.Module):
         holder = {}
         (y,) = implicit_solution(solve, *inputs, *parameters)
         if "linearization" in holder:
-            _check_closure_if_detached(holder["linearization"], inputs, parameters)
+            _prepare_backward(holder["linearization"], y, inputs, parameters)
         _warn_failures(self.info, type(self).__name__, _NAN_GRADIENTS)
         return y
 
@@ -629,6 +631,20 @@ class ImplicitLayer(nn.Module):
         if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
             raise ValueError(f"solve returned shape {tuple(out.shape)}; expected (B, *shape) with B = {batch}")
         return out.detach(), codes, iterations
+
+
+def _prepare_backward(linearization, y, inputs, parameters) -> None:
+    """Build ``F``'s graph at the solution now, where the output ``y`` will be
+    differentiated: in the caller's context, which may have swapped parameters in for
+    the module's own (``torch.func.functional_call``: hypernetworks, MAML's fast
+    weights). A backward run after the context put the module's back differentiated
+    those instead, and gave the swapped-in weights zero gradients. Where nothing
+    requires grad, only the closure check."""
+    if y.requires_grad:
+        if bool(linearization.valid.any()):
+            linearization._build_graph()
+    else:
+        _check_closure_if_detached(linearization, inputs, parameters)
 
 
 def _check_closure_if_detached(linearization, inputs, parameters) -> None:
@@ -886,7 +902,7 @@ class FixedPointLayer(nn.Module):
             return (result.solution,), linearization
 
         (y,) = implicit_solution(solve, *inputs, *parameters)
-        _check_closure_if_detached(holder["linearization"], inputs, parameters)
+        _prepare_backward(holder["linearization"], y, inputs, parameters)
         return y, holder["result"]
 
     def _unroll(self, inputs, start, tol):

@@ -156,6 +156,30 @@ def test_an_output_edited_in_place_keeps_its_gradient():
     torch.testing.assert_close((grad * direction).sum(), difference, atol=1e-7, rtol=1e-6)
 
 
+def test_weights_swapped_in_by_functional_call_get_their_gradients():
+    # Hypernetworks and MAML's fast weights: torch.func.functional_call swaps tensors in
+    # for the module's parameters during the call. The backward rebuilt T afterwards,
+    # with the module's own: the swapped-in weights got zero gradients and the input's
+    # was wrong. Reference: autograd through the plain iteration with the same weights.
+    from torch.func import functional_call
+
+    cell = TanhCell(5, 4, seed=8)
+    layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(5,))
+    g = generator(9)
+    x = torch.randn(3, 4, dtype=DOUBLE, generator=g, requires_grad=True)
+    weights = {name: (p.detach() + 0.1 * torch.randn(p.shape, dtype=DOUBLE, generator=g)).requires_grad_()
+               for name, p in cell.named_parameters()}
+    w = torch.randn(3, 5, dtype=DOUBLE, generator=g)
+    y = functional_call(layer, {"T." + name: t for name, t in weights.items()}, (x,))
+    grads = torch.autograd.grad((w * y).sum(), [x, *weights.values()])
+    z = torch.zeros(3, 5, dtype=DOUBLE)
+    for _ in range(300):
+        z = functional_call(cell, weights, (z, x))
+    expected = torch.autograd.grad((w * z).sum(), [x, *weights.values()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
 def test_ift_gradient_of_module_parameters_matches_finite_differences():
     cell = TanhCell(8, 5, seed=7)
     layer = FixedPointLayer(cell, tol=1e-13, max_iter=500, state_shape=(8,))

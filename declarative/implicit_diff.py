@@ -22,11 +22,34 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import os
+import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["Linearization", "EmptyBatch", "implicit_solution", "full_precision_forward"]
+
+# this package, the compiler and the solvers (siblings of this one) and torch: frames a
+# warning about a layer call looks past, as it does past the code the compiler generates
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LIBRARY_DIRS = tuple(os.path.join(_ROOT, name) + os.sep for name in ("declarative", "compiler", "solvers")) + (
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,)
+
+
+def _in_library(filename: str) -> bool:
+    return filename.startswith("<declarative-generated") or os.path.abspath(filename).startswith(_LIBRARY_DIRS)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one
+    that names the first frame outside this library and torch: the user's line that
+    called the layer, or its backward (a fixed count named torch's autograd internals
+    there, or a frame of the layer where the same warning came by another path)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _in_library(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def full_precision_forward(forward):

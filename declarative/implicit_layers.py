@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from declarative.implicit_diff import (EmptyBatch, Linearization, full_precision_forward, implicit_solution,
-                                      solvable)
+                                      solvable, user_stacklevel)
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
@@ -202,7 +202,7 @@ class _AutogradLinearization(Linearization):
                 f"{self.layer_name}: the residual uses {len(undeclared)} tensor(s) that require grad but are "
                 f"neither inputs nor parameters of an nn.Module (shapes {shapes}); the implicit backward gives "
                 "them no gradient. Pass them as inputs, make the residual (or T) an nn.Module, or list them "
-                "in extra_parameters=", UserWarning, stacklevel=5)
+                "in extra_parameters=", UserWarning, stacklevel=user_stacklevel())
 
     def check_closure(self) -> None:
         """Build the graph of ``F`` once, only to warn about undeclared leaves."""
@@ -263,7 +263,7 @@ class _AutogradLinearization(Linearization):
                 f"{self.layer_name}: dF/dy could not be inverted in the backward pass for instances "
                 f"{where} ({reason}, linear solver {self.linear_solver!r}); their gradients are NaN "
                 "and they contribute nothing to shared parameters (see .info.backward_status)",
-                SingularJacobianWarning, stacklevel=3)
+                SingularJacobianWarning, stacklevel=user_stacklevel())
         self._record_backward(skipped, failed_full, reason)
         return u
 
@@ -692,7 +692,7 @@ def _warn_failures(info: ImplicitInfo, layer_name: str, consequence: str) -> Non
             f"{layer_name}: {len(failed)} of {len(info.status)} instances did not solve the equation "
             f"({', '.join(kinds)}) at instances {shown}; worst residual "
             f"{float(info.residual[failed].nan_to_num(math.inf).max()):.3g}. {consequence} "
-            "(see .info.status)", ConvergenceWarning, stacklevel=3)
+            "(see .info.status)", ConvergenceWarning, stacklevel=user_stacklevel())
 
 
 class FixedPointLayer(nn.Module):
@@ -835,7 +835,7 @@ class FixedPointLayer(nn.Module):
                     f"{type(self).__name__}: T is not contractive at the solution for {len(where)} instance(s) "
                     f"{where[:10]}: estimated Lipschitz constant in y up to {float(contraction[above].max()):.3g} > 1. "
                     "The fixed point may be non-unique or unstable, the forward solver may fail and IFT/JFB "
-                    "gradients may be unreliable", NonContractiveWarning, stacklevel=2)
+                    "gradients may be unreliable", NonContractiveWarning, stacklevel=user_stacklevel())
         return y
 
     def _empty(self, inputs, start):

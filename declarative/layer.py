@@ -18,7 +18,8 @@ from solvers import interior_point as ipm
 from solvers.buffers import BufferPool
 
 from .expressions import Parameter, Variable
-from .implicit_diff import LOW_PRECISION, EmptyBatch, Linearization, full_precision_forward, implicit_solution
+from .implicit_diff import (LOW_PRECISION, EmptyBatch, Linearization, full_precision_forward, implicit_solution,
+                            user_stacklevel)
 
 __all__ = ["OptimizationLayer", "SolveInfo"]
 
@@ -524,7 +525,7 @@ class OptimizationLayer(torch.nn.Module):
                 "see layer.info. Their outputs are NaN (max_iter: the last iterate) and their "
                 "gradients NaN.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         # users get NaN for a failed instance (or the last iterate for max_iter)
         shown = None if not n_failed else ((status == ipm.OPTIMAL) | (status == ipm.MAX_ITER))[:, None]

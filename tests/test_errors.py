@@ -98,6 +98,21 @@ def test_unknown_option_and_bad_option_values():
         prob.to_torch(parameters=prob.parameters()[:2])
 
 
+def test_warnings_name_the_line_that_called_the_layer():
+    # (they named torch/autograd/function.py, or a frame of the layer)
+    x = dl.Variable(2, name="x")
+    q = dl.Parameter(2, name="q")
+    layer = dl.Problem(dl.Minimize(q @ x), [x <= 1]).to_torch()
+    with pytest.warns(RuntimeWarning, match="unbounded") as record:
+        layer(torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64))
+    assert record[0].filename == __file__
+    w = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    implicit = dl.ImplicitLayer(lambda a, y: y - w * a, lambda a: w.detach() * a)
+    with pytest.warns(UserWarning, match="neither inputs nor parameters") as record:
+        implicit(torch.randn(3, 2, dtype=torch.float64, requires_grad=True))
+    assert record[0].filename == __file__
+
+
 def test_nan_instance_is_isolated_and_reported(layer):
     B = 4
     Q, q, G, h, A, b = random_qp(B, 4, 3, 1, seed=3)

@@ -319,8 +319,9 @@ def test_singular_jacobian_is_flagged_in_the_backward(linear_solver):
     x = torch.tensor([[8.0], [0.0], [27.0]], dtype=DOUBLE, requires_grad=True)
     y = layer(x)
     assert layer.info.status == ["converged"] * 3
-    with pytest.warns(SingularJacobianWarning, match=r"instances \[1\]"):
+    with pytest.warns(SingularJacobianWarning, match=r"instances \[1\]") as record:
         (grad,) = torch.autograd.grad(y.sum(), x)
+    assert record[0].filename == __file__  # (the line that asked for the gradient)
     assert torch.isnan(grad[1]).all()
     torch.testing.assert_close(grad[[0, 2], 0], torch.tensor([1 / 12, 1 / 27], dtype=DOUBLE))
     expected = "singular_jacobian" if linear_solver == "dense" else "linear_solve_failed"

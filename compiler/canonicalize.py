@@ -9,7 +9,8 @@ rows of g and h belong to which user constraint, where each variable sits in z):
 1. :func:`flip_maximize`      Maximize(e) -> Minimize(-e)
 2. :func:`split_constraints`  lhs <= rhs, lhs >= rhs, lhs == rhs -> g <= 0 and h == 0
 3. :func:`epigraph_nonsmooth` abs, pos, maximum, norm1, norm_inf -> epigraph variables
-4. :func:`stack`              variables into one vector z, constraints into g and h
+4. :func:`domain_bounds`      x >= 0 for a variable a log or a non-integer power takes
+5. :func:`stack`              variables into one vector z, constraints into g and h
 """
 from __future__ import annotations
 
@@ -312,7 +313,60 @@ def epigraph_nonsmooth(sf: StandardForm) -> StandardForm:
 
 
 # ------------------------------------------------------------------------------------
-# 4. stack
+# 4. the bounds of domains
+# ------------------------------------------------------------------------------------
+
+def domain_bounds(sf: StandardForm) -> StandardForm:
+    """``x >= 0`` for each variable x that a log or a non-integer power (entropy, sqrt,
+    x ** 1.5) takes whole as its argument, where no constraint ``x >= c`` with c >= 0 is
+    there already. The problem is the same (no point outside the domain was feasible),
+    but the interior point's barrier now keeps the iterate inside, where the line search
+    alone crawled toward entries of 1e-9: softmax written without ``z >= 0`` ended
+    max_iter on 10 of 64 instances of logits 20 x randn, weighted entropy with three rows
+    was not optimal after 1000 iterations (29 with the bound). A slice or an expression
+    under such an atom gets no bound (the other entries, or the variable, may be
+    negative)."""
+    from .atoms import domain_arguments
+
+    flat = {v.node.attrs[0]: v for v in sf.variables}
+    roots = [sf.objective] + [b.expr for b in sf.inequalities + sf.equalities]
+    under: Dict[str, VariableSpec] = {}
+    for node in ir.topological(roots):
+        if node.op != "elementwise":
+            continue
+        positive = {a for a in domain_arguments(node.attrs.expr) if a.is_Symbol}
+        for sym, arg in zip(node.attrs.variables, node.args):
+            while arg.op == "reshape":
+                arg = arg.args[0]
+            if sym in positive and arg.op == "input" and arg.attrs[0] in flat:
+                under.setdefault(arg.attrs[0], flat[arg.attrs[0]])
+    for b in sf.inequalities:
+        bounded = _lower_bound_of(b.expr)
+        if bounded is not None:
+            under.pop(bounded, None)
+    if not under:
+        return sf
+    added = tuple(Block(ir.neg(v.node), None, v.node.shape) for v in under.values())
+    return dataclasses.replace(sf, inequalities=sf.inequalities + added)
+
+
+def _lower_bound_of(expr: Node) -> Optional[str]:
+    """The name of the variable whose every entry ``expr <= 0`` bounds below by a
+    number c >= 0 (``expr`` = c - x), or None."""
+    if expr.op != "elementwise" or len(expr.args) != 1:
+        return None
+    arg = expr.args[0]
+    while arg.op == "reshape":
+        arg = arg.args[0]
+    if arg.op != "input" or arg.attrs[1] != "variable":
+        return None
+    (u,) = expr.attrs.variables
+    c = sympy.expand(expr.attrs.expr + u)
+    return arg.attrs[0] if c.is_number and bool(c >= 0) else None
+
+
+# ------------------------------------------------------------------------------------
+# 5. stack
 # ------------------------------------------------------------------------------------
 
 def stack(sf: StandardForm) -> StackedProblem:
@@ -382,9 +436,11 @@ def _positive_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int], ...]:
 
 
 def canonicalize(spec: ProblemSpec) -> StackedProblem:
-    """The whole chain: flip_maximize -> split_constraints -> epigraph_nonsmooth -> stack."""
+    """The whole chain: flip_maximize -> split_constraints -> epigraph_nonsmooth ->
+    domain_bounds -> stack."""
     sign = -1.0 if spec.sense == "maximize" else 1.0
     spec = flip_maximize(spec)
     sf = split_constraints(spec, sign)
     sf = epigraph_nonsmooth(sf)
+    sf = domain_bounds(sf)
     return stack(sf)

@@ -56,6 +56,23 @@ def test_passes_apply_one_by_one():
     assert st.constraint_rows == (("ineq", 0, (3,)), ("eq", 0, ()))
 
 
+def test_domain_bounds_pass_bounds_a_whole_variable_under_a_log_once():
+    from compiler.canonicalize import domain_bounds
+
+    z, x, P = dl.Variable(4, name="z"), dl.Variable(3, name="x"), dl.Variable((2, 2), name="P")
+    objective = dl.sum(dl.entropy(z)) + dl.sum(dl.log(x[1:3])) + dl.sum(dl.log(x + 3)) + dl.sum(dl.sqrt(P))
+
+    def added(*constraints):
+        spec = dl.Problem(dl.Maximize(objective), list(constraints)).spec()
+        sf = split_constraints(flip_maximize(spec), -1.0)
+        return len(domain_bounds(sf).inequalities) - len(sf.inequalities)
+
+    # z and P (whole, P through its reshape), not x (a slice, an expression)
+    assert added() == 2
+    assert added(z >= 0) == 1 and added(z >= 0.01, P >= 0) == 0
+    assert added(z >= -1) == 2 and added(z[1:3] >= 0) == 2
+
+
 def _random_nlp():
     x = dl.Variable(4, name="x")
     y = dl.Variable((2, 2), name="y")

@@ -245,12 +245,25 @@ def _needs_positive(expr) -> bool:
     return domain_of(expr) == "positive"
 
 
+def _refuse_data(node: Node, kind: str, names) -> None:
+    """A nonsmooth atom of parameters alone (no variable among ``names`` below it) is
+    data: the epigraph rewrite would give it a variable, which is not what it is."""
+    if not names & node.free:
+        raise CompileError(
+            f"{_ATOM_NAMES[kind]} of parameters alone: it is data, not part of the problem's smooth "
+            "structure; compute it with torch before the layer and pass the result as a parameter "
+            "(its gradient then flows through torch's autograd)"
+        )
+
+
 def epigraph_nonsmooth(sf: StandardForm) -> StandardForm:
     counter = itertools.count()
+    names = {v.node.attrs[0] for v in sf.variables}
     for b in sf.equalities:
         for node in ir.topological([b.expr]):
             kind = nonsmooth_kind(node)
             if kind:
+                _refuse_data(node, kind, names)
                 raise CompileError(
                     f"{_ATOM_NAMES[kind]} appears in equality constraint {b.source}; a nonsmooth "
                     "atom can only be rewritten in epigraph form inside the objective or an "
@@ -273,6 +286,7 @@ def epigraph_nonsmooth(sf: StandardForm) -> StandardForm:
         new_vars: List[VariableSpec] = []
         for node in outermost:
             kind = nonsmooth_kind(node)
+            _refuse_data(node, kind, names)
             if sign.get(node, 0) != 1:
                 raise CompileError(
                     f"{_ATOM_NAMES[kind]} appears where the problem is not nondecreasing in it "

@@ -95,3 +95,17 @@ def test_nonsmooth_atom_on_the_larger_side_of_a_constraint_is_an_error():
     prob = dl.Problem(dl.Minimize(dl.sum_squares(x - 2)), [1 <= dl.norm_inf(x)])
     with pytest.raises(dl.CompileError, match=r"dl\.norm_inf"):
         prob.to_torch()
+
+
+@pytest.mark.parametrize("build", [
+    lambda x, a: dl.Problem(dl.Minimize(dl.sum_squares(x - 3)), [x <= dl.pos(a)]),
+    lambda x, a: dl.Problem(dl.Minimize(dl.sum_squares(x - dl.abs(a)))),
+    lambda x, a: dl.Problem(dl.Minimize(dl.norm1(a) * dl.sum_squares(x) - a @ x)),
+    lambda x, a: dl.Problem(dl.Minimize(dl.sum_squares(x)), [x == dl.abs(a)]),
+])
+def test_a_nonsmooth_atom_of_parameters_alone_says_to_compute_it_first(build):
+    # (the error said the problem was not nondecreasing in it, or that it appeared in an
+    # equality, which did not say what to do)
+    x, a = dl.Variable(3, name="x"), dl.Parameter(3, name="a")
+    with pytest.raises(dl.CompileError, match="of parameters alone.*compute it with torch"):
+        build(x, a).compile()

@@ -497,7 +497,12 @@ class ImplicitLayer(nn.Module):
         self.extra_parameters = _check_extra_parameters(extra_parameters)
         self.tol = tol
         self.input_batched = None if input_batched is None else tuple(bool(b) for b in input_batched)
-        self.initial_guess = initial_guess
+        if isinstance(initial_guess, torch.Tensor):
+            # a buffer, so that .to() and .double() move it with the layer; not in the state
+            # dict (an argument of the layer, like the residual, not state it learns)
+            self.register_buffer("initial_guess", initial_guess.detach().clone(), persistent=False)
+        else:
+            self.initial_guess = initial_guess
         self.linear_solver = linear_solver
         self.dense_threshold = dense_threshold
         self.backward_tol = backward_tol
@@ -590,7 +595,12 @@ class ImplicitLayer(nn.Module):
         device = inputs[0].device if inputs else torch.device("cpu")
         return torch.get_default_dtype(), device
 
-    def _initial_point(self, inputs, y0, batch):
+    def _initial_point(self, inputs, y0, batch, dtype, device):
+        """Newton's start, in the inputs' dtype and on their device (a float32 guess with
+        float64 inputs failed deep inside the solver's LU solve)."""
+        return self._given_start(inputs, y0, batch).to(dtype=dtype, device=device)
+
+    def _given_start(self, inputs, y0, batch):
         if y0 is not None:
             if not isinstance(y0, torch.Tensor):
                 raise TypeError(f"y0 must be a tensor, got {type(y0).__name__}")
@@ -611,7 +621,7 @@ class ImplicitLayer(nn.Module):
     def _run_solver(self, inputs, y0, batch, dtype, device):
         codes = iterations = None
         if _is_newton(self.solve):
-            keywords = {"y0": self._initial_point(inputs, y0, batch)}
+            keywords = {"y0": self._initial_point(inputs, y0, batch, dtype, device)}
             partial_keywords = getattr(self.solve, "keywords", {}) or {}
             if "tol" not in partial_keywords:
                 keywords["tol"] = self.tol

@@ -458,6 +458,19 @@ def test_an_output_edited_in_place_keeps_the_papers_gradient():
     assert rows == pytest.approx([-1.0, 0.0], abs=1e-9)
 
 
+def test_a_float32_initial_guess_serves_float64_inputs_and_moves_with_the_model():
+    # the guess was a plain attribute: model.double() left it float32, and Newton failed
+    # inside its LU solve on the mix
+    model = nn.Sequential(ImplicitLayer(seed_residual, newton, tol=1e-12,
+                                        initial_guess=torch.tensor([1.2, 1.2])))
+    x = torch.tensor([[1.0], [1.5]], dtype=DOUBLE)
+    torch.testing.assert_close(model(x), seed_closed_form(x))
+    model = model.double()
+    assert model[0].initial_guess.dtype == DOUBLE
+    torch.testing.assert_close(model(x), seed_closed_form(x))
+    assert list(model.state_dict()) == []
+
+
 @pytest.mark.parametrize("solver", ["newton", "user"])
 def test_an_implicit_layer_passes_an_empty_batch_through(solver):
     # An ImplicitLayer's output shape is its solver's: an empty batch goes through it

@@ -310,6 +310,10 @@ def mul(a: Node, b: Node) -> Node:
 
 
 def div(a: Node, b: Node) -> Node:
+    # (sympy folds a division by a constant zero to complex infinity, which failed far
+    # from here: "Cannot convert complex to float")
+    if is_zero(b) or (b.op == "const" and not np.all(const_value(b))):
+        raise ValueError("division by zero: the divisor is a constant with a zero entry")
     return elementwise(_DIV, (a, b))
 
 

@@ -36,6 +36,15 @@ def test_shape_errors_at_construction():
         dl.Problem(dl.Minimize(dl.sum_squares(x) + dl.sum_squares(y)))
 
 
+def test_division_by_a_constant_zero_raises_when_built():
+    # (it raised "Cannot convert complex to float" from deep in the compiler, or a
+    # complaint about non-finite constants)
+    x = dl.Variable(2, name="x")
+    for divide in (lambda: x / 0, lambda: x / np.array([1.0, 0.0]), lambda: 1 / (x - x)):
+        with pytest.raises(ValueError, match="division by zero"):
+            divide()
+
+
 def test_reversed_slices_are_refused_and_strided_ones_solve():
     # a reversed slice of a constant once folded to an empty array (numpy read its
     # normalized stop -1 as the last entry), and one of a variable failed in torch

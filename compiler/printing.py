@@ -135,12 +135,17 @@ def format_kkt(kkt) -> str:
         lines.append(f"  grad_{v.name} L = {s(r)} = 0")
     lines.append("")
     lines.append("Primal feasibility:")
-    for label, node, rel, dual in (("g", kkt.inequalities, "<= 0", "lam"), ("h", kkt.equalities, "== 0", "nu")):
+    for label, kind, node, rel, dual in (("g", "ineq", kkt.inequalities, "<= 0", "lam"),
+                                         ("h", "eq", kkt.equalities, "== 0", "nu")):
         parts = node.args if node.op == "concat" else ([node] if node.size else [])
+        # which user constraint each block is; the others the compiler added (epigraph
+        # rows of nonsmooth atoms, the x >= 0 of a log's domain)
+        sources = {row[1]: k for k, row in enumerate(prob.constraint_rows) if row is not None and row[0] == kind}
         offset = 0
         for part in parts:
             rows = f"{offset}:{offset + part.size}"
-            lines.append(f"  {label}[{rows}] = {s(part)} {rel}     (dual {dual}[{rows}])")
+            source = f"constraint {sources[offset]}" if offset in sources else "added by the compiler"
+            lines.append(f"  {label}[{rows}] = {s(part)} {rel}     (dual {dual}[{rows}]; {source})")
             offset += part.size
     if not kkt.inequalities.size and not kkt.equalities.size:
         lines.append("  (no constraints)")

@@ -64,10 +64,12 @@ def test_relu_as_projection_and_its_gradient():
 def test_kkt_shows_epigraph_variables():
     x = dl.Variable(3, name="x")
     a = dl.Parameter(3, name="a")
-    prob = dl.Problem(dl.Minimize(dl.norm1(x - a) + dl.sum_squares(x)))
+    prob = dl.Problem(dl.Minimize(dl.norm1(x - a) + dl.sum_squares(x)), [x <= 2])
     text = str(prob.kkt())
     assert "(epigraph)" in text and "grad_x L" in text
     assert prob.kkt().problem.n == 6  # x and its epigraph variable
+    # each block of rows says where it comes from
+    assert text.count("; constraint 0)") == 1 and text.count("; added by the compiler)") == 2
 
 
 @pytest.mark.parametrize("build,atom", [

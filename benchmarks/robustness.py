@@ -162,6 +162,17 @@ def float32_lp(B, seed, n=50, m=100):
     return data, None, np.stack(x_ref)
 
 
+def far_row(far, dtype=DT):
+    """A random QP with one more row, bounded so far that it never binds (sum(x) <= far,
+    a "no limit" written as a number); the reference solves it without that row."""
+    def build(B, seed):
+        Q, q, G, h, A, b = _random(B, 20, 40, 2, seed, linear=2.0)
+        G_far = torch.cat([G, torch.ones(B, 1, 20, dtype=DT)], 1)
+        h_far = torch.cat([h, torch.full((B, 1), far, dtype=DT)], 1)
+        return [t.to(dtype) for t in (Q, q, G_far, h_far, A, b)], [Q, q, G, h, A, b], None
+    return build
+
+
 FAMILIES = {
     "objective x 1e-6, (10, 20, 2)": scaled_objective(1e-6),
     "objective x 1e6, (10, 20, 2)": scaled_objective(1e6),
@@ -175,6 +186,8 @@ FAMILIES = {
     "float32, (20, 30, 4)": float32_family,
     "float32, a quarter infeasible, (20, 20, 4)": float32_infeasible,
     "float32 LPs, (50, 100 + box, 1)": float32_lp,
+    "a far row, sum(x) <= 1e10, (20, 40 + 1, 2)": far_row(1e10),
+    "float32, a far row, sum(x) <= 1e6, (20, 40 + 1, 2)": far_row(1e6, torch.float32),
 }
 
 

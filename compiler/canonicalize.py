@@ -246,8 +246,10 @@ def _needs_positive(expr) -> bool:
 
 
 def _refuse_data(node: Node, kind: str, names) -> None:
-    """A nonsmooth atom of parameters alone (no variable among ``names`` below it) is
-    data: the epigraph rewrite would give it a variable, which is not what it is."""
+    """Where the epigraph rewrite of a nonsmooth atom is refused, the error for one of
+    parameters alone (no variable among ``names`` below it): it is data, which the user
+    can compute first. (Where the rewrite is valid, as in ``norm1(a) <= sum(x)``, it
+    serves parameters too.)"""
     if not names & node.free:
         raise CompileError(
             f"{_ATOM_NAMES[kind]} of parameters alone: it is data, not part of the problem's smooth "
@@ -286,8 +288,8 @@ def epigraph_nonsmooth(sf: StandardForm) -> StandardForm:
         new_vars: List[VariableSpec] = []
         for node in outermost:
             kind = nonsmooth_kind(node)
-            _refuse_data(node, kind, names)
             if sign.get(node, 0) != 1:
+                _refuse_data(node, kind, names)
                 raise CompileError(
                     f"{_ATOM_NAMES[kind]} appears where the problem is not nondecreasing in it "
                     "(for example it is maximized, subtracted, multiplied by a parameter of "

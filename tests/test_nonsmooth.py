@@ -111,3 +111,15 @@ def test_a_nonsmooth_atom_of_parameters_alone_says_to_compute_it_first(build):
     x, a = dl.Variable(3, name="x"), dl.Parameter(3, name="a")
     with pytest.raises(dl.CompileError, match="of parameters alone.*compute it with torch"):
         build(x, a).compile()
+
+
+def test_a_nonsmooth_atom_of_parameters_where_its_rewrite_is_valid_still_solves():
+    # (the refusal above once came before the test of the rewrite's validity)
+    x, a = dl.Variable(3, name="x"), dl.Parameter(3, name="a")
+    a_t = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    # min |x|^2 s.t. norm1(a) <= sum(x): x_i = norm1(a) / 3
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x)), [dl.norm1(a) <= dl.sum(x)]).to_torch()
+    torch.testing.assert_close(layer(a_t), torch.full((3,), 3.5 / 3, dtype=torch.float64), atol=1e-8, rtol=0)
+    # min sum(max(x, |a|)) + |x|^2: x = 0 where |a| > 0
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.maximum(x, dl.abs(a))) + dl.sum_squares(x))).to_torch()
+    torch.testing.assert_close(layer(a_t), torch.zeros(3, dtype=torch.float64), atol=1e-8, rtol=0)

@@ -24,6 +24,7 @@ parameters, each ``(B or 1, *shape)``):
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import keyword
 import linecache
@@ -435,9 +436,11 @@ def _top_level_names(source: str) -> frozenset:
     return frozenset(names)
 
 
-# the generated routines' own arguments, and every name the prelude defines: a
-# parameter named like a helper (``_eye``) would shadow it inside the routines
-_RESERVED = frozenset({"consts", "ref", "z", "lam", "nu", "u_z", "u_lam", "u_nu"}) | _top_level_names(_PRELUDE)
+# the generated routines' own arguments, every name the prelude defines and Python's
+# builtins: a parameter named like a helper (``_eye``) or a builtin the routines call
+# (``slice``) would shadow it inside them
+_RESERVED = (frozenset({"consts", "ref", "z", "lam", "nu", "u_z", "u_lam", "u_nu"})
+             | _top_level_names(_PRELUDE) | frozenset(dir(builtins)))
 
 
 def _identifier(name: str, used: set) -> str:

@@ -1571,7 +1571,7 @@ def solve_qp(Q, c, G, hv, A, b, *, tol=None, max_iter=100, skip=None,
     Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
     data = (Q_s, c_s, G_s, hv * r_G, A_s, b * r_A)
     result = _solve_qp_rows_scaled(*data, tol, max_iter, skip, active_set_rounds, pool)
-    result = _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds)
+    result = _held_to_own_scale(result, data, tol, max_iter, active_set_rounds)
     result = _in_caller_units(result, r_G, r_A, sigma, Q, G, A)
     if pool is not None:  # (nothing refers to the scaled copies now: the factor holds G and A)
         pool.give_back(G_s, A_s)
@@ -1642,7 +1642,7 @@ def _own_scale(z, G, hv, A, b):
     return scale, violation
 
 
-def _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds):
+def _held_to_own_scale(result, data, tol, max_iter, active_set_rounds):
     """Optimal instances whose tolerance a far constraint loosened, solved again
     without it (``data`` the row-scaled (Q, c, G, hv, A, b)).
 
@@ -1652,8 +1652,9 @@ def _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds):
     enough in float32). A point is therefore also held to its own scale (see
     :func:`_own_scale`: a far row's bound is not among its constraints' values); one that
     misses it, with verify's margin, is solved again with that scale and takes the new
-    solution where it is optimal and meets it; elsewhere it ends ``numerical_error``
-    (LPs with a row bounded by 1e20 came back optimal with their other rows 1.6 off)."""
+    result where it is optimal and meets it, or infeasible; elsewhere it ends
+    ``numerical_error`` (LPs with a row bounded by 1e20 came back optimal with their
+    other rows 1.6 off). Iterations of both solves are counted."""
     Q, c, G, hv, A, b = data
     # (a point's violation is at most its primal residual |G z - hv + s| with s >= 0, and
     # its own scale at least 1: the usual exact solution, 1e-15 off, is done in two ops)
@@ -1667,7 +1668,8 @@ def _with_far_rows_discounted(result, data, tol, max_iter, active_set_rounds):
     part_data = [t.index_select(0, rows) for t in data]
     part = _solve_qp_rows_scaled(*part_data, tol, max_iter, None, active_set_rounds, None, scale.index_select(0, rows))
     part_scale, part_violation = _own_scale(part.z, *part_data[2:])
-    good = (part.status == OPTIMAL) & (part_violation <= 10 * tol * part_scale)
+    good = ((part.status == OPTIMAL) & (part_violation <= 10 * tol * part_scale)) | (part.status == INFEASIBLE)
+    part = dataclasses.replace(part, iterations=part.iterations + result.iterations.index_select(0, rows))
     take = torch.zeros_like(loose).index_copy(0, rows, good)
     result = dataclasses.replace(result, status=torch.where(loose & ~take, NUMERICAL_ERROR, result.status))
     return _per_instance(take, _embed(part, rows, loose.shape[0], result.qp_factor), result)
@@ -1677,7 +1679,7 @@ def _qp_residuals(Q, c, G, hv, A, b, primal_scale=None):
     """The residual function of the QP's KKT conditions and their scales:
     ``(residuals(z, lam, nu) -> (Qz + c + G'lam + A'nu, Gz - hv, Az - b), scale_dual,
     scale_primal)``; ``scale_primal`` is ``primal_scale`` (B,) where given (see
-    :func:`_with_far_rows_discounted`), else 1 + the largest |hv| or |b|."""
+    :func:`_held_to_own_scale`), else 1 + the largest |hv| or |b|."""
     m, p = G.shape[-2], A.shape[-2]
 
     def residuals(z, lam, nu):

@@ -764,6 +764,33 @@ def test_a_far_bound_does_not_loosen_the_other_constraints(dtype, quadratic):
         torch.testing.assert_close(out, expected.to(dtype), atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lps_with_a_far_row_are_never_optimal_off_their_other_rows(seed):
+    # LPs whose first row is bounded by 1e20: the loop cannot solve most of them (they
+    # end numerical_error), and some came back optimal 0.29-2.7 off their other rows
+    n, B = 5, 16
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(B, n, generator=g, dtype=torch.float64) - 0.5
+    G_rand = torch.randn(B, 3, n, generator=g, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    G = torch.cat([G_rand, eye, -eye], 1)
+    h = torch.cat([_mv(G_rand, x0) + 0.1 * torch.rand(B, 3, generator=g, dtype=torch.float64),
+                   torch.ones(B, 2 * n, dtype=torch.float64)], 1)
+    h[:, 0] = 1e20
+    A = torch.randn(B, 1, n, generator=g, dtype=torch.float64)
+    b = _mv(A, x0)
+    q = 3 * torch.randn(B, n, generator=g, dtype=torch.float64)
+    layer = qp_problem(n, 2 * n + 3, 1).to_torch(warn=False)
+    out = layer(torch.zeros(B, n, n, dtype=torch.float64), q, G, h, A, b)
+    optimal = torch.tensor([s == "optimal" for s in layer.info.status])
+    violation = torch.maximum((_mv(G, out) - h)[:, 1:].amax(-1), (_mv(A, out) - b).abs().amax(-1))
+    assert bool((violation[optimal] <= 1e-8).all())
+
+
+def _mv(M, v):
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_unbounded_lps_are_reported_in_either_dtype(dtype):
     # min q'x s.t. x <= h is unbounded where some q_i > 0, else solved at x = h. Float32

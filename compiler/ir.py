@@ -203,13 +203,17 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
         f = sympy.lambdify([s for s, _ in keep], expr, modules=[_NUMPY_FUNCTIONS, "numpy"])
         value = np.broadcast_to(np.asarray(f(*[const_value(a) for _, a in keep]), dtype=np.float64), shape)
         return const(value)
-    # zeros that remain symbolic (non-scalar): substitute 0 and retry
+    # zeros that remain symbolic (non-scalar): substitute 0 and retry, where what is left
+    # still has the node's shape (a zeros argument may be all that broadcasts a scalar to
+    # it: t + zeros(3), whose node kept shape (3,) with t alone below it, and failed)
     zero_syms = {s: 0 for s, a in keep if a.op == "zeros"}
     if zero_syms:
-        expr = expr.xreplace(zero_syms)
-        keep = [(s, a) for s, a in keep if s not in zero_syms and s in expr.free_symbols]
-        if not keep:
-            return _full(shape, float(expr))
+        zeroed = expr.xreplace(zero_syms)
+        rest = [(s, a) for s, a in keep if s not in zero_syms and s in zeroed.free_symbols]
+        if not rest:
+            return _full(shape, float(zeroed))
+        if broadcast_shape(a.shape for _, a in rest) == shape:
+            expr, keep = zeroed, rest
     if len(keep) == 1 and expr == keep[0][0] and keep[0][1].shape == shape:
         return keep[0][1]
     # canonical symbol names keep structurally equal nodes equal

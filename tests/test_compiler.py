@@ -56,6 +56,20 @@ def test_passes_apply_one_by_one():
     assert st.constraint_rows == (("ineq", 0, (3,)), ("eq", 0, ()))
 
 
+def test_a_scalar_broadcast_by_zeros_or_a_sum_keeps_its_shape():
+    # t + zeros(3) simplified to a node of shape (3,) with the scalar t alone below it,
+    # and the QP's code generation failed ("einsum spec 'a->': operand 'a' has shape ()").
+    # min (sum(y + t) - s)^2 + |y|^2 + t^2: y_i = s / 13, t = 3 s / 13.
+    t, y, s = dl.Variable(name="t"), dl.Variable(3, name="y"), dl.Parameter(name="s")
+    s_t = torch.tensor(0.4, dtype=torch.float64)
+    for inner in (lambda: dl.sum(y + t), lambda: np.ones(3) @ (y + t), lambda: dl.sum(y) + dl.sum(t + np.zeros(3))):
+        prob = dl.Problem(dl.Minimize(dl.square(inner() - s) + dl.sum_squares(y) + dl.square(t)))
+        assert prob.problem_class == "QP"
+        out = dict(zip((v.name for v in prob.variables()), prob.to_torch()(s_t)))
+        torch.testing.assert_close(out["y"], torch.full((3,), 0.4 / 13, dtype=torch.float64))
+        torch.testing.assert_close(out["t"], torch.tensor(1.2 / 13, dtype=torch.float64))
+
+
 def test_domain_bounds_pass_bounds_a_whole_variable_under_a_log_once():
     from compiler.canonicalize import domain_bounds
 

@@ -49,7 +49,9 @@ def user_stacklevel() -> int:
     frame, level = sys._getframe(1), 1
     while frame is not None and _in_library(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
-    return level
+    # (none: a backward on a device's autograd thread, whose stack is torch's alone; the
+    # warning then names its own line rather than none at all)
+    return level if frame is not None else 1
 
 
 def full_precision_forward(forward):
@@ -170,11 +172,11 @@ class _ImplicitFunction(torch.autograd.Function):
     def forward(ctx, solve, *parameters):
         outputs, linearization = solve(*parameters)
         ctx.linearization = linearization
-        # saved, though the backward reads them through the linearization: so that
-        # autograd's version check sees an input changed in place before the backward
-        # (an optimizer step taken with a backward still pending), which would otherwise
-        # get a gradient mixing the old solution with the new values
-        ctx.save_for_backward(*(p for p in parameters if isinstance(p, torch.Tensor)))
+        # the inputs' versions, checked by the backward: an input changed in place before
+        # it (an optimizer step taken with a backward still pending) would otherwise get a
+        # gradient mixing the old solution with the new values. (Not save_for_backward:
+        # under a checkpoint, unpacking them ran the checkpointed forward again, solve and all.)
+        ctx.versions = tuple((p, p._version) for p in parameters if isinstance(p, torch.Tensor))
         # (references, not saved tensors: the backward reads none of them, it only ties
         # its gradients to them when asked for a graph, see _NotTwice)
         ctx.anchors = tuple(p for p in parameters if isinstance(p, torch.Tensor) and p.requires_grad)
@@ -186,7 +188,12 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *output_cotangents):
-        ctx.saved_tensors  # (raises where an input was changed in place since the forward)
+        for k, (p, version) in enumerate(ctx.versions):
+            if p._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: input {k} of a declarative layer ({tuple(p.shape)}) is at version "
+                    f"{p._version}; expected version {version} (it was changed after the layer's forward)")
         create_graph = torch.is_grad_enabled()
         # (a backward called inside an autocast region runs with it: off here, as in
         # the forward, see full_precision_forward)

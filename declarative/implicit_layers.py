@@ -178,11 +178,15 @@ class _AutogradLinearization(Linearization):
         self.info = info
         self.layer_name = layer_name
         self._graph = None
+        self._no_cotangent = False
 
     def _build_graph(self):
         valid = self.valid
         index = None if bool(valid.all()) else valid.nonzero()[:, 0]
-        with torch.enable_grad():
+        # (its tensors saved as they are: under a checkpoint's hooks (use_reentrant=False)
+        # the backward's first use of them ran the whole checkpointed forward again, solve
+        # included: a fixed-point layer's T 39 times instead of once)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
             y = (self.y if index is None else self.y[index]).requires_grad_(True)
             inputs = []
             for x, batched, needs in zip(self.inputs, self.input_batched, self.needs_grad):
@@ -216,9 +220,9 @@ class _AutogradLinearization(Linearization):
         n = self.y[0].numel()
         u = self.y.new_zeros(batch, n)
         skipped = ~self.valid
-        if ybar is None or not bool(self.valid.any()):
+        self._no_cotangent = ybar is None or not bool(self.valid.any())
+        if self._no_cotangent:
             self._record_backward(skipped, None, None)
-            self._graph = None
             return u
         if self._graph is None:
             self._build_graph()
@@ -276,13 +280,14 @@ class _AutogradLinearization(Linearization):
 
     def parameter_vjp(self, u):
         grads: List[Optional[torch.Tensor]] = [None] * (len(self.inputs) + len(self.module_parameters))
-        if self._graph is None:
+        if self._graph is None or self._no_cotangent:
             for k, (x, needs) in enumerate(zip(self.inputs, self.needs_grad)):
                 if needs:
                     grads[k] = torch.zeros_like(x)
             return tuple(grads)
+        # (the graph is kept for a second backward, with the linearization: rebuilt then,
+        # it would miss parameters swapped in by functional_call, see _prepare_backward)
         index, y, inputs, f = self._graph
-        self._graph = None  # the graph of F is not needed past this product
         wanted = [(k, x) for k, (x, needs) in enumerate(zip(inputs, self.needs_grad)) if needs]
         wanted += [(len(inputs) + k, p) for k, p in enumerate(self.module_parameters) if p.requires_grad]
         if not wanted:
@@ -290,7 +295,7 @@ class _AutogradLinearization(Linearization):
         u_rows = u if index is None else u[index]
         with torch.enable_grad():
             products = torch.autograd.grad(f, [x for _, x in wanted], -u_rows.reshape(f.shape),
-                                           allow_unused=True)
+                                           allow_unused=True, retain_graph=True)
         for (k, tensor), g in zip(wanted, products):
             if g is None:
                 g = torch.zeros_like(tensor)
@@ -641,6 +646,10 @@ class ImplicitLayer(nn.Module):
         if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
             raise ValueError(f"solve returned shape {tuple(out.shape)}; expected (B, *shape) with B = {batch}")
         return out.detach(), codes, iterations
+
+
+def _as_is(tensor):
+    return tensor
 
 
 def _prepare_backward(linearization, y, inputs, parameters) -> None:

@@ -171,7 +171,11 @@ def test_weights_swapped_in_by_functional_call_get_their_gradients():
                for name, p in cell.named_parameters()}
     w = torch.randn(3, 5, dtype=DOUBLE, generator=g)
     y = functional_call(layer, {"T." + name: t for name, t in weights.items()}, (x,))
+    first = torch.autograd.grad((w * y).sum(), [x, *weights.values()], retain_graph=True)
+    # a second backward, after functional_call put the module's weights back
     grads = torch.autograd.grad((w * y).sum(), [x, *weights.values()])
+    for a, b in zip(first, grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     z = torch.zeros(3, 5, dtype=DOUBLE)
     for _ in range(300):
         z = functional_call(cell, weights, (z, x))

@@ -147,3 +147,36 @@ def test_under_inference_mode_a_layer_gives_its_no_grad_results(kind):
         torch.testing.assert_close(layer.info.contraction_factor, report.contraction_factor)
     if kind == "implicit":  # y^3 + y = a
         torch.testing.assert_close(got ** 3 + got, a, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qp", "fixed_point"])
+def test_under_activation_checkpointing_the_backward_does_not_solve_again(kind, monkeypatch):
+    # Saved for the backward, the inputs (a fixed-point layer's graph of F too) were
+    # checkpoint placeholders, and unpacking them ran the checkpointed forward again,
+    # solve and all (T 39 times instead of none). The gradient is the plain one.
+    from torch.utils.checkpoint import checkpoint
+
+    import solvers.interior_point as ipm
+
+    calls = {"n": 0}
+    if kind == "fixed_point":
+        cell = nn.Linear(4, 4).double()
+
+        def T(y, x):
+            calls["n"] += 1
+            return torch.tanh(0.5 * cell(y) + x)
+        layer = dl.FixedPointLayer(T, extra_parameters=list(cell.parameters()), tol=1e-12)
+    else:
+        layer, solve_qp = _layers()[kind], ipm.solve_qp
+
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            return solve_qp(*args, **kwargs)
+        monkeypatch.setattr(ipm, "solve_qp", counted)
+    a = torch.randn(3, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    (expected,) = torch.autograd.grad(layer(a).square().sum(), a)
+    out = checkpoint(layer, a, use_reentrant=False)
+    before = calls["n"]
+    (grad,) = torch.autograd.grad(out.square().sum(), a)
+    assert before > 0 and calls["n"] == before
+    torch.testing.assert_close(grad, expected, atol=1e-10, rtol=0)

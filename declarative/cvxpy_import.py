@@ -543,10 +543,12 @@ class CvxpyProblem(Problem):
 
     def __getstate__(self):
         state = super().__getstate__()
-        # cvxpy objects stay behind: ids mean nothing in another process
+        # cvxpy objects stay behind (ids mean nothing in another process); the default
+        # orders go on as the DSL objects they became, which dsl_object passes (emptied,
+        # they left to_torch() with no parameters and no variables)
         state["_cvxpy_objects"] = {}
-        state["_cvxpy_parameters"] = []
-        state["_cvxpy_variables"] = []
+        state["_cvxpy_parameters"] = [self.dsl_object(p) for p in self._cvxpy_parameters]
+        state["_cvxpy_variables"] = [self.dsl_object(v) for v in self._cvxpy_variables]
         return state
 
 

@@ -39,3 +39,20 @@ def test_round_trip_into_a_fresh_process(tmp_path):
     env = dict(os.environ, PYTHONHASHSEED="12345")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_pickled_cvxpy_import_still_builds_its_layer():
+    # its cvxpy objects stay behind, and the default orders of parameters and variables
+    # went with them: to_torch() then said the parameter 'a' was missing. The projection
+    # of a onto x >= -1 is max(a, -1).
+    import pickle
+
+    import cvxpy as cp
+
+    import declarative as dl
+
+    x, a = cp.Variable(3, name="x"), cp.Parameter(3, name="a")
+    problem = pickle.loads(pickle.dumps(dl.from_cvxpy(cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= -1]))))
+    a_t = torch.tensor([0.3, -2.0, 1.0], dtype=torch.float64)
+    (out,) = problem.to_torch()(a_t)
+    torch.testing.assert_close(out, a_t.clamp(min=-1.0), atol=1e-9, rtol=0)

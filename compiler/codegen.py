@@ -449,7 +449,8 @@ def _identifier(name: str, used: set) -> str:
     if base[0].isdigit() or keyword.iskeyword(base):
         base = "_" + base
     out, k = base, 1
-    while out in used or out in _RESERVED or out.startswith("t") and out[1:].isdigit() or out.startswith("out") and out[3:].isdigit():
+    while (out in used or out in _RESERVED or out.startswith("t") and out[1:].isdigit()
+           or out.startswith("out") and out[3:].isdigit()):
         out = f"{base}_{k}"
         k += 1
     used.add(out)

@@ -125,6 +125,7 @@ def _other_starts(positive, batch, direct):
         for scale in _POSITIVE_STARTS:
             yield positive.new_full(shape, scale)
 
+
 class OptimizationLayer(torch.nn.Module):
     """A differentiable, batched solution map ``theta -> argmin`` of a ``dl.Problem``.
 

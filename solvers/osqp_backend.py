@@ -26,6 +26,7 @@ differentiates the active set OSQP found.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -39,6 +40,8 @@ from .interior_point import (
     OPTIMAL,
     UNBOUNDED,
     InteriorPointResult,
+    _objective_scale,
+    _row_scaled,
 )
 
 __all__ = ["solve_qp_osqp", "OSQPCache", "DEFAULT_SETTINGS", "status_from_osqp"]
@@ -293,7 +296,48 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     iterations; primal_residual = max(|(G z - h)_+|_inf, |A z - b|_inf), dual_residual =
     |Q z + c + G'lam + A'nu|_inf and complementarity = max |lam_i s_i| before the active
     set is made exact, all (B,); ``qp_factor`` is None.
+
+    Every constraint row is first divided by its largest entry, and an objective far from
+    unit scale by its largest coefficient, as :func:`solvers.interior_point.solve_qp`
+    does: OSQP's tolerances are absolute in the problem's units, and without this an LP
+    with its objective times 1e-6 and a row times 1e6 came back optimal 0.65 off, and a
+    feasible problem with a row times 1e-6 infeasible. The results are in the caller's
+    units.
     """
+    B, n = c.shape[0], c.shape[-1]
+    m, p = G.shape[-2], A.shape[-2]
+    for name, t, shape in (("Q", Q, (n, n)), ("G", G, (m, n)), ("h", h, (m,)), ("A", A, (p, n)), ("b", b, (p,))):
+        if tuple(t.shape[1:]) != shape or t.shape[0] not in (1, B):
+            expected = f"({B}, {', '.join(map(str, shape))})".replace(", )", ")")
+            raise ValueError(f"solve_qp_osqp: {name} has shape {tuple(t.shape)}, expected {expected}")
+    (r_G, G_s), (r_A, A_s) = _rows_scaled(G, B), _rows_scaled(A, B)
+    sigma = _objective_scale(Q, c)
+    Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
+    result, cache = _solve_osqp_rows_scaled(
+        Q_s, c_s, G_s, h * r_G, A_s, b * r_A, eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter,
+        eps_start=eps_start, polish=polish, warm_start=warm_start, settings=settings, cache=cache, skip=skip)
+    k = 1.0 if sigma is None else sigma[:, None]
+    # (scaled rows r G have slacks r s and multipliers lam / r; an objective divided by
+    # sigma divides the multipliers by it)
+    result = dataclasses.replace(result, s=result.s / r_G, lam=result.lam * r_G * k, nu=result.nu * r_A * k)
+    return result, cache
+
+
+def _rows_scaled(M, B):
+    """``(r, diag(r) M)`` of :func:`solvers.interior_point._row_scaled` for M (B, k, n)
+    or a stride-0 view of one (shared data stay a view, converted once)."""
+    if _shared(M):
+        r, scaled = _row_scaled(M[:1])
+        return r.expand(B, -1), scaled.expand(B, -1, -1)
+    return _row_scaled(M)
+
+
+def _solve_osqp_rows_scaled(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel: Optional[float] = None,
+                  max_iter: Optional[int] = None, eps_start: Optional[float] = 1e-3,
+                  polish: bool = True, warm_start: bool = True,
+                  settings: Optional[dict] = None, cache: Optional[OSQPCache] = None,
+                  skip: Optional[torch.Tensor] = None) -> Tuple[InteriorPointResult, OSQPCache]:
+    """:func:`solve_qp_osqp` of the problem whose rows and objective it has scaled."""
     try:
         import osqp
     except ImportError as err:  # pragma: no cover - osqp is an optional dependency
@@ -302,10 +346,6 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     dtype, device = c.dtype, c.device
     B, n = c.shape[0], c.shape[-1]
     m, p = G.shape[-2], A.shape[-2]
-    for name, t, shape in (("Q", Q, (n, n)), ("G", G, (m, n)), ("h", h, (m,)), ("A", A, (p, n)), ("b", b, (p,))):
-        if tuple(t.shape[1:]) != shape or t.shape[0] not in (1, B):
-            expected = f"({B}, {', '.join(map(str, shape))})".replace(", )", ")")
-            raise ValueError(f"solve_qp_osqp: {name} has shape {tuple(t.shape)}, expected {expected}")
     Q, G, h, A, b = (t.expand((B,) + tuple(t.shape[1:])) for t in (Q, G, h, A, b))
 
     opts = dict(DEFAULT_SETTINGS)

@@ -197,3 +197,29 @@ def test_layer_with_osqp_matches_cvxpylayers():
     np.testing.assert_allclose(x_ours.detach().numpy(), x_ref.detach().numpy(), atol=1e-7)
     for ours_t, ref_t in zip(a, c):
         np.testing.assert_allclose(ours_t.grad.numpy(), ref_t.grad.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective_scale, row_scale", [(1e-6, 1e6), (1.0, 1e-6), (1e-6, 1e-6)])
+def test_badly_scaled_rows_and_objectives_solve_as_at_unit_scale(objective_scale, row_scale):
+    # Scaling the objective or a row changes no solution, but OSQP's tolerances are
+    # absolute: an LP came back optimal 0.65 off, a feasible problem with a row times
+    # 1e-6 infeasible. Rows and objective are now scaled first, as the interior point
+    # does. Reference: Clarabel on the unscaled data.
+    Q, q, G, h, A, b = random_qp(4, 6, 5, 1, seed=12)
+    for box in (False, True):
+        data = [Q, q, G, h, A, b]
+        if box:  # an LP with the box |x| <= 10 (x0, the point that made it feasible, is inside)
+            eye = torch.eye(6, dtype=torch.float64).expand(4, 6, 6)
+            data = [torch.zeros_like(Q), q, torch.cat([G, eye, -eye], 1),
+                    torch.cat([h, torch.full((4, 12), 10.0, dtype=torch.float64)], 1), A, b]
+        scaled = [t.clone() for t in data]
+        scaled[0], scaled[1] = scaled[0] * objective_scale, scaled[1] * objective_scale
+        scaled[2][:, 0] *= row_scale
+        scaled[3][:, 0] *= row_scale
+        # (ADMM crawls on one of these LPs at any scale: 8450 iterations at unit scale, and
+        # 20000, the default limit, just short with a row times 1e-6 after rounding)
+        res, _ = solve_qp_osqp(*scaled, max_iter=100000)
+        assert res.status.tolist() == [ipm.OPTIMAL] * 4
+        for i in range(4):
+            xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
+            np.testing.assert_allclose(res.z[i].numpy(), xr, atol=1e-6, rtol=0)

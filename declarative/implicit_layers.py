@@ -156,7 +156,8 @@ class _AutogradLinearization(Linearization):
     of ``F`` at the solution on the valid instances alone, so a failed instance (NaN
     solution, singular Jacobian) cannot leak into other instances or into the gradients
     of shared parameters. The layer builds that graph as its forward ends
-    (:func:`_prepare_backward`); a second backward builds it again.
+    (:func:`_prepare_backward`), and it lives as long as the linearization (a second
+    backward uses it again).
     """
 
     def __init__(self, residual: Callable, inputs: Sequence[torch.Tensor], input_batched: Sequence[bool],
@@ -186,7 +187,7 @@ class _AutogradLinearization(Linearization):
         # (its tensors saved as they are: under a checkpoint's hooks (use_reentrant=False)
         # the backward's first use of them ran the whole checkpointed forward again, solve
         # included: a fixed-point layer's T 39 times instead of once)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _as_is):
             y = (self.y if index is None else self.y[index]).requires_grad_(True)
             inputs = []
             for x, batched, needs in zip(self.inputs, self.input_batched, self.needs_grad):
@@ -646,6 +647,12 @@ class ImplicitLayer(nn.Module):
         if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
             raise ValueError(f"solve returned shape {tuple(out.shape)}; expected (B, *shape) with B = {batch}")
         return out.detach(), codes, iterations
+
+
+def _detached(tensor):
+    # (saved as itself, an op's saved output would hold its own grad_fn, and the pair
+    # would never be freed: four (B, n) tensors a call leaked so)
+    return tensor.detach()
 
 
 def _as_is(tensor):

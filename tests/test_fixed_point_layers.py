@@ -399,3 +399,27 @@ def test_an_empty_batch_gives_an_empty_state_and_gradients(backward):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in cell.parameters())
     assert layer(torch.randn(3, 5, dtype=torch.float64)).shape == (3, 5) and layer.info.status == ["converged"] * 3
 
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_calls_leave_no_tensors_behind(backward):
+    # F's graph, built as the forward ends, was saved as it is: tanh's saved output held
+    # its own grad_fn, and the pair was never freed (four (B, n) tensors a call)
+    import gc
+
+    cell = TanhCell(6, 4, seed=2)
+    layer = FixedPointLayer(cell, tol=1e-12, state_shape=(6,))
+
+    def live():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    counts = []
+    for _ in range(6):
+        x = torch.randn(3, 4, dtype=DOUBLE, requires_grad=True)
+        y = layer(x)
+        if backward:
+            y.square().sum().backward()
+        del x, y
+        counts.append(live())
+    assert counts[-1] <= counts[1]

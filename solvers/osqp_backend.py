@@ -301,8 +301,8 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     unit scale by its largest coefficient, as :func:`solvers.interior_point.solve_qp`
     does: OSQP's tolerances are absolute in the problem's units, and without this an LP
     with its objective times 1e-6 and a row times 1e6 came back optimal 0.65 off, and a
-    feasible problem with a row times 1e-6 infeasible. The results are in the caller's
-    units.
+    feasible problem with a row times 1e-6 infeasible. z, s, lam and nu are in the
+    caller's units, the residuals those of the scaled problem (as the interior point's).
     """
     B, n = c.shape[0], c.shape[-1]
     m, p = G.shape[-2], A.shape[-2]
@@ -310,6 +310,7 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
         if tuple(t.shape[1:]) != shape or t.shape[0] not in (1, B):
             expected = f"({B}, {', '.join(map(str, shape))})".replace(", )", ")")
             raise ValueError(f"solve_qp_osqp: {name} has shape {tuple(t.shape)}, expected {expected}")
+    Q = Q.expand(B, n, n)  # (a view: a batch-1 Q meets c's batch in the objective's scale)
     (r_G, G_s), (r_A, A_s) = _rows_scaled(G, B), _rows_scaled(A, B)
     sigma = _objective_scale(Q, c)
     Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
@@ -318,7 +319,9 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
         eps_start=eps_start, polish=polish, warm_start=warm_start, settings=settings, cache=cache, skip=skip)
     k = 1.0 if sigma is None else sigma[:, None]
     # (scaled rows r G have slacks r s and multipliers lam / r; an objective divided by
-    # sigma divides the multipliers by it)
+    # sigma divides the multipliers by it. The active set's floors, eps**2 on s or lam,
+    # are the scaled problem's: the backward, which solves on that problem too, reads
+    # them there)
     result = dataclasses.replace(result, s=result.s / r_G, lam=result.lam * r_G * k, nu=result.nu * r_A * k)
     return result, cache
 

@@ -223,3 +223,38 @@ def test_badly_scaled_rows_and_objectives_solve_as_at_unit_scale(objective_scale
         for i in range(4):
             xr, _, _ = qp_reference(*(t[i].numpy() for t in data))
             np.testing.assert_allclose(res.z[i].numpy(), xr, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-7), (torch.float32, 1e-4)])
+def test_gradients_of_a_badly_scaled_problem_through_osqp(dtype, atol):
+    # The backward solved the unscaled KKT system and told active rows by lam / s > 1: a
+    # row times 1e6 in an objective times 1e-6 read lam / s ~ 1e-5 while active, and dh
+    # came out 0.02 (float64) to 1.0 (float32) off a gradient of 0.99. Reference: central
+    # differences of the float64 solution.
+    import declarative as dl
+
+    n, m = 4, 5
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(m, n, dtype=torch.float64, generator=g)
+    G[0] *= 1e6
+    x = dl.Variable(n, name="x")
+    q, h = dl.Parameter(n, name="q"), dl.Parameter(m, name="h")
+    prob = dl.Problem(dl.Minimize(1e-6 * (0.5 * dl.sum_squares(x) + q @ x)), [G.numpy() @ x <= h])
+    q_t = 3 * torch.randn(3, n, dtype=torch.float64, generator=g)
+    h_t = 0.5 * torch.rand(3, m, dtype=torch.float64, generator=g)
+    h_t[:, 0] *= 1e6
+    w = torch.arange(1.0, n + 1, dtype=torch.float64)
+    qq, hh = q_t.to(dtype).requires_grad_(), h_t.to(dtype).requires_grad_()
+    (prob.to_torch(solver="osqp")(qq, hh) * w.to(dtype)).sum().backward()
+    reference = prob.to_torch()
+
+    def difference(which, i, step):
+        d = torch.zeros(3, n if which == "q" else m, dtype=torch.float64)
+        d[:, i] = step
+        args = lambda sign: (q_t + sign * d, h_t) if which == "q" else (q_t, h_t + sign * d)  # noqa: E731
+        return ((reference(*args(1)) - reference(*args(-1))) * w).sum(-1) / (2 * step)
+
+    fd_q = torch.stack([difference("q", i, 1e-6) for i in range(n)], -1)
+    fd_h = torch.stack([difference("h", i, 1e-6 * (1e6 if i == 0 else 1)) for i in range(m)], -1)
+    torch.testing.assert_close(qq.grad.double(), fd_q, atol=atol, rtol=0)
+    torch.testing.assert_close(hh.grad.double(), fd_h, atol=atol, rtol=0)

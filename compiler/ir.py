@@ -172,10 +172,11 @@ def broadcast_shape(shapes: Iterable[Shape]) -> Shape:
     return out
 
 
-def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
-    """Apply the scalar function ``fn`` (a sympy Lambda of len(args) symbols) entrywise."""
+def elementwise(fn: sympy.Lambda, args: Sequence[Node], shape: Shape = ()) -> Node:
+    """Apply the scalar function ``fn`` (a sympy Lambda of len(args) symbols) entrywise,
+    broadcast to ``shape`` as well (a node rebuilt keeps the shape it had)."""
     args = tuple(args)
-    shape = broadcast_shape(a.shape for a in args)
+    shape = broadcast_shape([a.shape for a in args] + [tuple(shape)])
     fn, args = _compose_unary(fn, args)
     expr = fn.expr
     # Constant-valued arguments that are scalars are substituted into the formula so
@@ -203,17 +204,15 @@ def elementwise(fn: sympy.Lambda, args: Sequence[Node]) -> Node:
         f = sympy.lambdify([s for s, _ in keep], expr, modules=[_NUMPY_FUNCTIONS, "numpy"])
         value = np.broadcast_to(np.asarray(f(*[const_value(a) for _, a in keep]), dtype=np.float64), shape)
         return const(value)
-    # zeros that remain symbolic (non-scalar): substitute 0 and retry, where what is left
-    # still has the node's shape (a zeros argument may be all that broadcasts a scalar to
-    # it: t + zeros(3), whose node kept shape (3,) with t alone below it, and failed)
+    # zeros that remain symbolic (non-scalar): substitute 0 and retry (the node keeps its
+    # shape, which may then be larger than its arguments': t + zeros(3) is t, of shape (3,),
+    # broadcast by whatever uses it)
     zero_syms = {s: 0 for s, a in keep if a.op == "zeros"}
     if zero_syms:
-        zeroed = expr.xreplace(zero_syms)
-        rest = [(s, a) for s, a in keep if s not in zero_syms and s in zeroed.free_symbols]
-        if not rest:
-            return _full(shape, float(zeroed))
-        if broadcast_shape(a.shape for _, a in rest) == shape:
-            expr, keep = zeroed, rest
+        expr = expr.xreplace(zero_syms)
+        keep = [(s, a) for s, a in keep if s not in zero_syms and s in expr.free_symbols]
+        if not keep:
+            return _full(shape, float(expr))
     if len(keep) == 1 and expr == keep[0][0] and keep[0][1].shape == shape:
         return keep[0][1]
     # canonical symbol names keep structurally equal nodes equal
@@ -639,7 +638,11 @@ def rebuild(node: Node, args: Sequence[Node]) -> Node:
     if op == "einsum":
         return einsum(node.attrs, *args)
     if op == "elementwise":
-        return elementwise(node.attrs, args)
+        # (its own shape too: one whose zeros folded away is larger than its arguments,
+        # and rebuilt from them alone it shrank: t + zeros(3), with t substituted, came
+        # back as a scalar under a sum over its 3 entries, and the QP's code generation
+        # failed: "einsum spec 'a->': operand 'a' has shape ()")
+        return elementwise(node.attrs, args, node.shape)
     if op == "index":
         return index(args[0], node.attrs[0])
     if op == "scatter":

@@ -670,7 +670,8 @@ class _KKTLinearization(Linearization):
             if w_lam is None:
                 w_lam, w_nu = torch.zeros_like(self.lam), torch.zeros_like(self.nu)
             if self.qp is not None:
-                u_z, u_lam, u_nu, failed = _scaled_kkt_adjoint(self.qp, self.s, self.lam, w_z, w_lam, w_nu)
+                Q, c, G, _, A, _ = self.qp
+                u_z, u_lam, u_nu, failed = ipm.scaled_kkt_adjoint(Q, c, G, A, self.s, self.lam, w_z, w_lam, w_nu)
             else:
                 _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
                 u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
@@ -694,32 +695,6 @@ class _KKTLinearization(Linearization):
                 g = g.sum(0, keepdim=True) if g.shape[0] != 1 else g
             out.append(g)
         return tuple(out)
-
-
-def _scaled_kkt_adjoint(qp, s, lam, w_z, w_lam, w_nu):
-    """:func:`solvers.interior_point.kkt_adjoint` of an LP or QP without a constraint-space
-    factor (the general loop's, OSQP's), solved on the problem with its rows and
-    objective scaled as the solvers scale them, and mapped back.
-
-    With rows r G, r_A A and the objective over sigma, the multipliers are
-    lam_s = lam / (sigma r), nu_s = nu / (sigma r_A) and the slacks r s; the scaled KKT
-    residual is the caller's times diag(1/sigma, 1/sigma, r_A), so the transposed solve
-    takes w = (w_z, sigma r w_lam, sigma r_A w_nu) and gives u = (u_z / sigma,
-    u_lam / sigma, r_A u_nu). Unscaled, which rows it keeps explicit (lam / s > 1) hung on
-    the units: a row times 1e6 with an objective times 1e-6 read lam / s ~ 1e-5 while
-    active, and its gradient came out 1.0 off (OSQP, float32)."""
-    Q, c, G, _, A, _ = qp
-    B = c.shape[0]
-    Q = Q.expand(B, *Q.shape[1:])
-    r_G = ipm._row_scaled(G.expand(B, *G.shape[1:]))[0]
-    r_A = ipm._row_scaled(A.expand(B, *A.shape[1:]))[0]
-    sigma = ipm._objective_scale(Q, c)
-    sigma = torch.ones_like(c[:, 0]) if sigma is None else sigma
-    k = sigma[:, None]
-    u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(
-        Q / k[..., None], G * r_G[..., None], A * r_A[..., None], s * r_G, lam / (k * r_G),
-        w_z, k * r_G * w_lam, k * r_A * w_nu)
-    return u_z / k, u_lam / k, u_nu * r_A, failed
 
 
 @dataclass

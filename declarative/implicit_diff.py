@@ -172,14 +172,13 @@ class _ImplicitFunction(torch.autograd.Function):
     def forward(ctx, solve, *parameters):
         outputs, linearization = solve(*parameters)
         ctx.linearization = linearization
-        # the inputs' versions, checked by the backward: an input changed in place before
-        # it (an optimizer step taken with a backward still pending) would otherwise get a
-        # gradient mixing the old solution with the new values. (Not save_for_backward:
-        # under a checkpoint, unpacking them ran the checkpointed forward again, solve and all.)
+        # the inputs and their versions, as references, not saved tensors: the backward
+        # reads none of them but to check that none changed in place since (an optimizer
+        # step taken with a backward still pending got a gradient mixing the old solution
+        # with the new values), and to tie its gradients to them when asked for a graph
+        # (see _NotTwice). (Saved, under a checkpoint, unpacking them ran the checkpointed
+        # forward again, solve and all.)
         ctx.versions = tuple((p, p._version) for p in parameters if isinstance(p, torch.Tensor))
-        # (references, not saved tensors: the backward reads none of them, it only ties
-        # its gradients to them when asked for a graph, see _NotTwice)
-        ctx.anchors = tuple(p for p in parameters if isinstance(p, torch.Tensor) and p.requires_grad)
         # the caller gets copies it owns: an output edited in place (y += b, a ReLU with
         # inplace=True) must not move the point the backward linearizes at (an implicit
         # layer's backward silently differentiated at the edited point), nor be a view
@@ -200,7 +199,8 @@ class _ImplicitFunction(torch.autograd.Function):
         with torch.no_grad(), _without_autocast(output_cotangents):
             grads = _ImplicitFunction._backward(ctx, output_cotangents)
         if create_graph:
-            anchors = ctx.anchors + tuple(g for g in output_cotangents if g is not None and g.requires_grad)
+            anchors = tuple(p for p, _ in ctx.versions if p.requires_grad)
+            anchors += tuple(g for g in output_cotangents if g is not None and g.requires_grad)
             grads = tuple(g if g is None else _NotTwice.apply(g, *anchors) for g in grads)
         return grads
 

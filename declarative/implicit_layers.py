@@ -184,7 +184,7 @@ class _AutogradLinearization(Linearization):
     def _build_graph(self):
         valid = self.valid
         index = None if bool(valid.all()) else valid.nonzero()[:, 0]
-        # (its tensors saved as they are: under a checkpoint's hooks (use_reentrant=False)
+        # (its tensors saved by hooks of its own: under a checkpoint's (use_reentrant=False)
         # the backward's first use of them ran the whole checkpointed forward again, solve
         # included: a fixed-point layer's T 39 times instead of once)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _as_is):

@@ -50,6 +50,7 @@ _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasi
 # the rounding of float32 products (|G'lam + A'nu| ~ 1e-4 of |lam|)
 _FARKAS_RADIUS = {torch.float64: 1e6, torch.float32: 1e2}
 _STALL = 1e-12  # a step shorter than this makes no progress
+_STEP_CAP = 100.0  # the centered fallback step's longest, relative to 1 + |z|
 # complementarity this far below the tolerance, the other residuals above it: collapsed
 # (primal_dual's stop_collapsed)
 _COLLAPSED_MU = 1e-6
@@ -1399,7 +1400,12 @@ def primal_dual(
                 # search along it instead (an instance that finds no step there either
                 # keeps alpha = 0 and stops below)
                 (dv_n, dz_n, dnu_n) = direction(torch.addcmul(-target[:, None], s, lam))
-                alpha_n = _step_to_boundary(v, dv_n, fraction)
+                # at most _STEP_CAP times the iterate's size: where nothing curves (a
+                # Hessian zero at the start, as x**4 at 0, with no bound to add lam / s)
+                # the step is the gradient over the static shift, 1e13 times too long, and
+                # 40 halvings never came down to a useful one
+                alpha_n = torch.minimum(_step_to_boundary(v, dv_n, fraction),
+                                        _STEP_CAP * (1.0 + z_n) / _inf_norm(dz_n).clamp(min=torch.finfo(z.dtype).tiny))
                 alpha_n, _, _ = _line_search(oracle, z, v, nu, rd, here, there, dz_n, dv_n, dnu_n,
                                              alpha_n.masked_fill(~lost, 0.0), target, lost)
                 alpha = torch.where(lost, alpha_n, alpha)

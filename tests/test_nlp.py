@@ -377,6 +377,23 @@ def test_start_inside_the_domain_of_an_atom_of_an_expression():
     torch.testing.assert_close(out.flatten(), torch.softmax(w_t.flatten(), 0), atol=1e-8, rtol=0)
 
 
+def test_a_hessian_zero_at_the_start_is_not_a_dead_end():
+    # At z = 0 nothing curves (x**4, x**6, |x|^4): the Newton step was the gradient over
+    # the static shift, 1e13 too long, no halving of it was taken, and the instance
+    # ended numerical_error at iteration 0. Closed forms: x = (c/4)^(1/3), (c/6)^(1/5),
+    # and c / (4 |x|^2) with |x| = (|c| / 4)^(1/3).
+    x, c = dl.Variable(3, name="x"), dl.Parameter(3, name="c")
+    c_t = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], dtype=torch.float64)
+    norm = (c_t.norm(dim=-1, keepdim=True) / 4) ** (1 / 3)
+    for objective, expected in ((dl.sum(x ** 4) - c @ x, torch.sign(c_t) * (c_t.abs() / 4) ** (1 / 3)),
+                                (dl.sum(x ** 6) - c @ x, torch.sign(c_t) * (c_t.abs() / 6) ** (1 / 5)),
+                                (dl.square(dl.sum_squares(x)) - c @ x, c_t / (4 * norm ** 2))):
+        layer = dl.Problem(dl.Minimize(objective)).to_torch()
+        out = layer(c_t)
+        assert layer.info.status == ["optimal"] * 2
+        torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
+
+
 def test_entropy_without_its_bound_solves_as_with_it():
     # z >= 0 is implied by the entropy's domain, and users leave it out; the line search
     # alone then crawled (max_iter at sum(z) = 1.05 on one such instance, and not optimal

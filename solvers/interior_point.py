@@ -3052,17 +3052,29 @@ def scaled_kkt_adjoint(Q, c, G, A, s, lam, w_z, w_lam, w_nu):
     u_lam / sigma, r_A u_nu). Unscaled, which rows it keeps explicit (lam / s > 1) hung on
     the units: a row times 1e6 with an objective times 1e-6 read lam / s ~ 1e-5 while
     active, and its gradient came out 1.0 off (OSQP, float32)."""
-    B = c.shape[0]
-    Q = Q.expand(B, *Q.shape[1:])
-    r_G = _row_scaled(G.expand(B, *G.shape[1:]))[0]
-    r_A = _row_scaled(A.expand(B, *A.shape[1:]))[0]
-    sigma = _objective_scale(Q, c)
-    sigma = torch.ones_like(c[:, 0]) if sigma is None else sigma
-    k = sigma[:, None]
+    r_G, G_s, r_A, A_s, sigma = problem_scales(Q, c, G, A)
+    k = torch.ones_like(c[:, :1]) if sigma is None else sigma[:, None]
     u_z, u_lam, u_nu, failed = kkt_adjoint(
-        Q / k[..., None], G * r_G[..., None], A * r_A[..., None], s * r_G, lam / (k * r_G),
-        w_z, k * r_G * w_lam, k * r_A * w_nu)
+        Q / k[..., None], G_s, A_s, s * r_G, lam / (k * r_G), w_z, k * r_G * w_lam, k * r_A * w_nu)
     return u_z / k, u_lam / k, u_nu * r_A, failed
+
+
+def problem_scales(Q, c, G, A):
+    """How :func:`solve_qp` scales a problem, for what takes the caller's data and scales it
+    the same (OSQP's backend, :func:`scaled_kkt_adjoint`): ``(r_G, G_s, r_A, A_s, sigma)``,
+    each row's scale and the scaled rows of G and A (a batch shared as a stride-0 view,
+    or of size 1, stays a view) and the objective's scale, None where it is within
+    range (see :func:`_objective_scale`)."""
+    B = c.shape[0]
+
+    def rows(M):
+        if M.shape[0] == 1 or M.stride(0) == 0:
+            r, scaled = _row_scaled(M[:1])
+            return r.expand(B, -1), scaled.expand(B, -1, -1)
+        return _row_scaled(M)
+
+    (r_G, G_s), (r_A, A_s) = rows(G), rows(A)
+    return r_G, G_s, r_A, A_s, _objective_scale(Q.expand(B, *Q.shape[1:]), c)
 
 
 def _saddle_solve(H, Jg, sigma, rows, diag, r1, r2):

@@ -40,8 +40,7 @@ from .interior_point import (
     OPTIMAL,
     UNBOUNDED,
     InteriorPointResult,
-    _objective_scale,
-    _row_scaled,
+    problem_scales,
 )
 
 __all__ = ["solve_qp_osqp", "OSQPCache", "DEFAULT_SETTINGS", "status_from_osqp"]
@@ -310,9 +309,7 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
         if tuple(t.shape[1:]) != shape or t.shape[0] not in (1, B):
             expected = f"({B}, {', '.join(map(str, shape))})".replace(", )", ")")
             raise ValueError(f"solve_qp_osqp: {name} has shape {tuple(t.shape)}, expected {expected}")
-    Q = Q.expand(B, n, n)  # (a view: a batch-1 Q meets c's batch in the objective's scale)
-    (r_G, G_s), (r_A, A_s) = _rows_scaled(G, B), _rows_scaled(A, B)
-    sigma = _objective_scale(Q, c)
+    r_G, G_s, r_A, A_s, sigma = problem_scales(Q, c, G, A)
     Q_s, c_s = (Q, c) if sigma is None else (Q / sigma[:, None, None], c / sigma[:, None])
     result, cache = _solve_osqp_rows_scaled(
         Q_s, c_s, G_s, h * r_G, A_s, b * r_A, eps_abs=eps_abs, eps_rel=eps_rel, max_iter=max_iter,
@@ -324,15 +321,6 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     # them there)
     result = dataclasses.replace(result, s=result.s / r_G, lam=result.lam * r_G * k, nu=result.nu * r_A * k)
     return result, cache
-
-
-def _rows_scaled(M, B):
-    """``(r, diag(r) M)`` of :func:`solvers.interior_point._row_scaled` for M (B, k, n)
-    or a stride-0 view of one (shared data stay a view, converted once)."""
-    if _shared(M):
-        r, scaled = _row_scaled(M[:1])
-        return r.expand(B, -1), scaled.expand(B, -1, -1)
-    return _row_scaled(M)
 
 
 def _solve_osqp_rows_scaled(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel: Optional[float] = None,

@@ -323,12 +323,10 @@ def solve_qp_osqp(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel:
     return result, cache
 
 
-def _solve_osqp_rows_scaled(Q, c, G, h, A, b, *, eps_abs: Optional[float] = None, eps_rel: Optional[float] = None,
-                  max_iter: Optional[int] = None, eps_start: Optional[float] = 1e-3,
-                  polish: bool = True, warm_start: bool = True,
-                  settings: Optional[dict] = None, cache: Optional[OSQPCache] = None,
-                  skip: Optional[torch.Tensor] = None) -> Tuple[InteriorPointResult, OSQPCache]:
-    """:func:`solve_qp_osqp` of the problem whose rows and objective it has scaled."""
+def _solve_osqp_rows_scaled(Q, c, G, h, A, b, *, eps_abs, eps_rel, max_iter, eps_start, polish, warm_start,
+                            settings, cache, skip):
+    """:func:`solve_qp_osqp` of the problem whose rows and objective it has scaled (its
+    options as there)."""
     try:
         import osqp
     except ImportError as err:  # pragma: no cover - osqp is an optional dependency

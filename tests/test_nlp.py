@@ -528,7 +528,10 @@ def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_inst
     # 16 instances are few, but their (50, 100) inequality blocks make every product and
     # factorization of the iteration cost per instance: once half are finished the rest
     # go on alone (every fourth has its logits spread twice as wide and takes more
-    # iterations). The results are bitwise those of the batch that keeps every instance.
+    # iterations). The results are those of the batch that keeps every instance, to the
+    # last bits of their largest entries: bitwise on one CPU, but on another (AMD EPYC)
+    # the multipliers' entries of 1e-21 came out a few ulps apart, the rounding of a
+    # batched product depending on the batch it runs in.
     import solvers.interior_point as ipm
 
     n, B = 100, 16
@@ -552,4 +555,5 @@ def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_inst
     assert not kept_batches
     assert torch.equal(iterations, whole_iterations)
     for x, y in zip(out + list(grads), whole_out + list(whole_grads)):
-        assert torch.equal(x, y)
+        size = float(y.abs().max())
+        torch.testing.assert_close(x, y, rtol=0, atol=1e3 * torch.finfo(dtype).eps * size)

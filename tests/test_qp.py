@@ -764,11 +764,9 @@ def test_a_far_bound_does_not_loosen_the_other_constraints(dtype, quadratic):
         torch.testing.assert_close(out, expected.to(dtype), atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_lps_with_a_far_row_are_never_optimal_off_their_other_rows(seed):
-    # LPs whose first row is bounded by 1e20: the loop cannot solve most of them (they
-    # end numerical_error), and some came back optimal 0.29-2.7 off their other rows
-    n, B = 5, 16
+def _lp_with_a_far_row(seed, far, B=16, n=5):
+    """LPs min q'x s.t. G x <= h, A x = b with a box |x_i| <= 1 among their rows and a
+    first row bounded by ``far``."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(B, n, generator=g, dtype=torch.float64) - 0.5
     G_rand = torch.randn(B, 3, n, generator=g, dtype=torch.float64)
@@ -776,15 +774,55 @@ def test_lps_with_a_far_row_are_never_optimal_off_their_other_rows(seed):
     G = torch.cat([G_rand, eye, -eye], 1)
     h = torch.cat([_mv(G_rand, x0) + 0.1 * torch.rand(B, 3, generator=g, dtype=torch.float64),
                    torch.ones(B, 2 * n, dtype=torch.float64)], 1)
-    h[:, 0] = 1e20
+    h[:, 0] = far
     A = torch.randn(B, 1, n, generator=g, dtype=torch.float64)
     b = _mv(A, x0)
     q = 3 * torch.randn(B, n, generator=g, dtype=torch.float64)
-    layer = qp_problem(n, 2 * n + 3, 1).to_torch(warn=False)
-    out = layer(torch.zeros(B, n, n, dtype=torch.float64), q, G, h, A, b)
-    optimal = torch.tensor([s == "optimal" for s in layer.info.status])
-    violation = torch.maximum((_mv(G, out) - h)[:, 1:].amax(-1), (_mv(A, out) - b).abs().amax(-1))
-    assert bool((violation[optimal] <= 1e-8).all())
+    return torch.zeros(B, n, n, dtype=torch.float64), q, G, h, A, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("far", [1e10, 1e15, 1e20])
+def test_lps_with_a_far_row_are_solved(dtype, far):
+    # A row bounded by 1e15 or more (as "no limit") left 59-64 of 64 such LPs
+    # numerical_error, and in float32 one of 1e12 let others come back optimal 2e-2 off.
+    # Reference: Clarabel on the LP without that row, whose solution keeps far within it
+    # (so it solves the whole LP too)
+    Q, q, G, h, A, b = _lp_with_a_far_row(seed=1, far=far)
+    layer = qp_problem(5, 13, 1).to_torch(warn=False)
+    out = layer(*(t.to(dtype) for t in (Q, q, G, h, A, b)))
+    assert layer.info.status == ["optimal"] * 16
+    for i in range(16):
+        xv = cp.Variable(5)
+        solve(cp.Problem(cp.Minimize(q[i].numpy() @ xv), [G[i, 1:].numpy() @ xv <= h[i, 1:].numpy(),
+                                                           A[i].numpy() @ xv == b[i].numpy()]))
+        assert G[i, 0].numpy() @ xv.value < far
+        np.testing.assert_allclose(out[i].double().numpy(), xv.value, atol=1e-7 if dtype == torch.float64 else 2e-4)
+
+
+def test_gradients_of_an_lp_with_a_far_row():
+    # the far row is left out of the loop and its multiplier is 0: its G and h get no
+    # gradient, and the others theirs (finite differences, by gradcheck)
+    Q, q, G, h, A, b = (t[:2] for t in _lp_with_a_far_row(seed=2, far=1e20))
+    layer = qp_problem(5, 13, 1).to_torch(tol=1e-12)
+    inputs = tuple(t.clone().requires_grad_() for t in (q, G, h, A, b))
+    assert torch.autograd.gradcheck(lambda *args: layer(Q, *args), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    layer(Q, *inputs).sum().backward()
+    assert not inputs[1].grad[:, 0].any() and not inputs[2].grad[:, 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_lp_whose_far_bound_binds(dtype):
+    # max x1 + c x2 s.t. x1 <= 1e8, x1 + x2 <= 1e9, 0 <= x2 <= 1: both bounds count as far;
+    # without them the LP is unbounded, and with them its solution is x1 = 1e8
+    x = dl.Variable(2, name="x")
+    c, h = dl.Parameter(2, name="c"), dl.Parameter(2, name="h")
+    G = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    layer = dl.Problem(dl.Minimize(c @ x), [G @ x <= h, x[1] >= 0, x[1] <= 1]).to_torch()
+    out = layer(torch.tensor([[-1.0, -0.5], [-1.0, 0.5]], dtype=dtype), torch.tensor([1e8, 1e9], dtype=dtype))
+    assert layer.info.status == ["optimal"] * 2
+    torch.testing.assert_close(out, torch.tensor([[1e8, 1.0], [1e8, 0.0]], dtype=dtype),
+                               atol=1e-9 if dtype == torch.float64 else 1e-4, rtol=1e-12)
 
 
 def _mv(M, v):

@@ -136,8 +136,8 @@ def float32_infeasible(B, seed):
     return [t.float() for t in data], data, bad
 
 
-def float32_lp(B, seed, n=50, m=100):
-    """min c'x s.t. G x <= h, |x_i| <= 3, a'x = 0, in float32: c, G, a Gaussian (every
+def random_lp(B, seed, n=50, m=100, dtype=torch.float32):
+    """min c'x s.t. G x <= h, |x_i| <= 3, a'x = 0, in ``dtype``: c, G, a Gaussian (every
     eighth c 30x larger), h ~ U(0.1, 1.1) (x = 0 strictly feasible); Q = 0."""
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(B, n, generator=g, dtype=DT)
@@ -147,9 +147,9 @@ def float32_lp(B, seed, n=50, m=100):
     h = torch.cat([torch.rand(B, m, generator=g, dtype=DT) + 0.1, torch.full((B, 2 * n), 3.0, dtype=DT)], 1)
     data = [torch.zeros(B, n, n, dtype=DT), c, G, h, torch.randn(B, 1, n, generator=g, dtype=DT),
             torch.zeros(B, 1, dtype=DT)]
-    data = [t.float() for t in data]
-    # the reference: HiGHS' vertex of the float32 data (Clarabel ends some of these LPs
-    # 'optimal_inaccurate' at tight tolerances)
+    data = [t.to(dtype) for t in data]
+    # the reference: HiGHS' vertex of the data as rounded to dtype (Clarabel ends some of
+    # these LPs 'optimal_inaccurate' at tight tolerances)
     from scipy.optimize import linprog
 
     _, c, G, h, A, b = (t.double().numpy() for t in data)
@@ -160,6 +160,17 @@ def float32_lp(B, seed, n=50, m=100):
             raise RuntimeError(f"reference solve of LP instance {i} failed: {ref.message}")
         x_ref.append(ref.x)
     return data, None, np.stack(x_ref)
+
+
+def far_row_lp(far, dtype=DT):
+    """:func:`random_lp` (n = 20, 40 rows and the box) with one more row, sum(x) <= far;
+    the reference is HiGHS' without it (the box keeps sum(x) within 60)."""
+    def build(B, seed):
+        (Q, c, G, h, A, b), _, x_ref = random_lp(B, seed, n=20, m=40, dtype=dtype)
+        G_far = torch.cat([G, torch.ones(B, 1, 20, dtype=dtype)], 1)
+        h_far = torch.cat([h, torch.full((B, 1), far, dtype=dtype)], 1)
+        return [Q, c, G_far, h_far, A, b], None, x_ref
+    return build
 
 
 def far_row(far, dtype=DT):
@@ -185,9 +196,11 @@ FAMILIES = {
     "redundant equalities (4 + 3 combinations), (20, 40)": redundant_equalities,
     "float32, (20, 30, 4)": float32_family,
     "float32, a quarter infeasible, (20, 20, 4)": float32_infeasible,
-    "float32 LPs, (50, 100 + box, 1)": float32_lp,
+    "float32 LPs, (50, 100 + box, 1)": random_lp,
     "a far row, sum(x) <= 1e10, (20, 40 + 1, 2)": far_row(1e10),
     "float32, a far row, sum(x) <= 1e6, (20, 40 + 1, 2)": far_row(1e6, torch.float32),
+    "LPs, a far row, sum(x) <= 1e20, (20, 40 + box + 1, 1)": far_row_lp(1e20),
+    "float32 LPs, a far row, sum(x) <= 1e20, (20, 40 + box + 1, 1)": far_row_lp(1e20, torch.float32),
 }
 
 

@@ -2971,7 +2971,15 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         z0 = torch.where(take[:, None], start, z0)
         rd, g, h = (torch.where(take[:, None], new, old) for new, old in ((rd_o, rd), (g_o, g), (h_o, h)))
         finite, usable = finite | take, usable | take
-    s0 = (-g).clamp(min=1.0)
+    s0 = torch.nan_to_num((-g).clamp(min=1.0), nan=1.0)
+    if m:
+        # a centered start: s * lam the same on every row, the geometric mean of s0. With
+        # lam = 1 everywhere, a row far from binding at the start (-g = 1e20 for
+        # G z <= 1e20) made mu ~ 1e20 / m and the loop spent its iterations bringing it
+        # down: 54 instead of 14 on weighted entropy (10 x 5 rows), and one instance in
+        # 32 ended numerical_error; the benchmark's weighted entropy (32, 100) took 17
+        # where it took 19 (its (1024, 100) batch 6.5 % fewer iterations in all)
+        lam0 = s0.log().mean(-1, keepdim=True).exp_() / s0
     skip = ~finite if skip is None else (skip | ~finite)
     rd = torch.nan_to_num(rd)
     # an objective far below unit scale (its gradient at the start, the only scale the
@@ -2987,7 +2995,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
     result = primal_dual(
-        Oracle(derivatives, residuals, linear=False, select=select), z0, torch.nan_to_num(s0, nan=1.0), lam0, nu0,
+        Oracle(derivatives, residuals, linear=False, select=select), z0, s0, lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
         stop_collapsed=stop_collapsed,
     )

@@ -522,6 +522,23 @@ def test_an_instance_with_matrix_parameters_comes_out_alone_as_in_its_batch(kept
             assert torch.equal(x[i:i + 1], y)
 
 
+def test_a_row_far_from_binding_at_the_start():
+    # G z <= h with h_0 = 1e20 (as "no limit"): with every multiplier starting at 1, that
+    # row's s * lam started at 1e20 and the loop spent its iterations bringing mu down
+    # (54 instead of 14); one instance of these 32 ended numerical_error. Reference:
+    # Clarabel on the problem without that row
+    layer, (theta, w, G, h), _ = weighted_entropy_with_rows(10, 5, 32)
+    h = h.clone()
+    h[:, 0] = 1e20
+    z = layer(theta, w, G, h)[0]
+    assert layer.info.status == ["optimal"] * 32
+    for i in range(32):
+        zr = cp.Variable(10)
+        solve(cp.Problem(cp.Maximize(theta[i].numpy() @ zr + w[i].numpy() @ cp.entr(zr)),
+                         [cp.sum(zr) == 1, G[i, 1:].numpy() @ zr <= h[i, 1:].numpy()]))
+        np.testing.assert_allclose(z[i].numpy(), zr.value, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_instances(kept_batches, monkeypatch,
                                                                                      dtype):

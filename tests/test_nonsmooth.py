@@ -76,6 +76,10 @@ def test_kkt_shows_epigraph_variables():
     (lambda x, a: dl.Maximize(dl.norm1(x - a)), "dl.norm1"),
     (lambda x, a: dl.Minimize(-dl.sum(dl.abs(x))), "dl.abs"),
     (lambda x, a: dl.Minimize(a @ dl.pos(x)), "dl.pos"),
+    # a parameter beside a log: only the log's argument is known positive (t = -1 came
+    # back 'optimal' at x = 1, where the minimizer of -log(1 + x) + (x - 1)^2 is 1.22)
+    (lambda x, a: dl.Minimize(dl.sum(a * dl.log(1 + dl.pos(x))) + dl.sum_squares(x - 1)), "dl.pos"),
+    (lambda x, a: dl.Minimize(dl.sum(a * dl.sqrt(dl.pos(x))) + dl.sum_squares(x - 1)), "dl.pos"),
 ])
 def test_nonconvex_use_of_nonsmooth_atom_is_a_compile_error(build, atom):
     x = dl.Variable(3, name="x")

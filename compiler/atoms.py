@@ -112,3 +112,14 @@ def domain_of(expr: sympy.Expr) -> Optional[str]:
         if isinstance(sub, sympy.Pow) and sub.exp.is_negative:
             return "nonzero"
     return None
+
+
+def domain_symbols(expr: sympy.Expr) -> set:
+    """The symbols inside the arguments of the logs and non-integer powers of ``expr``."""
+    inside = set()
+    for sub in sympy.preorder_traversal(expr):
+        if isinstance(sub, sympy.log):
+            inside |= sub.args[0].free_symbols
+        elif isinstance(sub, sympy.Pow) and not sub.exp.is_integer:
+            inside |= sub.base.free_symbols
+    return inside

@@ -231,7 +231,9 @@ def _arg_monotonicity(node: Node, k: int) -> int:
         # domain of log/sqrt/entropy, for the arguments inside one alone: a parameter
         # folded in beside it (t * log(1 + pos(x))) keeps its unknown sign, where making
         # it positive too passed t = -1 through an epigraph rewrite that is then unbounded
-        pos = {v: sympy.Symbol(v.name, positive=True) for v in _domain_symbols(fn.expr)}
+        from .atoms import domain_symbols
+
+        pos = {v: sympy.Symbol(v.name, positive=True) for v in domain_symbols(fn.expr)}
         d_pos = d.xreplace(pos)
         if d.is_nonnegative or d_pos.is_nonnegative and _needs_positive(fn.expr):
             return 1
@@ -239,17 +241,6 @@ def _arg_monotonicity(node: Node, k: int) -> int:
             return -1
         return 0
     return 0
-
-
-def _domain_symbols(expr) -> set:
-    """The symbols inside the arguments of the logs and non-integer powers of ``expr``."""
-    inside = set()
-    for sub in sympy.preorder_traversal(expr):
-        if isinstance(sub, sympy.log):
-            inside |= sub.args[0].free_symbols
-        elif isinstance(sub, sympy.Pow) and not sub.exp.is_integer:
-            inside |= sub.base.free_symbols
-    return inside
 
 
 def _needs_positive(expr) -> bool:

@@ -248,6 +248,8 @@ _NUMPY_FUNCTIONS = {
 def _compose_unary(fn: sympy.Lambda, args):
     """Inline unary elementwise arguments (negations, scalings, ...) and merge repeated
     arguments, so that e.g. -(-h) is h and x*x is x**2."""
+    from .atoms import domain_symbols
+
     if not any(a.op == "elementwise" and len(a.args) == 1 for a in args) and len(set(args)) == len(args):
         return fn, args
     # nonsmooth atoms must stay separate nodes: canonicalization rewrites them one by one
@@ -258,6 +260,7 @@ def _compose_unary(fn: sympy.Lambda, args):
     symbol_of: Dict[Node, sympy.Symbol] = {}
     fresh = iter(sympy.symbols("w0:16", real=True))
     subs = {}
+    needed = set()  # (the symbols of inlined arguments that need a positive value)
     for sym, a in zip(fn.variables, args):
         inner = a.attrs if a.op == "elementwise" and len(a.args) == 1 and not a.attrs.expr.has(*_NONSMOOTH) else None
         target = a.args[0] if inner is not None else a
@@ -265,8 +268,15 @@ def _compose_unary(fn: sympy.Lambda, args):
             symbol_of[target] = next(fresh)
             new_args.append(target)
         t = symbol_of[target]
+        if inner is not None and domain_symbols(inner.expr):
+            needed.add(t)
         subs[sym] = inner.expr.xreplace({inner.variables[0]: t}) if inner is not None else t
     expr = expr.xreplace(subs)
+    # sympy folds exp(log(t)) and sqrt(t)**2 to t as they meet: an inlined argument that
+    # needed t > 0 would lose that domain (x came out negative where the problem read
+    # sum(exp(log(x)))), so such compositions keep their nodes apart
+    if needed - domain_symbols(expr):
+        return fn, args
     syms = tuple(symbol_of[a] for a in new_args)
     return sympy.Lambda(syms, expr), tuple(new_args)
 

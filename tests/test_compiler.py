@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ import declarative as dl
 import solvers
 from compiler import ir
 from compiler.canonicalize import epigraph_nonsmooth, flip_maximize, split_constraints, stack
+from references import solve
 from test_qp import qp_problem
 
 
@@ -85,6 +87,20 @@ def test_domain_bounds_pass_bounds_a_whole_variable_under_a_log_once():
     assert added() == 2
     assert added(z >= 0) == 1 and added(z >= 0.01, P >= 0) == 0
     assert added(z >= -1) == 2 and added(z[1:3] >= 0) == 2
+
+
+@pytest.mark.parametrize("compose", [lambda x: dl.exp(dl.log(x)), lambda x: dl.square(dl.sqrt(x)),
+                                     lambda x: dl.sqrt(x) * dl.sqrt(x)])
+def test_composed_atoms_keep_their_domain(compose):
+    # sympy folds exp(log(x)) and sqrt(x)**2 to x as they meet: the compiler saw sum(x),
+    # dropped the domain x > 0, and answered x = (-1.5, 1.5). Reference: CVXPY on x >= 0
+    x, q = dl.Variable(2, name="x"), dl.Parameter(2, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum(compose(x)) + dl.sum_squares(x - q))).to_torch()
+    out = layer(torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    xv = cp.Variable(2)
+    solve(cp.Problem(cp.Minimize(cp.sum(xv) + cp.sum_squares(xv - np.array([-1.0, 2.0]))), [xv >= 0]))
+    assert layer.info.status == ["optimal"]
+    np.testing.assert_allclose(out.numpy(), xv.value, atol=1e-7)
 
 
 def _random_nlp():

@@ -187,7 +187,7 @@ class _AutogradLinearization(Linearization):
         # (its tensors saved by hooks of its own: under a checkpoint's (use_reentrant=False)
         # the backward's first use of them ran the whole checkpointed forward again, solve
         # included: a fixed-point layer's T 39 times instead of once)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _as_is):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_saved, _unsaved):
             y = (self.y if index is None else self.y[index]).requires_grad_(True)
             inputs = []
             for x, batched, needs in zip(self.inputs, self.input_batched, self.needs_grad):
@@ -649,13 +649,25 @@ class ImplicitLayer(nn.Module):
         return out.detach(), codes, iterations
 
 
-def _detached(tensor):
+def _saved(tensor):
     # (saved as itself, an op's saved output would hold its own grad_fn, and the pair
-    # would never be freed: four (B, n) tensors a call leaked so)
-    return tensor.detach()
+    # would never be freed: four (B, n) tensors a call leaked so.) A detached tensor
+    # shares the original's version counter; its version is kept beside it, since hooks
+    # turn off autograd's own check that a saved tensor was not changed in place
+    return tensor.detach(), tensor._version
 
 
-def _as_is(tensor):
+def _unsaved(packed):
+    tensor, version = packed
+    if tensor._version != version:
+        # (a buffer of T's module doubled in place between forward and backward gave the
+        # gradient at the new value, silently)
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: a tensor of shape {tuple(tensor.shape)} that the layer's residual (or T) read is at "
+            f"version {tensor._version}; expected version {version}. The implicit backward "
+            "differentiates the residual at the solution with the values the forward saw: change "
+            "buffers, parameters and closure tensors only after the backward, or out of place")
     return tensor
 
 

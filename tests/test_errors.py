@@ -261,3 +261,27 @@ def test_an_input_changed_in_place_before_the_backward_raises():
         cell.weight.add_(0.1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_a_buffer_changed_in_place_before_the_backward_raises():
+    # T reads a buffer that requires no grad: torch's version check on the layer's own
+    # inputs and parameters does not see it, and the hooks that save the residual's graph
+    # had turned off autograd's. The gradient came out at the new value, 1 / (1 - 0.6)
+    # where y = A y + x with A = 0.3 I has dy/dx = 1 / 0.7, without an error.
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("A", 0.3 * torch.eye(3, dtype=torch.float64))
+
+        def forward(self, y, x):
+            return y @ self.A.T + x
+
+    cell = Cell()
+    layer = dl.FixedPointLayer(cell, tol=1e-12)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(g, torch.full((2, 3), 1 / 0.7, dtype=torch.float64))
+    y = layer(x)
+    cell.A.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

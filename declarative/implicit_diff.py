@@ -127,7 +127,7 @@ class Linearization(abc.ABC):
     valid : torch.Tensor or None
         ``(B,)`` bool: instances whose solution may be differentiated. Invalid instances
         (failed solves, NaN inputs) get NaN gradients for their own batched parameters
-        and contribute nothing to the gradients of shared parameters. ``transposed_solve``
+        (zeros where the loss reads none of their outputs) and contribute nothing to the gradients of shared parameters. ``transposed_solve``
         may clear more entries (e.g. a singular dF/dy found only in the backward); the
         mechanism reads ``valid`` again after ``parameter_vjp``.
     parameter_batched : sequence of bool
@@ -207,6 +207,12 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, output_cotangents):
         lin: Linearization = ctx.linearization
+        # the instances whose outputs the loss reads (a cotangent not zero)
+        read = None
+        for g in output_cotangents:
+            if g is not None and lin.valid is not None:
+                nonzero = (g != 0).reshape(g.shape[0], -1).any(-1)
+                read = nonzero if read is None else read | nonzero
         if lin.valid is not None:
             # A failed instance must not leak NaN into shared parameters' gradients.
             keep = lin.valid
@@ -217,9 +223,15 @@ class _ImplicitFunction(torch.autograd.Function):
         u = lin.transposed_solve(output_cotangents)
         grads = list(lin.parameter_vjp(u))
         if lin.valid is not None and not bool(lin.valid.all()):
+            # a failed instance's own batched inputs get NaN gradients where the loss
+            # reads its outputs; where it does not, zeros, as any input the loss does not
+            # depend on: NaN there spread through a shared encoder upstream into every one
+            # of its weights' gradients, the loss itself finite (a loss that leaves failed
+            # instances out is how a training loop copes with them)
+            failed = ~lin.valid if read is None else ~lin.valid & read
             for k, (g, batched) in enumerate(zip(grads, lin.parameter_batched)):
                 if g is not None and batched:
-                    grads[k] = torch.where(_expand_mask(lin.valid, g), g, torch.full_like(g, float("nan")))
+                    grads[k] = torch.where(_expand_mask(failed, g), torch.full_like(g, float("nan")), g)
         return (None, *grads)
 
 

@@ -524,7 +524,7 @@ class OptimizationLayer(torch.nn.Module):
             warnings.warn(
                 f"{n_failed} of {batch} instances were not solved to optimality ({counts}); "
                 "see layer.info. Their outputs are NaN (max_iter: the last iterate) and their "
-                "gradients NaN.",
+                "gradients NaN where the loss reads them (leave them out of it: zeros).",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )

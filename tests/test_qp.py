@@ -920,9 +920,9 @@ def test_instances_the_active_set_phase_leaves_go_on_with_the_interior_point(mon
     assert layer.info.status == ["infeasible", "infeasible", "numerical_error"] + ["optimal"] * (B - 3)
     # (at B = 160 with the few instances the active-set iteration cycles on)
     assert loop_batches == [8] if B == 8 else (len(loop_batches) == 1 and 3 <= loop_batches[0] <= 10)
-    x[3:].sum().backward()
+    x[3:].sum().backward()  # (the failed instances, not read, get zeros)
     for t in leaves:
-        assert torch.isnan(t.grad[:3]).all() and torch.isfinite(t.grad[3:]).all()
+        assert not t.grad[:3].any() and torch.isfinite(t.grad[3:]).all()
     assert_matches_cvxpy(x, leaves, (3, 4, B - 1), atol=1e-7)
 
 

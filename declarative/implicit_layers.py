@@ -47,8 +47,8 @@ from declarative.implicit_diff import (EmptyBatch, Linearization, full_precision
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
+    EquilibratedLU,
     SolverResult,
-    _tiny_pivot,
     default_tolerance,
     lipschitz_estimate,
     newton_solve,
@@ -233,10 +233,9 @@ class _AutogradLinearization(Linearization):
         rhs = rhs if index is None else rhs[index]
         if self.linear_solver == "dense":
             jacobian = vjp_jacobian(f, y)                                   # (b, n, n)
-            lu, pivots, status = torch.linalg.lu_factor_ex(jacobian)
-            # adjoint=True solves (dF/dy)' u = ybar with the same factorization.
-            solution = torch.linalg.lu_solve(lu, pivots, rhs[:, :, None], adjoint=True)[:, :, 0]
-            failed = (status != 0) | _tiny_pivot(lu) | ~torch.isfinite(solution).all(dim=1)
+            factor = EquilibratedLU(jacobian)
+            solution = factor.solve_transposed(rhs)
+            failed = factor.singular | ~torch.isfinite(solution).all(dim=1)
             reason = "singular_jacobian"
         else:
             def matvec(v):

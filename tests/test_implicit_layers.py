@@ -488,3 +488,24 @@ def test_an_implicit_layer_passes_an_empty_batch_through(solver):
     assert y.shape == (0, 4) and layer.info.status == []
     y.sum().backward()
     assert x.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype,spread", [(torch.float32, (1e3, 1.0, 1e-4)), (torch.float64, (1e8, 1.0, 1e-8))])
+def test_equations_of_different_units_are_not_singular(dtype, spread):
+    # F = D M (y - x) with D spreading the equations over 7 (16) decades: dF/dy = D M is
+    # as regular as M, and dy/dx = I. The pivot test compared the smallest LU pivot
+    # with the largest, and called it singular: Newton stayed at its start, the dense
+    # backward gave NaN
+    M = torch.tensor([[2.0, 0.5, 0.0], [0.3, 1.0, 0.2], [0.0, -0.4, 1.5]], dtype=dtype)
+    D = torch.tensor(spread, dtype=dtype)
+
+    def residual(x, y):
+        return D * ((y - x) @ M.T)
+
+    x = torch.randn(4, 3, dtype=dtype, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    layer = ImplicitLayer(residual, newton, initial_guess=torch.zeros(3, dtype=dtype), linear_solver="dense")
+    y = layer(x)
+    assert layer.info.status == ["converged"] * 4
+    torch.testing.assert_close(y, x.detach())
+    (g,) = torch.autograd.grad((y * torch.arange(3.0, dtype=dtype)).sum(), x)
+    torch.testing.assert_close(g, torch.arange(3.0, dtype=dtype).expand(4, 3))

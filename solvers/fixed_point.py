@@ -572,8 +572,14 @@ def lipschitz_estimate(func: Callable[[torch.Tensor], torch.Tensor], y: torch.Te
             norm_jt_v = _instance_norm(jt_v)
             estimate = norm_jt_v.reshape(batch)
             if twice:
-                # J (J' v) as the derivative of <J' s, J' v> in s.
-                (j_jt_v,) = torch.autograd.grad(jt_seed, seed_vec, jt_v, retain_graph=True)
+                # J (J' v) as the derivative of <J' s, J' v> in s. (A T whose backward is
+                # once_differentiable, as fused kernels' are, shows a J' s that requires
+                # grad but cannot be differentiated: it raises here, not above.)
+                try:
+                    (j_jt_v,) = torch.autograd.grad(jt_seed, seed_vec, jt_v, retain_graph=True)
+                except RuntimeError:
+                    twice = False
+            if twice:
                 v = j_jt_v / _instance_norm(j_jt_v).clamp_min(torch.finfo(y.dtype).tiny)
             else:
                 v = jt_v / norm_jt_v.clamp_min(torch.finfo(y.dtype).tiny)

@@ -423,3 +423,37 @@ def test_calls_leave_no_tensors_behind(backward):
         del x, y
         counts.append(live())
     assert counts[-1] <= counts[1]
+
+
+def test_a_map_differentiable_once_gets_its_contraction_estimate():
+    # T through an autograd.Function whose backward is once_differentiable (fused
+    # kernels' are): the contraction estimate's second derivative raised inside the
+    # forward. It falls back to J' alone (the spectral radius); the gradient is that of
+    # the unrolled iteration with torch.tanh
+    from torch.autograd.function import once_differentiable
+
+    class Tanh(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u):
+            out = torch.tanh(u)
+            ctx.save_for_backward(out)
+            return out
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, g):
+            (out,) = ctx.saved_tensors
+            return g * (1 - out * out)
+
+    W = 0.5 * torch.eye(4, dtype=torch.float64) + 0.1
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    layer = FixedPointLayer(lambda z, u: Tanh.apply(z @ W.T + u), tol=1e-12)
+    y = layer(x)
+    assert layer.info.status == ["converged"] * 2
+    assert bool(((layer.info.contraction_factor > 0) & (layer.info.contraction_factor < 1)).all())
+    (g,) = torch.autograd.grad(y.sum(), x)
+    z = torch.zeros_like(x)
+    for _ in range(200):
+        z = torch.tanh(z @ W.T + x)
+    (expected,) = torch.autograd.grad(z.sum(), x)
+    torch.testing.assert_close(g, expected)

@@ -547,8 +547,7 @@ class ImplicitLayer(nn.Module):
             f = layer.residual(*explicit, y)
             _check_residual(f, y)
             residual = f.reshape(y.shape[0], -1).abs().amax(dim=1)
-            tol = layer.tol if layer.tol is not None else default_tolerance(y.dtype)
-            status = _combine_status(codes, residual, tol)
+            status = _combine_status(codes, residual, layer._status_tol(y.dtype))
             valid = torch.tensor([s == "converged" for s in status], dtype=torch.bool, device=y.device)
             method = _pick_linear_solver(layer.linear_solver, y[0].numel(), layer.dense_threshold)
             info = ImplicitInfo(status=status, residual=residual, iterations=iterations, linear_solver=method)
@@ -567,6 +566,16 @@ class ImplicitLayer(nn.Module):
             _prepare_backward(holder["linearization"], y, inputs, parameters)
         _warn_failures(self.info, type(self).__name__, _NAN_GRADIENTS)
         return y
+
+    def _status_tol(self, dtype) -> float:
+        """The tolerance the solution's residual is held to: the layer's; else the one
+        Newton was given by ``functools.partial(newton, tol=...)`` (judged against the
+        default instead, an instance Newton had solved to its tol was reported max_iter
+        and got NaN gradients); else the dtype's default."""
+        if self.tol is not None:
+            return self.tol
+        given = (getattr(self.solve, "keywords", None) or {}).get("tol") if _is_newton(self.solve) else None
+        return given if given is not None else default_tolerance(dtype)
 
     def _batched_flags(self, inputs) -> Tuple[bool, ...]:
         for k, x in enumerate(inputs):
@@ -603,7 +612,13 @@ class ImplicitLayer(nn.Module):
     def _initial_point(self, inputs, y0, batch, dtype, device):
         """Newton's start, in the inputs' dtype and on their device (a float32 guess with
         float64 inputs failed deep inside the solver's LU solve)."""
-        return self._given_start(inputs, y0, batch).to(dtype=dtype, device=device)
+        start = self._given_start(inputs, y0, batch)
+        if batch is not None and (start.dim() == 0 or start.shape[0] != batch):
+            # (else the residual got it and failed, or was blamed for the shape)
+            source = "y0" if y0 is not None else "initial_guess"
+            raise ValueError(f"{source} gives a start of shape {tuple(start.shape)}; expected (B, ...) with the "
+                             f"inputs' batch size B = {batch}")
+        return start.to(dtype=dtype, device=device)
 
     def _given_start(self, inputs, y0, batch):
         if y0 is not None:

@@ -509,3 +509,31 @@ def test_equations_of_different_units_are_not_singular(dtype, spread):
     torch.testing.assert_close(y, x.detach())
     (g,) = torch.autograd.grad((y * torch.arange(3.0, dtype=dtype)).sum(), x)
     torch.testing.assert_close(g, torch.arange(3.0, dtype=dtype).expand(4, 3))
+
+
+def test_newton_given_a_tolerance_is_judged_by_it():
+    # functools.partial(newton, tol=1e-2), the documented way to set Newton's options:
+    # the status held Newton's answer to the default tolerance instead, and reported
+    # 'max_iter' (NaN gradients) for an instance Newton had solved to its own.
+    # y^3 + y = x; dy/dx = 1 / (3 y^2 + 1) at the answer Newton gives
+    def residual(x, y):
+        return y ** 3 + y - x
+
+    x = torch.tensor([[0.5], [2.0]], dtype=DOUBLE, requires_grad=True)
+    layer = ImplicitLayer(residual, functools.partial(newton, tol=1e-2), initial_guess=torch.zeros(1, dtype=DOUBLE))
+    y = layer(x)
+    assert layer.info.status == ["converged"] * 2
+    assert bool((layer.info.residual <= 1e-2).all())
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, 1 / (3 * y.detach() ** 2 + 1))
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 2)])
+def test_a_start_of_the_wrong_batch_size_is_named(shape):
+    # y0 of (2,) or (1, 2) for B = 3 failed inside the user's residual, or blamed it
+    def residual(x, y):
+        return y - x
+
+    layer = ImplicitLayer(residual, newton)
+    with pytest.raises(ValueError, match=r"y0 gives a start of shape .*batch size B = 3"):
+        layer(torch.ones(3, 2, dtype=DOUBLE), y0=torch.zeros(shape, dtype=DOUBLE))

@@ -1400,3 +1400,24 @@ def test_an_empty_batch_gives_empty_outputs_and_gradients(kind):
     assert c_t.grad.shape == (0, n) and torch.equal(G_t.grad, torch.zeros(m, n, dtype=torch.float64))
     c_1 = torch.randn(3, n, dtype=torch.float64)
     assert layer(c_1, G_t)[0].shape == (3, n) and layer.info.status == ["optimal"] * 3
+
+
+def test_a_variable_only_the_equalities_fix():
+    # Projection onto range(B) through a latent y in no objective: min |x - q|^2 s.t.
+    # x = B y. Q is singular along y, which only the equality fixes; the loop's reduction
+    # regularized Q there and ended max_iter after 100 iterations, up to 1.5e-2 off.
+    # Closed form: x = P q, y = (B'B)^-1 B'q; the gradients by gradcheck
+    n, k = 6, 3
+    x, y = dl.Variable(n, name="x"), dl.Variable(k, name="y")
+    Bm, q = dl.Parameter((n, k), name="Bm"), dl.Parameter(n, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x - q)), [x == Bm @ y]).to_torch(tol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    B_t = (3 * torch.randn(4, n, k, generator=g, dtype=torch.float64)).requires_grad_()
+    q_t = (3 * torch.randn(4, n, generator=g, dtype=torch.float64)).requires_grad_()
+    x_t, y_t = layer(Bm=B_t, q=q_t)
+    assert layer.info.status == ["optimal"] * 4
+    y_ref = torch.linalg.solve(B_t.mT @ B_t, (B_t.mT @ q_t.unsqueeze(-1))).squeeze(-1)
+    torch.testing.assert_close(y_t, y_ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(x_t, (B_t @ y_ref.unsqueeze(-1)).squeeze(-1), atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda B_, q_: layer(Bm=B_, q=q_), (B_t[:2], q_t[:2]), eps=1e-6, atol=1e-5,
+                                    rtol=1e-4)

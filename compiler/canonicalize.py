@@ -212,14 +212,7 @@ def _arg_monotonicity(node: Node, k: int) -> int:
         return 0
     if op == "einsum":
         others = [a for j, a in enumerate(node.args) if j != k]
-        if not others:
-            return 1
-        if not all(a.op in ("const", "eye") for a in others):
-            return 0
-        signs = []
-        for v in (ir.const_value(a) for a in others):
-            signs.append(1 if np.all(v >= 0) else -1 if np.all(v <= 0) else 0)
-        return int(np.prod(signs))
+        return int(np.prod([_sign_of_data(a) for a in others]))
     if op == "elementwise":
         fn = node.attrs
         if isinstance(fn.expr, sympy.Max):
@@ -233,13 +226,32 @@ def _arg_monotonicity(node: Node, k: int) -> int:
         # it positive too passed t = -1 through an epigraph rewrite that is then unbounded
         from .atoms import domain_symbols
 
-        pos = {v: sympy.Symbol(v.name, positive=True) for v in domain_symbols(fn.expr)}
-        d_pos = d.xreplace(pos)
+        # (data of a known sign: constants, parameters declared nonneg)
+        known = {}
+        for v, a in zip(fn.variables, node.args):
+            sign = _sign_of_data(a)
+            if sign:
+                known[v] = sympy.Symbol(v.name, nonnegative=True) if sign > 0 else sympy.Symbol(v.name, nonpositive=True)
+        d = d.xreplace(known)
+        d_pos = d.xreplace({known.get(v, v): sympy.Symbol(v.name, positive=True) for v in domain_symbols(fn.expr)})
         if d.is_nonnegative or d_pos.is_nonnegative and _needs_positive(fn.expr):
             return 1
         if d.is_nonpositive or d_pos.is_nonpositive and _needs_positive(fn.expr):
             return -1
         return 0
+    return 0
+
+
+def _sign_of_data(node: Node) -> int:
+    """1 where every entry of ``node`` is known >= 0 (a constant, a parameter declared
+    nonneg, an index or reshape of one), -1 where <= 0 (a constant), else 0."""
+    while node.op in ("index", "reshape"):
+        node = node.args[0]
+    if node.op == "input":
+        return 1 if node.attrs[1] == "nonneg parameter" else 0
+    if node.op in ("const", "eye", "zeros"):
+        v = ir.const_value(node)
+        return 1 if np.all(v >= 0) else -1 if np.all(v <= 0) else 0
     return 0
 
 

@@ -107,7 +107,8 @@ def _index_key(i):
 # ------------------------------------------------------------------------------------
 
 def input_node(name: str, shape: Shape, role: str) -> Node:
-    """A named input; ``role`` is one of 'variable', 'parameter', 'dual', 'seed'."""
+    """A named input; ``role`` is one of 'variable', 'parameter', 'nonneg parameter',
+    'dual', 'seed'."""
     return Node("input", (), (name, role), shape)
 
 

@@ -347,7 +347,10 @@ class _Translator:
             self.objects[id(e)] = (e, obj)
             self._variable_attributes(e, obj)
         elif kind == "Parameter":
-            obj = ex.Parameter(_shape(e), name=self._unique(_name(e)))
+            # (CVXPY's sign attributes: a DPP lasso weight lam * norm1(x) needs lam >= 0)
+            attrs = getattr(e, "attributes", {}) or {}
+            nonneg = bool(attrs.get("nonneg") or attrs.get("pos"))
+            obj = ex.Parameter(_shape(e), name=self._unique(_name(e)), nonneg=nonneg)
             self.objects[id(e)] = (e, obj)
         elif kind == "Constant":
             obj = _constant(e.value, e)

@@ -192,17 +192,24 @@ class Variable(Expression):
 
 
 class Parameter(Expression):
-    """A problem parameter; its value is a layer input (optionally batched)."""
+    """A problem parameter; its value is a layer input (optionally batched).
 
-    def __init__(self, shape=(), name: Optional[str] = None):
+    ``nonneg=True`` declares its entries >= 0: the compiler may then take it as a
+    nonnegative factor where a sign matters (``lam * norm1(x)``, a lasso weight, whose
+    epigraph rewrite is refused for a parameter of unknown sign), and the layer raises
+    on a negative value."""
+
+    def __init__(self, shape=(), name: Optional[str] = None, *, nonneg: bool = False):
         shape = _shape_of(shape)
         self.name = name if name is not None else f"param{next(_ids)}"
         _check_name(self.name)
-        node = ir.input_node(f"{self.name}#{next(_ids)}", shape, "parameter")
+        self.nonneg = bool(nonneg)
+        role = "nonneg parameter" if self.nonneg else "parameter"
+        node = ir.input_node(f"{self.name}#{next(_ids)}", shape, role)
         super().__init__(node, {node.attrs[0]: self})
 
     def __repr__(self):
-        return f"Parameter({self.shape}, name={self.name!r})"
+        return f"Parameter({self.shape}, name={self.name!r}{', nonneg=True' if self.nonneg else ''})"
 
 
 class Constant(Expression):

@@ -189,6 +189,7 @@ class OptimizationLayer(torch.nn.Module):
         self._param_pos = [
             next(k for k, p in enumerate(self.parameters_order) if p.node is sp.node) for sp in spec_params
         ]
+        self._nonneg_pos = [k for k, p in enumerate(self.parameters_order) if getattr(p, "nonneg", False)]
         stacked = self.compiled.problem
         offsets = {v.node: off for v, off in zip(stacked.variables, stacked.variable_offsets)}
         self._var_slices = [(offsets[v.flat], v.flat.shape[0], v.shape) for v in self.variables_out]
@@ -248,6 +249,12 @@ class OptimizationLayer(torch.nn.Module):
         """Solve for a batch of parameter values; see the class docstring."""
         tensors = self._bind(args, kwargs)
         batch, dtype, device, batched = self._check(tensors)
+        for k in self._nonneg_pos:
+            # (the compiler took it as a nonnegative factor: a negative value would solve
+            # another, possibly nonconvex, problem)
+            if bool((tensors[k] < 0).any()):
+                raise ValueError(f"parameter {self.parameters_order[k].name!r} is declared nonneg but has a "
+                                 f"negative entry ({float(tensors[k].min()):g})")
         params = [t if t.dtype == dtype else t.to(dtype) for t in tensors]  # (a no-op .to costs a dispatch)
         params = [t if t.shape[:1] == (batch,) and b else t.unsqueeze(0) for t, b in zip(params, batched)]
         params = [params[k] for k in self._param_pos]

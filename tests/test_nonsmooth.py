@@ -127,3 +127,30 @@ def test_a_nonsmooth_atom_of_parameters_where_its_rewrite_is_valid_still_solves(
     # min sum(max(x, |a|)) + |x|^2: x = 0 where |a| > 0
     layer = dl.Problem(dl.Minimize(dl.sum(dl.maximum(x, dl.abs(a))) + dl.sum_squares(x))).to_torch()
     torch.testing.assert_close(layer(a_t), torch.zeros(3, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_a_lasso_weight_declared_nonneg():
+    # lam * norm1(x) with a learnable weight: refused for a parameter of unknown sign,
+    # compiled for one declared nonneg (in the DSL, and imported from CVXPY's
+    # Parameter(nonneg=True), which the import had dropped), and a negative value is an
+    # error naming it. Reference: CVXPY's lasso; the weight's gradient by gradcheck
+    n, k = 5, 8
+    x, M, y = dl.Variable(n, name="x"), dl.Parameter((k, n), name="M"), dl.Parameter(k, name="y")
+    with pytest.raises(dl.CompileError, match=r"dl\.norm1"):
+        lam = dl.Parameter(name="lam")
+        dl.Problem(dl.Minimize(dl.sum_squares(M @ x - y) + lam * dl.norm1(x))).to_torch()
+    lam = dl.Parameter(name="lam", nonneg=True)
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(M @ x - y) + lam * dl.norm1(x))).to_torch(tol=1e-11)
+    M_t, y_t = _data(4, (k, n), (k,))
+    lam_t = torch.tensor(1.5, dtype=torch.float64)
+    xv, Mc, yc, lc = cp.Variable(n), cp.Parameter((k, n)), cp.Parameter(k), cp.Parameter(nonneg=True)
+    lasso = cp.Problem(cp.Minimize(cp.sum_squares(Mc @ xv - yc) + lc * cp.norm1(xv)))
+    Mc.value, yc.value, lc.value = M_t.numpy(), y_t.numpy(), 1.5
+    solve(lasso)
+    np.testing.assert_allclose(layer(M_t, y_t, lam_t).numpy(), xv.value, atol=1e-6)
+    imported = dl.from_cvxpy(lasso).to_torch(parameters=[Mc, yc, lc], variables=[xv], tol=1e-11)
+    np.testing.assert_allclose(imported(M_t, y_t, lam_t)[0].numpy(), xv.value, atol=1e-6)
+    leaf = lam_t.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: layer(M_t, y_t, t), (leaf,), eps=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="'lam' is declared nonneg"):
+        layer(M_t, y_t, torch.tensor(-0.5, dtype=torch.float64))

@@ -79,7 +79,11 @@ ELEMENTWISE_ATOMS: Dict[str, ElementwiseAtom] = _atoms(
 
 def power_atom(k: float) -> ElementwiseAtom:
     """x**k; a non-integer power needs x > 0 (read off the definition by domain_of)."""
-    k_sym = sympy.Integer(int(k)) if float(k).is_integer() else sympy.Float(k)
+    # (an exponent that is a short binary fraction, as 0.5 or 1.5, exactly: sympy then
+    # knows (x**2)**0.5 is |x|, which the abs rewrite serves, where the float 0.5 left
+    # Abs(x)**1.0, refused as a nonsmooth atom composed inside another)
+    exact = sympy.Rational(float(k))
+    k_sym = exact if exact.q <= 1024 else sympy.Float(k)
     return ElementwiseAtom(f"power({k:g})", lambda u: u**k_sym, description=f"x^{k:g}")
 
 
@@ -116,10 +120,4 @@ def domain_of(expr: sympy.Expr) -> Optional[str]:
 
 def domain_symbols(expr: sympy.Expr) -> set:
     """The symbols inside the arguments of the logs and non-integer powers of ``expr``."""
-    inside = set()
-    for sub in sympy.preorder_traversal(expr):
-        if isinstance(sub, sympy.log):
-            inside |= sub.args[0].free_symbols
-        elif isinstance(sub, sympy.Pow) and not sub.exp.is_integer:
-            inside |= sub.base.free_symbols
-    return inside
+    return set().union(*(a.free_symbols for a in domain_arguments(expr)))

@@ -154,3 +154,15 @@ def test_a_lasso_weight_declared_nonneg():
     assert torch.autograd.gradcheck(lambda t: layer(M_t, y_t, t), (leaf,), eps=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="'lam' is declared nonneg"):
         layer(M_t, y_t, torch.tensor(-0.5, dtype=torch.float64))
+
+
+def test_the_root_of_a_square_is_an_abs():
+    # power(square(x), 0.5): with the exponent a float, sympy left Abs(x)**1.0 and the
+    # compiler refused it as a nonsmooth atom inside another, naming an abs the user never
+    # wrote. As the exact 1/2 it is |x|, rewritten as dl.abs is. Reference: CVXPY
+    x, q = dl.Variable(3, name="x"), dl.Parameter(3, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.power(dl.square(x), 0.5)) + dl.sum_squares(x - q))).to_torch(tol=1e-11)
+    (q_t,) = _data(7, (3,))
+    xv = cp.Variable(3)
+    solve(cp.Problem(cp.Minimize(cp.norm1(xv) + cp.sum_squares(xv - q_t.numpy()))))
+    np.testing.assert_allclose(layer(q_t).numpy(), xv.value, atol=1e-7)

@@ -207,12 +207,7 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, output_cotangents):
         lin: Linearization = ctx.linearization
-        # the instances whose outputs the loss reads (a cotangent not zero)
-        read = None
-        for g in output_cotangents:
-            if g is not None and lin.valid is not None:
-                nonzero = (g != 0).reshape(g.shape[0], -1).any(-1)
-                read = nonzero if read is None else read | nonzero
+        given = output_cotangents
         if lin.valid is not None:
             # A failed instance must not leak NaN into shared parameters' gradients.
             keep = lin.valid
@@ -228,7 +223,11 @@ class _ImplicitFunction(torch.autograd.Function):
             # depend on: NaN there spread through a shared encoder upstream into every one
             # of its weights' gradients, the loss itself finite (a loss that leaves failed
             # instances out is how a training loop copes with them)
-            failed = ~lin.valid if read is None else ~lin.valid & read
+            read = torch.zeros_like(lin.valid)  # (a cotangent not zero)
+            for g in given:
+                if g is not None:
+                    read |= (g != 0).reshape(g.shape[0], -1).any(-1)
+            failed = ~lin.valid & read
             for k, (g, batched) in enumerate(zip(grads, lin.parameter_batched)):
                 if g is not None and batched:
                     grads[k] = torch.where(_expand_mask(failed, g), torch.full_like(g, float("nan")), g)

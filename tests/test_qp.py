@@ -1421,3 +1421,21 @@ def test_a_variable_only_the_equalities_fix():
     torch.testing.assert_close(x_t, (B_t @ y_ref.unsqueeze(-1)).squeeze(-1), atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(lambda B_, q_: layer(Bm=B_, q=q_), (B_t[:2], q_t[:2]), eps=1e-6, atol=1e-5,
                                     rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,far,d", [(torch.float64, 1e8, 0.3), (torch.float32, 5000.0, 0.04)])
+def test_a_far_row_the_relaxed_point_reaches_binds(dtype, far, d):
+    # max x s.t. x <= B, x - y <= d, y = Y with B = Y far: without the row x <= B the
+    # point is x = B + d, which missed that row by only d (within the tolerance times B),
+    # and was kept with the row's multiplier 0: x = B + d, 'optimal', and the gradient
+    # on d and Y instead of B. Closed form: x = min(B, Y + d) = B, dx/d(B, d, Y) = (1, 0, 0)
+    x, y = dl.Variable(name="x"), dl.Variable(name="y")
+    B, dd, Y = dl.Parameter(name="B"), dl.Parameter(name="d"), dl.Parameter(name="Y")
+    layer = dl.Problem(dl.Maximize(x), [x <= B, x - y <= dd, y == Y]).to_torch(variables=[x])
+    leaves = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in (far, d, far)]
+    out = layer(*leaves)
+    assert layer.info.status == ["optimal"]
+    torch.testing.assert_close(out.detach(), torch.tensor(far, dtype=dtype), atol=0, rtol=1e-12)
+    out.backward()
+    torch.testing.assert_close(torch.stack([t.grad for t in leaves]), torch.tensor([1.0, 0.0, 0.0], dtype=dtype),
+                               atol=1e-6, rtol=0)

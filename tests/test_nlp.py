@@ -574,3 +574,23 @@ def test_a_small_batch_with_large_dense_blocks_goes_on_without_its_finished_inst
     for x, y in zip(out + list(grads), whole_out + list(whole_grads)):
         size = float(y.abs().max())
         torch.testing.assert_close(x, y, rtol=0, atol=1e3 * torch.finfo(dtype).eps * size)
+
+
+def test_a_float32_row_beyond_its_range_keeps_its_start():
+    # min sum(exp(x)) + (x - q)^2 s.t. x <= 1e20, x >= -1 in float32: 1e20 is beyond
+    # 1 / sqrt(float32's smallest normal number), so that row starts at lam = 1 as before
+    # the centered start; centered with the other row, 15-16 of 16 instances ended
+    # max_iter (the start of lam = 1 solved 8). Optimal ones match scipy's bounded solve
+    from scipy.optimize import minimize
+
+    x, q = dl.Variable(1, name="x"), dl.Parameter(1, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.exp(x)) + dl.sum_squares(x - q)), [dl.sum(x) <= 1e20, x >= -1]).to_torch(
+        warn=False)
+    q_t = 3 * torch.randn(16, 1, generator=torch.Generator().manual_seed(0))
+    out = layer(q_t)
+    optimal = [i for i, s in enumerate(layer.info.status) if s == "optimal"]
+    assert len(optimal) >= 8
+    for i in optimal:
+        ref = minimize(lambda v: np.exp(v).sum() + ((v - float(q_t[i, 0])) ** 2).sum(), [0.0], bounds=[(-1, None)],
+                       tol=1e-12).x[0]
+        assert abs(float(out[i, 0]) - ref) <= 1e-4

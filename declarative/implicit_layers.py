@@ -568,14 +568,15 @@ class ImplicitLayer(nn.Module):
         return y
 
     def _status_tol(self, dtype) -> float:
-        """The tolerance the solution's residual is held to: the layer's; else the one
-        Newton was given by ``functools.partial(newton, tol=...)`` (judged against the
-        default instead, an instance Newton had solved to its tol was reported max_iter
-        and got NaN gradients); else the dtype's default."""
-        if self.tol is not None:
-            return self.tol
+        """The tolerance the solution's residual is held to: the one Newton solved to.
+        That is ``functools.partial(newton, tol=...)``'s where given, as in
+        :meth:`_run_solver` (judged against the default instead, an instance Newton had
+        solved to its tol was reported max_iter and got NaN gradients); else the
+        layer's; else the dtype's default."""
         given = (getattr(self.solve, "keywords", None) or {}).get("tol") if _is_newton(self.solve) else None
-        return given if given is not None else default_tolerance(dtype)
+        if given is not None:
+            return given
+        return self.tol if self.tol is not None else default_tolerance(dtype)
 
     def _batched_flags(self, inputs) -> Tuple[bool, ...]:
         for k, x in enumerate(inputs):

@@ -511,16 +511,19 @@ def test_equations_of_different_units_are_not_singular(dtype, spread):
     torch.testing.assert_close(g, torch.arange(3.0, dtype=dtype).expand(4, 3))
 
 
-def test_newton_given_a_tolerance_is_judged_by_it():
+@pytest.mark.parametrize("layer_tol", [None, 1e-12])
+def test_newton_given_a_tolerance_is_judged_by_it(layer_tol):
     # functools.partial(newton, tol=1e-2), the documented way to set Newton's options:
     # the status held Newton's answer to the default tolerance instead, and reported
-    # 'max_iter' (NaN gradients) for an instance Newton had solved to its own.
+    # 'max_iter' (NaN gradients) for an instance Newton had solved to its own. Newton
+    # solves to the partial's tol even where the layer has one, so that is the one held.
     # y^3 + y = x; dy/dx = 1 / (3 y^2 + 1) at the answer Newton gives
     def residual(x, y):
         return y ** 3 + y - x
 
     x = torch.tensor([[0.5], [2.0]], dtype=DOUBLE, requires_grad=True)
-    layer = ImplicitLayer(residual, functools.partial(newton, tol=1e-2), initial_guess=torch.zeros(1, dtype=DOUBLE))
+    layer = ImplicitLayer(residual, functools.partial(newton, tol=1e-2), initial_guess=torch.zeros(1, dtype=DOUBLE),
+                          tol=layer_tol)
     y = layer(x)
     assert layer.info.status == ["converged"] * 2
     assert bool((layer.info.residual <= 1e-2).all())

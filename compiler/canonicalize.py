@@ -230,8 +230,10 @@ def _arg_monotonicity(node: Node, k: int) -> int:
         known = {}
         for v, a in zip(fn.variables, node.args):
             sign = _sign_of_data(a)
-            if sign:
-                known[v] = sympy.Symbol(v.name, nonnegative=True) if sign > 0 else sympy.Symbol(v.name, nonpositive=True)
+            if sign > 0:
+                known[v] = sympy.Symbol(v.name, nonnegative=True)
+            elif sign < 0:
+                known[v] = sympy.Symbol(v.name, nonpositive=True)
         d = d.xreplace(known)
         d_pos = d.xreplace({known.get(v, v): sympy.Symbol(v.name, positive=True) for v in domain_symbols(fn.expr)})
         if d.is_nonnegative or d_pos.is_nonnegative and _needs_positive(fn.expr):

@@ -127,9 +127,10 @@ class Linearization(abc.ABC):
     valid : torch.Tensor or None
         ``(B,)`` bool: instances whose solution may be differentiated. Invalid instances
         (failed solves, NaN inputs) get NaN gradients for their own batched parameters
-        (zeros where the loss reads none of their outputs) and contribute nothing to the gradients of shared parameters. ``transposed_solve``
-        may clear more entries (e.g. a singular dF/dy found only in the backward); the
-        mechanism reads ``valid`` again after ``parameter_vjp``.
+        (zeros where the loss reads none of their outputs) and contribute nothing to the
+        gradients of shared parameters. ``transposed_solve`` may clear more entries
+        (e.g. a singular dF/dy found only in the backward); the mechanism reads
+        ``valid`` again after ``parameter_vjp``.
     parameter_batched : sequence of bool
         For each parameter, whether it carries the leading batch dimension.
     """

@@ -28,8 +28,8 @@ Every instance carries a status in the layer's ``.info`` (the last call's
 :class:`ImplicitInfo` / :class:`FixedPointInfo`). An instance whose forward solve did
 not reach the tolerance, or whose ``dF/dy`` turns out singular (or whose Krylov solve
 does not converge) in the backward pass, gets NaN gradients for its own batched inputs
-(zeros where the loss leaves its outputs out) and contributes nothing to the gradients of shared parameters; a warning says which
-instances. Other instances are unaffected.
+(zeros where the loss leaves its outputs out) and contributes nothing to the gradients
+of shared parameters; a warning says which instances. Other instances are unaffected.
 """
 from __future__ import annotations
 

@@ -1793,7 +1793,7 @@ def _general_loop_qp(Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale=None):
         # a singular Q's free directions to the rows that fix them; the loop's reduction
         # regularizes Q there instead, and a variable only the equalities fix (x == B y
         # with y in no objective) took 100 iterations and ended max_iter, 1e-2 off
-        direct = _polish_kkt(_unsolved(Q, c, p, skip), Q, c, G, hv, A, b, residuals, scale_dual, scale_primal,
+        direct = _polish_kkt(_unsolved(c, p, skip), Q, c, G, hv, A, b, residuals, scale_dual, scale_primal,
                              tol, skip)
         done = direct.polished if skip is None else direct.polished | skip
         if bool(done.all()):
@@ -1821,7 +1821,7 @@ def _general_loop_qp(Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale=None):
     return _in_float64_for_failures(result, Q, c, G, hv, A, b, tol, max_iter, skip, primal_scale)
 
 
-def _unsolved(Q, c, p, skip) -> InteriorPointResult:
+def _unsolved(c, p, skip) -> InteriorPointResult:
     """A result of no iterations for an equality QP (B instances, p rows), at z = 0."""
     B = c.shape[0]
     status, _ = _start_status(B, skip, c.device)
@@ -3024,10 +3024,9 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         # down: 54 instead of 14 on weighted entropy (10 x 5 rows), and one instance in
         # 32 ended numerical_error; the benchmark's weighted entropy (32, 100) took 17
         # where it took 19 (its (1024, 100) batch 6.5 % fewer iterations in all)
-        # (a row beyond 1 / sqrt(tiny), where lam / s would fall below the dtype's
-        # smallest normal number, 9e18 in float32, keeps lam = 1 and stays out of the
-        # mean: float32 rows bounded by 1e20 centered so ended 15-16 of 16 instances
-        # max_iter, where 8 came back optimal before)
+        # (a row beyond 1 / sqrt(tiny), 9e18 in float32 and beyond any float64 bound,
+        # keeps lam = 1 and stays out of the mean: centered with it, float32 rows
+        # bounded by 1e20 ended 15-16 of 16 instances max_iter, where lam = 1 solved 8)
         near = s0 <= torch.finfo(s0.dtype).tiny ** -0.5
         mean = ((s0.log() * near).sum(-1, keepdim=True) / near.sum(-1, keepdim=True).clamp(min=1)).exp_()
         lam0 = torch.where(near, mean / s0, 1.0)

@@ -576,10 +576,11 @@ class OptimizationLayer(torch.nn.Module):
         again in float64 on their rows alone. Softmax of logits 20 x randn needs entries
         near 1e-52, below float32's range: 25 of 320 instances at n = 10 and 284 of 320
         at n = 100 ended ``numerical_error`` or ``max_iter`` (``benchmarks/spread.py
-        --dtype float32``); in float64 they solve. Those that end optimal or infeasible
-        take the float64 result, rounded to float32 for the outputs; their backward runs
-        in float64 too (:class:`_TwoPrecisions`), since the rounded point may leave the
-        functions' domain (an entropy's entry rounded to 0). None where none qualify."""
+        --dtype float32``); in float64 they solve. Those that end optimal, infeasible or
+        unbounded (of the same data: float32 numbers are float64 ones) take the float64
+        result, rounded to float32 for the outputs; their backward runs in float64 too
+        (:class:`_TwoPrecisions`), since the rounded point may leave the functions'
+        domain (an entropy's entry rounded to 0). None where none qualify."""
         # (complementarity within tol absolutely: within the loop's scaled tolerance too)
         left, rows = ipm.wanting_precision(result, tol, bad)
         if not rows.numel():
@@ -587,7 +588,7 @@ class OptimizationLayer(torch.nn.Module):
         part = [(t.index_select(0, rows) if b else t).double() for t, b in zip(params, batched)]
         _, linearization, info = self._solve(part, batched, rows.numel(), torch.float64, device, nested=True)
         code = info.status_code
-        taken = (code == ipm.OPTIMAL) | (code == ipm.INFEASIBLE)
+        taken = (code == ipm.OPTIMAL) | (code == ipm.INFEASIBLE) | (code == ipm.UNBOUNDED)
         take = torch.zeros_like(left).index_copy(0, rows, taken)
 
         def put(mine, theirs):

@@ -44,6 +44,9 @@ STATUS_NAMES = ("optimal", "infeasible", "max_iter", "numerical_error", "unbound
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
+# an NLP instance that meets the tolerances with |z| grown by more than this factor (of
+# 1 + |z| before) in its last step is not taken as solved: see primal_dual
+_RUNAWAY = 1.25
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
 # an infeasibility certificate excludes z this far out (relative to the iterate): true
 # certificates reached 1e11 in float64, and 750-3000 in float32, where the ray carries
@@ -1299,6 +1302,8 @@ def primal_dual(
     # once the batch has dropped its finished instances: the original indices of those it
     # goes on with, and the whole batch's results
     rows = whole = None
+    # |z| at the previous iterate, and how many instances were active after it
+    z_n_before, n_before = _inf_norm(z), B
 
     it = 0
     while True:
@@ -1331,10 +1336,14 @@ def primal_dual(
             else:
                 collapsed = ((s.amin(-1) < bottom) & (rd_n > _COLLAPSED_RD * tol_d)) if m else torch.zeros_like(active)
             checks += ((collapsed, NUMERICAL_ERROR),)
+        was_active = active
         status, active = _classify(status, active, checks)
         # a host synchronization (the iteration has a few: this, the Newton system's
         # usable test, the line search's, the stall test)
         n_active = int(active.sum())
+        if n_active < n_before and not oracle.linear:
+            status, active, n_active = _held_back_runaways(status, active, was_active, z_n, z_n_before, limit_z)
+        z_n_before, n_before = z_n, n_active
         if it == max_iter or not n_active:
             break
         if oracle.select is not None and n_active <= _DROP_FRACTION * B and _worth_dropping(B, Jg, Jh):
@@ -1345,6 +1354,7 @@ def primal_dual(
             s, lam = v.split_with_sizes([m, m], -1)
             status, active, iterations = status[keep], active[keep], iterations[keep]
             tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
+            z_n_before = z_n_before[keep]
             derivatives, residuals = oracle.select(rows)
             oracle = dataclasses.replace(oracle, derivatives=derivatives, residuals=residuals)
             workspace.clear()
@@ -1437,6 +1447,28 @@ def primal_dual(
         it += 1
 
     return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
+
+
+def _held_back_runaways(status, active, was_active, z_n, z_n_before, limit_z):
+    """Instances that met the tolerances at this iterate, an NLP's, with |z| grown by more
+    than _RUNAWAY times (1 + |z|) in the step that reached it, go on as unsolved; those
+    beyond ``limit_z`` end ``unbounded``.
+
+    A gradient that vanishes only at infinity passes a relative stopping test far out:
+    minimize -log(x) ended ``optimal`` at x = 5.8e7, the gradient -1.7e-8, with nothing
+    to say the problem is unbounded. There, as for any objective growing slower than
+    linearly, each Newton step about doubles the iterate (some steps were halved by the
+    line search: 1.5 times): going on, it passes the divergence limit. A true solution
+    far out is reached by steps that shrink: one that a long step lands on takes one
+    more iteration, whose step is short. (Only iterations that retire an instance test
+    this: a few per call.) Returns the new (status, active, number active)."""
+    runaway = was_active & (status == OPTIMAL) & (z_n > _RUNAWAY * (1.0 + z_n_before))
+    if not bool(runaway.any()):
+        return status, active, int(active.sum())
+    beyond = runaway & (z_n > limit_z)
+    status = torch.where(runaway, torch.where(beyond, UNBOUNDED, MAX_ITER), status)
+    active = active | (runaway & ~beyond)
+    return status, active, int(active.sum())
 
 
 # a batch goes on without its finished instances once the unfinished are at most this

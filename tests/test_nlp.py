@@ -594,3 +594,30 @@ def test_a_float32_row_beyond_its_range_keeps_its_start():
         ref = minimize(lambda v: np.exp(v).sum() + ((v - float(q_t[i, 0])) ** 2).sum(), [0.0], bounds=[(-1, None)],
                        tol=1e-12).x[0]
         assert abs(float(out[i, 0]) - ref) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_objective_unbounded_below_is_not_reported_optimal(dtype):
+    # minimize theta'x - sum(log(x)): x = 1 / theta where theta > 0; where an entry of
+    # theta is 0, -log of that entry falls without bound as it grows. The gradient
+    # vanishes far out, so the relative stopping test passed there: 'optimal' at x ~ 6e7
+    # (float64), 7.5e4 (float32). (Clarabel through CVXPY says 'optimal' too, at 5.5e13;
+    # SCS at 4.7e4.)
+    x, theta = dl.Variable(3, name="x"), dl.Parameter(3, name="theta")
+    layer = dl.Problem(dl.Minimize(theta @ x - dl.sum(dl.log(x)))).to_torch(warn=False)
+    theta_t = torch.tensor([[1.0, 2.0, 0.5], [1.0, 0.0, 0.5], [0.3, 4.0, 1.0]], dtype=dtype)
+    out = layer(theta_t)
+    assert layer.info.status == ["optimal", "unbounded", "optimal"]
+    torch.testing.assert_close(out[[0, 2]], 1.0 / theta_t[[0, 2]])
+
+
+def test_a_solution_far_out_is_not_taken_for_one_on_the_way():
+    # minimize -log(x) + 1e-16 (x - 1e8)^2: the gradient falls below the tolerance on the
+    # way out, as for -log(x) alone, and the loop stopped at x = 7.8e7, 43 % short of the
+    # root of 2e-16 x^2 - 2e-8 x - 1 (the stationarity condition), 1.366e8
+    x, q = dl.Variable(1, name="x"), dl.Parameter(1, name="q")
+    layer = dl.Problem(dl.Minimize(q @ x - dl.sum(dl.log(x)) + 1e-16 * dl.sum_squares(x - 1e8))).to_torch()
+    out = layer(torch.zeros(1, 1, dtype=torch.float64))
+    root = np.roots([2e-16, -2e-8, -1.0]).max()
+    assert layer.info.status == ["optimal"]
+    assert abs(float(out[0, 0]) / root - 1) <= 1e-2  # (within the relative dual tolerance: 1.6e-3)

@@ -54,6 +54,9 @@ class KKTSystem:
     problem_class: str
     #: for an NLP with a diagonal Hessian: what the solver's structured step needs
     structure: Optional[NLPStructure] = None
+    #: whether g and h are affine in z (constant Jacobians): then an NLP's feasible set
+    #: is a polyhedron (within its atoms' domains), which an LP can test
+    affine_constraints: bool = False
 
     def __str__(self):
         from .printing import format_kkt
@@ -90,7 +93,9 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
     # minus the product: the sign of the implicit function theorem, folded into the
     # generated code's constants instead of costing a pass over every gradient
     param_grads = gradient(ir.neg(phi), params) if params else {}
-    problem_class = _classify(variables, lam, nu, jac_g, jac_h, hessian)
+    moving = {v.attrs[0] for v in variables} | {lam.attrs[0], nu.attrs[0]}
+    affine = all(not (j.free & moving) for j in list(jac_g.values()) + list(jac_h.values()))
+    problem_class = _classify(affine, moving, hessian)
 
     return KKTSystem(
         problem=problem,
@@ -111,14 +116,14 @@ def derive_kkt(problem: StackedProblem) -> KKTSystem:
         parameter_vjp=tuple(param_grads.get(p, ir.zeros(p.shape)) for p in params),
         problem_class=problem_class,
         structure=nlp_structure(problem, hessian) if problem_class == NLP else None,
+        affine_constraints=affine,
     )
 
 
-def _classify(variables, lam, nu, jac_g, jac_h, hessian) -> str:
-    """LP/QP when the constraint Jacobians and the Hessian do not depend on z (or the
-    duals); the solver then builds the problem data once per call."""
-    moving = {v.attrs[0] for v in variables} | {lam.attrs[0], nu.attrs[0]}
-    affine = all(not (j.free & moving) for j in list(jac_g.values()) + list(jac_h.values()))
+def _classify(affine, moving, hessian) -> str:
+    """LP/QP when the constraints are ``affine`` and the Hessian depends on none of the
+    ``moving`` symbols (z and the duals); the solver then builds the problem data once
+    per call."""
     blocks = [b for row in hessian for b in row]
     if not affine or any(b.free & moving for b in blocks):
         return NLP

@@ -495,7 +495,7 @@ class OptimizationLayer(torch.nn.Module):
             direct = sum(size for _, size in stacked.positive_start)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
                                    other_starts=_other_starts(positive, batch, direct), select=select,
-                                   stop_collapsed=retry)
+                                   stop_collapsed=retry, affine_constraints=self.compiled.kkt.affine_constraints)
             qp = None
             if retry:
                 codes = result.status.tolist()

@@ -3018,7 +3018,7 @@ def _take_polished(result, f, take, rows, sol):
 
 
 def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None,
-              other_starts=(), select=None, stop_collapsed=False) -> InteriorPointResult:
+              other_starts=(), select=None, stop_collapsed=False, affine_constraints=False) -> InteriorPointResult:
     """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
 
     z0 (B, n) is the starting point; it should lie in the domain of the functions. An
@@ -3026,7 +3026,9 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     first of ``other_starts`` ((B, n) each) where they are; one where none does is
     skipped (numerical_error). ``select(rows) -> (derivatives, residuals)`` of some
     instances alone lets the loop drop finished ones (:attr:`Oracle.select`).
-    ``stop_collapsed``: see :func:`primal_dual`.
+    ``stop_collapsed``: see :func:`primal_dual`. ``affine_constraints``: g and h are
+    affine in z, so that instances the loop does not finish can be tested for
+    infeasibility by an LP (:func:`_infeasible_polyhedron`).
     """
     tol = default_tol(z0.dtype) if tol is None else tol
     B = z0.shape[0]
@@ -3081,10 +3083,41 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
         stop_collapsed=stop_collapsed,
     )
-    if sigma is None:
+    if sigma is not None:
+        result = dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],
+                                     dual_residual=result.dual_residual * sigma)
+    if affine_constraints and m + p:
+        result = _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter)
+    return result
+
+
+def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter):
+    """Mark INFEASIBLE the instances the loop left unfinished (``max_iter``,
+    ``numerical_error``) whose affine constraints G z <= hv, A z = b admit no point: an
+    LP with no objective on those rows, whose own loop certifies infeasibility (a
+    Farkas ray). The NLP's feasible set is that polyhedron's within the atoms' domains,
+    so none is feasible either.
+
+    The NLP loop has no such certificate of its own: min sum(exp(x)) s.t. x <= 0,
+    sum(x) >= 1 ended ``numerical_error`` after 9 iterations, min -entropy(x) s.t.
+    sum(x) == -1 ``max_iter``, their multipliers growing too slowly to tell. G, hv, A
+    and b are read off the oracle at z0 (inside every domain): the Jacobians, and
+    G z0 - g(z0), A z0 - h(z0)."""
+    unsolved = (result.status == MAX_ITER) | (result.status == NUMERICAL_ERROR)
+    if skip is not None:
+        unsolved = unsolved & ~skip
+    if not bool(unsolved.any()):
         return result
-    return dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],
-                               dual_residual=result.dual_residual * sigma)
+    rows = unsolved.nonzero().squeeze(1)
+    B, n, m, p = z0.shape[0], z0.shape[-1], result.lam.shape[-1], result.nu.shape[-1]
+    _, g, h, Jg, Jh, _ = derivatives(z0, z0.new_zeros(B, m), z0.new_zeros(B, p))
+    G, A = _dense(Jg).expand(B, m, n)[rows], Jh.expand(B, p, n)[rows]
+    z = z0[rows]
+    hv, b = _mv(G, z) - g[rows], _mv(A, z) - h[rows]
+    k = rows.numel()
+    lp = solve_qp(z.new_zeros(k, n, n), z.new_zeros(k, n), G, hv, A, b, tol=tol, max_iter=max_iter)
+    infeasible = torch.zeros_like(unsolved).index_copy(0, rows, lp.status == INFEASIBLE)
+    return dataclasses.replace(result, status=result.status.masked_fill(infeasible, INFEASIBLE))
 
 
 def _objective_scale_nlp(grad0, skip):

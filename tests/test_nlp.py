@@ -621,3 +621,36 @@ def test_a_solution_far_out_is_not_taken_for_one_on_the_way():
     root = np.roots([2e-16, -2e-8, -1.0]).max()
     assert layer.info.status == ["optimal"]
     assert abs(float(out[0, 0]) / root - 1) <= 1e-2  # (within the relative dual tolerance: 1.6e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_infeasible_linear_constraints_are_reported_infeasible(dtype):
+    # min sum(exp(x)) + a'x s.t. x <= 0, sum(x) >= c: infeasible for c > 0 (Clarabel
+    # agrees), which the loop ended numerical_error or max_iter; and -entropy(x) + a'x
+    # s.t. sum(x) == c, with no point in entropy's domain x >= 0 for c < 0 (it ended
+    # max_iter). The feasible instances beside them keep their solutions
+    x, a, c = dl.Variable(3, name="x"), dl.Parameter(3, name="a"), dl.Parameter(1, name="c")
+    g = torch.Generator().manual_seed(0)
+    a_t = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    c_t = torch.tensor([[1.0], [-1.0], [2.0], [-2.0]], dtype=torch.float64)
+    cases = [(dl.sum(dl.exp(x)), lambda v: cp.sum(cp.exp(v)), [dl.sum(x) >= c, x <= 0],
+              lambda v, ci: [cp.sum(v) >= ci, v <= 0]),
+             (-dl.sum(dl.entropy(x)), lambda v: -cp.sum(cp.entr(v)), [dl.sum(x) == c],
+              lambda v, ci: [cp.sum(v) == ci])]
+    for objective, cvx_objective, constraints, cvx_constraints in cases:
+        layer = dl.Problem(dl.Minimize(objective + a @ x), constraints).to_torch(warn=False)
+        out = layer(a_t.to(dtype), c_t.to(dtype))
+        for i in range(4):
+            v = cp.Variable(3)
+            ref = cp.Problem(cp.Minimize(cvx_objective(v) + a_t[i].numpy() @ v), cvx_constraints(v, float(c_t[i])))
+            ref.solve(solver=cp.CLARABEL)
+            if ref.status == cp.INFEASIBLE:
+                assert layer.info.status[i] == "infeasible"
+            else:
+                solve(ref)
+                assert layer.info.status[i] == "optimal"
+                # (Clarabel's exponential cones end ~2e-6 off here: its gradient entries,
+                # equal at the solution, differ by 2e-6, ours by 1e-15)
+                atol = 1e-5 if dtype == torch.float64 else 1e-3
+                np.testing.assert_allclose(out[i].double().numpy(), v.value, atol=atol)
+        assert sorted(layer.info.status) == ["infeasible"] * 2 + ["optimal"] * 2

@@ -87,6 +87,8 @@ class SolveInfo:
         counts: Dict[str, int] = {}
         for s in self.status:
             counts[s] = counts.get(s, 0) + 1
+        if not counts:  # (an empty batch: no mean or max to show)
+            return f"SolveInfo({self.problem_class}, batch=0)"
         its = self.iterations.float()
         rounds = "" if self.active_set_rounds is None else (
             f"active-set rounds mean {self.active_set_rounds.float().mean().item():.1f} "

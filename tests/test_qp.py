@@ -1396,6 +1396,7 @@ def test_an_empty_batch_gives_empty_outputs_and_gradients(kind):
     outputs = layer(c_t, G_t)
     assert [tuple(o.shape) for o in outputs] == [(0, n), (0, m), (0, n), (0, n)]
     assert layer.info.status == [] and layer.info.iterations.shape == (0,)
+    assert "batch=0" in repr(layer.info)  # (it took the max of no iterations, and raised)
     sum(o.sum() for o in outputs).backward()
     assert c_t.grad.shape == (0, n) and torch.equal(G_t.grad, torch.zeros(m, n, dtype=torch.float64))
     c_1 = torch.randn(3, n, dtype=torch.float64)

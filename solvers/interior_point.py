@@ -1336,13 +1336,12 @@ def primal_dual(
             else:
                 collapsed = ((s.amin(-1) < bottom) & (rd_n > _COLLAPSED_RD * tol_d)) if m else torch.zeros_like(active)
             checks += ((collapsed, NUMERICAL_ERROR),)
-        was_active = active
         status, active = _classify(status, active, checks)
         # a host synchronization (the iteration has a few: this, the Newton system's
         # usable test, the line search's, the stall test)
         n_active = int(active.sum())
         if n_active < n_before and not oracle.linear:
-            status, active, n_active = _held_back_runaways(status, active, was_active, z_n, z_n_before, limit_z)
+            status, active, n_active = _held_back_runaways(status, active, converged, z_n, z_n_before, limit_z)
         z_n_before, n_before = z_n, n_active
         if it == max_iter or not n_active:
             break
@@ -1449,7 +1448,7 @@ def primal_dual(
     return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
 
 
-def _held_back_runaways(status, active, was_active, z_n, z_n_before, limit_z):
+def _held_back_runaways(status, active, converged, z_n, z_n_before, limit_z):
     """Instances that met the tolerances at this iterate, an NLP's, with |z| grown by more
     than _RUNAWAY times (1 + |z|) in the step that reached it, go on as unsolved; those
     beyond ``limit_z`` end ``unbounded``.
@@ -1461,8 +1460,10 @@ def _held_back_runaways(status, active, was_active, z_n, z_n_before, limit_z):
     line search: 1.5 times): going on, it passes the divergence limit. A true solution
     far out is reached by steps that shrink: one that a long step lands on takes one
     more iteration, whose step is short. (Only iterations that retire an instance test
-    this: a few per call.) Returns the new (status, active, number active)."""
-    runaway = was_active & (status == OPTIMAL) & (z_n > _RUNAWAY * (1.0 + z_n_before))
+    this: a few per call; an instance retired before has not moved since, and one with
+    ``converged`` (B,) true and finite residuals was retired optimal.) Returns the new
+    (status, active, number active)."""
+    runaway = converged & (z_n > (1.0 + z_n_before).mul_(_RUNAWAY))
     if not bool(runaway.any()):
         return status, active, int(active.sum())
     beyond = runaway & (z_n > limit_z)
@@ -3103,6 +3104,9 @@ def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter):
     sum(x) == -1 ``max_iter``, their multipliers growing too slowly to tell. G, hv, A
     and b are read off the oracle at z0 (inside every domain): the Jacobians, and
     G z0 - g(z0), A z0 - h(z0)."""
+    codes = result.status.tolist()  # (one call where every instance is solved)
+    if MAX_ITER not in codes and NUMERICAL_ERROR not in codes:
+        return result
     unsolved = (result.status == MAX_ITER) | (result.status == NUMERICAL_ERROR)
     if skip is not None:
         unsolved = unsolved & ~skip

@@ -1312,8 +1312,10 @@ def primal_dual(
     # once the batch has dropped its finished instances: the original indices of those it
     # goes on with, and the whole batch's results
     rows = whole = None
-    # |z| at the previous iterate, and how many instances were active after it
-    z_n_before, n_before = _inf_norm(z), B
+    # |z| at the two previous iterates, and how many instances were active after the last
+    z_n_before = z_n_earlier = _inf_norm(z)
+    n_before = B
+    dz = None  # the last Newton direction (before its step length)
 
     it = 0
     while True:
@@ -1351,8 +1353,9 @@ def primal_dual(
         # usable test, the line search's, the stall test)
         n_active = int(active.sum())
         if n_active < n_before and not oracle.linear:
-            status, active, n_active = _held_back_runaways(status, active, converged, z_n, z_n_before, limit_z)
-        z_n_before, n_before = z_n, n_active
+            status, active, n_active = _held_back_runaways(status, active, converged, z_n, z_n_before, z_n_earlier,
+                                                           dz, limit_z)
+        z_n_earlier, z_n_before, n_before = z_n_before, z_n, n_active
         if it == max_iter or not n_active:
             break
         if oracle.select is not None and n_active <= _DROP_FRACTION * B and _worth_dropping(B, Jg, Jh):
@@ -1363,7 +1366,7 @@ def primal_dual(
             s, lam = v.split_with_sizes([m, m], -1)
             status, active, iterations = status[keep], active[keep], iterations[keep]
             tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
-            z_n_before = z_n_before[keep]
+            z_n_before, z_n_earlier, dz = z_n_before[keep], z_n_earlier[keep], None
             derivatives, residuals = oracle.select(rows)
             oracle = dataclasses.replace(oracle, derivatives=derivatives, residuals=residuals)
             workspace.clear()
@@ -1458,22 +1461,31 @@ def primal_dual(
     return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
 
 
-def _held_back_runaways(status, active, converged, z_n, z_n_before, limit_z):
-    """Instances that met the tolerances at this iterate, an NLP's, with |z| grown by more
-    than _RUNAWAY times (1 + |z|) in the step that reached it, go on as unsolved; those
-    beyond ``limit_z`` end ``unbounded``.
+def _held_back_runaways(status, active, converged, z_n, z_n_before, z_n_earlier, dz, limit_z):
+    """Instances that met the tolerances at this iterate, an NLP's, whose last Newton
+    direction ``dz`` (B, n) was longer than half of 1 + |z| before it (where ``dz`` is
+    None, not known: with |z| grown beyond _RUNAWAY times 1 + |z| over the last two
+    steps), go on as unsolved; those beyond ``limit_z`` end ``unbounded``, however they
+    got there.
 
     A gradient that vanishes only at infinity passes a relative stopping test far out:
     minimize -log(x) ended ``optimal`` at x = 5.8e7, the gradient -1.7e-8, with nothing
     to say the problem is unbounded. There, as for any objective growing slower than
-    linearly, each Newton step about doubles the iterate (some steps were halved by the
-    line search: 1.5 times): going on, it passes the divergence limit. A true solution
-    far out is reached by steps that shrink: one that a long step lands on takes one
-    more iteration, whose step is short. (Only iterations that retire an instance test
-    this: a few per call; an instance retired before has not moved since, and one with
-    ``converged`` (B,) true and finite residuals was retired optimal.) Returns the new
-    (status, active, number active)."""
-    runaway = converged & (z_n > (1.0 + z_n_before).mul_(_RUNAWAY))
+    linearly, each Newton direction about doubles the iterate; going on, it passes the
+    divergence limit. The direction, not the step: the line search cut some steps (to
+    1.5, 1.25 or 1.125 times |z|; with x_0 + x_2 <= 100 in the problem, to 3e-8 of the
+    direction, where the iterate stalled and met the tolerance), and a test of the step
+    let those through, once at x = 2.2e12, beyond the limit. A true solution far out is
+    reached by directions that shrink: one that a long step lands on takes one more
+    iteration, whose direction is short. (Only iterations that retire an instance test
+    this: a few per call. An instance retired before has not moved since; one the stall
+    test retired last iteration may meet the tolerances now, and keeps its status.)
+    Returns the new (status, active, number active)."""
+    if dz is None:  # (the batch has just dropped its finished instances)
+        far = z_n > torch.minimum((1.0 + z_n_earlier).mul_(_RUNAWAY), limit_z)
+    else:  # (a step that grew |z| so had a direction at least that long)
+        far = (_inf_norm(dz) > (1.0 + z_n_before).mul_(0.5)) | (z_n > limit_z)
+    runaway = converged & far & (status == OPTIMAL)
     if not bool(runaway.any()):
         return status, active, int(active.sum())
     beyond = runaway & (z_n > limit_z)
@@ -3029,7 +3041,8 @@ def _take_polished(result, f, take, rows, sol):
 
 
 def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=None,
-              other_starts=(), select=None, stop_collapsed=False, affine_constraints=False) -> InteriorPointResult:
+              other_starts=(), select=None, stop_collapsed=False, affine_constraints=False,
+              scale_far_rows=True) -> InteriorPointResult:
     """Batched smooth NLP from the compiled derivative functions (see :class:`Oracle`).
 
     z0 (B, n) is the starting point; it should lie in the domain of the functions. An
@@ -3039,8 +3052,10 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     instances alone lets the loop drop finished ones (:attr:`Oracle.select`).
     ``stop_collapsed``: see :func:`primal_dual`. ``affine_constraints``: g and h are
     affine in z, so that instances the loop does not finish can be tested for
-    infeasibility by an LP (:func:`_infeasible_polyhedron`).
+    infeasibility by an LP (:func:`_infeasible_polyhedron`). ``scale_far_rows``: see
+    :func:`_far_row_scale` (False: the rows as they are).
     """
+    unscaled = (derivatives, residuals, select)
     tol = default_tol(z0.dtype) if tol is None else tol
     B = z0.shape[0]
     lam0 = z0.new_ones(B, m)
@@ -3062,7 +3077,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         rd, g, h = (torch.where(take[:, None], new, old) for new, old in ((rd_o, rd), (g_o, g), (h_o, h)))
         finite, usable = finite | take, usable | take
     s0 = torch.nan_to_num((-g).clamp(min=1.0), nan=1.0)
-    row_scale = _far_row_scale(derivatives, z0, s0, p) if m else None
+    row_scale = _far_row_scale(derivatives, z0, s0, p) if m and scale_far_rows else None
     if row_scale is not None:
         derivatives, residuals = _rows_scaled(derivatives, residuals, row_scale)
         if select is not None:
@@ -3105,9 +3120,44 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
                                      dual_residual=result.dual_residual * sigma)
     if row_scale is not None:
         result = dataclasses.replace(result, lam=result.lam * row_scale, s=result.s / row_scale)
+        result = _unscaled_for_failures(result, unscaled, z0, m, p, tol, max_iter, skip, stop_collapsed)
     if affine_constraints and m + p:
-        result = _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter)
+        result = _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter, stop_collapsed)
     return result
+
+
+def _unscaled_for_failures(result, unscaled, z0, m, p, tol, max_iter, skip, stop_collapsed):
+    """Instances that the solve with far rows scaled (:func:`_far_row_scale`) did not
+    finish ``optimal``, solved again with the rows as they are; their result is taken
+    where that one is ``optimal``. A far row the solution reaches is one the scaling
+    does not suit: its multiplier, ~1 in the caller's units, must grow to the row's
+    size in the scaled one, from a start of 1, and the divergence limit shrank with
+    the row's scale. min -sum(x) + sum(exp(-x)) s.t. sum(x) <= h ended ``max_iter``
+    from h = 1e9 on, and ``unbounded`` at 1e14 (every one ``optimal`` unscaled)."""
+    redo = result.status != OPTIMAL
+    if skip is not None:
+        redo = redo & ~skip
+    if not bool(redo.any()):
+        return result
+    derivatives, residuals, select = unscaled
+    rows = redo.nonzero().squeeze(1)
+    if select is not None:
+        derivatives, residuals = select(rows)
+        part_select = (lambda kept: select(rows[kept]))
+        start, part_skip = z0[rows], None
+    else:  # (the whole batch again: its oracle cannot take some instances alone)
+        part_select, start, part_skip, rows = None, z0, ~redo, None
+    part = solve_nlp(derivatives, residuals, start, m, p, tol=tol, max_iter=max_iter, skip=part_skip,
+                     select=part_select, stop_collapsed=stop_collapsed, scale_far_rows=False)
+    if rows is None:
+        take = redo & (part.status == OPTIMAL)
+        return _per_instance(take, dataclasses.replace(part, iterations=part.iterations + result.iterations), result)
+    mine = InteriorPointResult(*(getattr(result, name)[rows] for name in _LOOP_FIELDS))
+    take = part.status == OPTIMAL
+    part = dataclasses.replace(part, iterations=part.iterations + mine.iterations)
+    merged = InteriorPointResult(*(torch.where(take.reshape(take.shape + (1,) * (getattr(part, name).dim() - 1)),
+                                               getattr(part, name), getattr(mine, name)) for name in _LOOP_FIELDS))
+    return _with_rows(result, rows, merged)
 
 
 def _far_row_scale(derivatives, z0, s0, p):
@@ -3161,7 +3211,7 @@ def _rows_scaled_select(select, r):
     return lambda rows: _rows_scaled(*select(rows), r[rows])
 
 
-def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter):
+def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter, solved_again=False):
     """Mark INFEASIBLE the instances the loop left unfinished (``max_iter``,
     ``numerical_error``) whose affine constraints G z <= hv, A z = b admit no point: an
     LP with no objective on those rows, whose own loop certifies infeasibility (a
@@ -3172,13 +3222,20 @@ def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter):
     sum(x) >= 1 ended ``numerical_error`` after 9 iterations, min -entropy(x) s.t.
     sum(x) == -1 ``max_iter``, their multipliers growing too slowly to tell. G, hv, A
     and b are read off the oracle at z0 (inside every domain): the Jacobians, and
-    G z0 - g(z0), A z0 - h(z0)."""
+    G z0 - g(z0), A z0 - h(z0).
+
+    ``solved_again``: the caller solves the instances :func:`wanting_precision` names
+    again in float64 (whose solve tests them where it does not finish them): they are
+    left to it. (A float32 LP on the 281 of 320 float32 softmax instances of logits
+    20 x randn that the float64 solve takes cost 40-50 % of the forward.)"""
     codes = result.status.tolist()  # (one call where every instance is solved)
     if MAX_ITER not in codes and NUMERICAL_ERROR not in codes:
         return result
     unsolved = (result.status == MAX_ITER) | (result.status == NUMERICAL_ERROR)
     if skip is not None:
         unsolved = unsolved & ~skip
+    if solved_again:
+        unsolved = unsolved & ~wanting_precision(result, tol, skip)[0]
     if not bool(unsolved.any()):
         return result
     rows = unsolved.nonzero().squeeze(1)

@@ -687,3 +687,54 @@ def test_a_row_bounded_by_1e15_is_solved_as_without_it(dtype):
     torch.testing.assert_close(grads[2][:, 1:], grads_without[2], atol=atol, rtol=0)
     torch.testing.assert_close(grads[3][:, 1:], grads_without[3], atol=atol, rtol=0)
     assert float(grads[2][:, 0].abs().max()) <= 1e-20 and float(grads[3][:, 0].abs().max()) <= 1e-20
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_unbounded_direction_beside_a_row_is_not_reported_optimal(dtype):
+    # theta'x - sum(log(x)) with theta_1 = 0 falls without bound in x_1; a row that x_1
+    # is not in (or one that never binds) let the line search cut the step that met the
+    # tolerance, and the loop said 'optimal' at x_1 = 4e8, 2.2e12 (beyond the divergence
+    # limit) and 2.3e8 (float32: 1.3e5, 2.2e12, 1.0e5). The instances with theta > 0
+    # beside it are solved: x = 1 / theta, within the rows
+    x, theta = dl.Variable(3, name="x"), dl.Parameter(3, name="theta")
+    theta_t = torch.tensor([[1.0, 0.0, 0.5], [1.0, 2.0, 0.5]], dtype=dtype)
+    for rows in ([dl.sum(x) >= 0.1], [x >= 0.01], [x[0] + x[2] <= 100]):
+        layer = dl.Problem(dl.Minimize(theta @ x - dl.sum(dl.log(x))), rows).to_torch(warn=False)
+        out = layer(theta_t)
+        assert layer.info.status[0] != "optimal" and layer.info.status[1] == "optimal"
+        torch.testing.assert_close(out[1], 1.0 / theta_t[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_far_row_the_solution_reaches_is_held_to(dtype):
+    # min -sum(x) + sum(exp(-x)) s.t. sum(x) <= h: the row binds, sum(x) = h (exp(-x)
+    # vanishes there, and the entries within the sum are nearly free). Divided by
+    # its starting slack, the row's multiplier had to grow from 1 to h: from h = 1e9 on
+    # the loop ended max_iter, at 1e14 'unbounded'. Such instances are solved again with
+    # the row as it is
+    x, h = dl.Variable(3, name="x"), dl.Parameter(1, name="h")
+    layer = dl.Problem(dl.Minimize(-dl.sum(x) + dl.sum(dl.exp(-x))), [dl.sum(x) <= dl.sum(h)]).to_torch(warn=False)
+    h_t = torch.tensor([[1e3], [1e8], [1e9], [1e11], [1e14]], dtype=dtype)
+    out = layer(h_t)
+    assert layer.info.status == ["optimal"] * 5
+    torch.testing.assert_close(out.sum(-1, keepdim=True), h_t, rtol=1e-6 if dtype == torch.float64 else 1e-4, atol=0)
+
+
+def test_float32_instances_solved_again_in_float64_get_no_float32_lp(monkeypatch):
+    # float32 softmax of logits 20 x randn: most instances at n = 100 leave float32's
+    # range and are solved again in float64. The infeasibility LP (for NLPs with affine
+    # constraints that end unfinished) ran on them in float32 first, 40-50 % of the
+    # forward; it is left to the float64 solve, which needs none here
+    import solvers.interior_point as ipm
+
+    calls = []
+    solve_qp = ipm.solve_qp
+    monkeypatch.setattr(ipm, "solve_qp", lambda *a, **k: calls.append(a[0].dtype) or solve_qp(*a, **k))
+    z, theta = dl.Variable(100, name="z"), dl.Parameter(100, name="theta")
+    layer = dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1]).to_torch()
+    theta_t = 20 * torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
+    out = layer(theta_t)
+    ok = [s == "optimal" for s in layer.info.status]
+    assert sum(ok) >= 15 and calls == []
+    ref = torch.softmax(theta_t.double(), -1)
+    assert float((out.double() - ref)[torch.tensor(ok)].abs().max()) <= 1e-6

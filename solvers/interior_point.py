@@ -1341,7 +1341,12 @@ def primal_dual(
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
         z_n = _inf_norm(z)
         unbounded = z_n > limit_z
-        checks = ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL), (diverged, INFEASIBLE), (unbounded, UNBOUNDED))
+        # (an NLP's diverging duals are no certificate: min |x - 1| s.t. exp(c - 100 x)
+        # <= 100, feasible for every c, started far outside the row at c = 60 and 120 and
+        # was called infeasible. They end it as numerical_error; where its constraints
+        # are affine, an LP then tells whether it is infeasible: solve_nlp)
+        checks = ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
+                  (diverged, INFEASIBLE if oracle.linear else NUMERICAL_ERROR), (unbounded, UNBOUNDED))
         if stop_collapsed:
             if oracle.linear:
                 collapsed = (mu < tol_d * _COLLAPSED_MU) & ((rd_n > tol_d) | (rp_n > tol_p))

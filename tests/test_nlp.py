@@ -738,3 +738,16 @@ def test_float32_instances_solved_again_in_float64_get_no_float32_lp(monkeypatch
     assert sum(ok) >= 15 and calls == []
     ref = torch.softmax(theta_t.double(), -1)
     assert float((out.double() - ref)[torch.tensor(ok)].abs().max()) <= 1e-6
+
+
+def test_diverging_nlp_multipliers_are_not_called_infeasible():
+    # min |x - 1| s.t. exp(c - 100 x) <= 100: x = 1 is feasible (and optimal) for every c
+    # here (the row needs x >= (c - log 100) / 100 <= 1.2 - 0.046). Started far outside
+    # the row, the loop's multipliers diverged and c = 60, 120 were called infeasible
+    x, c = dl.Variable((), name="x"), dl.Parameter((), name="c")
+    layer = dl.Problem(dl.Minimize(dl.abs(x - 1)), [dl.exp(c - 100 * x) <= 100]).to_torch(warn=False)
+    out = layer(torch.tensor([5.0, 20.0, 60.0, 110.0], dtype=torch.float64))
+    assert "infeasible" not in layer.info.status
+    for i, s in enumerate(layer.info.status):
+        if s == "optimal":
+            assert abs(float(out[i]) - 1.0) <= 1e-6

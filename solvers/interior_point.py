@@ -447,8 +447,22 @@ class ReducedNewton:
     #: rounds of refinement against the unreduced equations (see :func:`primal_dual`)
     refinement_rounds = 2
 
-    def __init__(self, H, Jg, Jh, lam, s):
+    def __init__(self, H, Jg, Jh, lam, s, augment=False):
+        """``augment``: add gamma Jh' Jh to H (and gamma Jh' times the equalities' row to
+        the first: the same solution), gamma per row at H's scale, as the backward's
+        :func:`_saddle_solve` does. The reduction eliminates dz through H + Jg' Sigma
+        Jg, singular where H is and no inequality covers the direction, though the
+        equalities fix it: min softplus(x_0 - x_1) s.t. A x = b (A invertible) ended
+        numerical_error, its Schur complement built on the regularization's 1e13."""
         self.Jg, self.lam, self.s = Jg, lam, s
+        self.gamma = None
+        if augment and Jh.shape[-2]:
+            row_sq = Jh.square().sum(-1)
+            h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+            self.gamma = torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny),
+                                     0.0)
+            H = torch.baddbmm(H, _mT(Jh), self.gamma.unsqueeze(-1) * Jh)
+        self.Jh = Jh
         self.kkt = ReducedKKT(H, Jg, Jh, lam / s)
         self.failed = self.kkt.failed
 
@@ -460,6 +474,8 @@ class ReducedNewton:
         Jg, lam, s = self.Jg, self.lam, self.s
         m = Jg.shape[-2]
         r1 = -rd - _mtv(Jg, (lam * rp - rc) / s) if m else -rd
+        if self.gamma is not None:
+            r1 = r1 - _mtv(self.Jh, self.gamma * re)
         dz, dnu = self.kkt.solve(r1, -re, refine=0)
         ds = -rp - _mv(Jg, dz) if m else -rp
         dlam = (-rc - lam * ds) / s
@@ -883,7 +899,7 @@ def _residual_rows(workspace, name, B, m, p, like):
     return rows
 
 
-def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None):
+def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, augment=False):
     """The Newton solver for this iteration: structured when the problem is and its
     diagonal is safely positive on the instances not ``retired`` (B, 1) (those take no
     step: a failed partner must not change the others' solver), else the n-space
@@ -892,7 +908,7 @@ def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None):
         newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace, retired)
         if newton.usable:
             return newton
-    return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s)
+    return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s, augment)
 
 
 def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
@@ -1382,7 +1398,7 @@ def primal_dual(
 
         inactive = ~active
         retired = inactive.unsqueeze(-1)
-        newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired)
+        newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired, augment=not oracle.linear)
         refine = newton.refinement_rounds
         # the predictor's step, the corrector's, and the centered step a lost line search
         # takes: two buffers in turn (each step is dead when the next but one is taken),

@@ -751,3 +751,20 @@ def test_diverging_nlp_multipliers_are_not_called_infeasible():
     for i, s in enumerate(layer.info.status):
         if s == "optimal":
             assert abs(float(out[i]) - 1.0) <= 1e-6
+
+
+def test_equalities_fix_what_a_singular_hessian_leaves_free():
+    # min softplus(x_0 - x_1) (or exp) s.t. A x = b with A invertible: x = A^-1 b. The
+    # Hessian is singular along (1, 1), which the equalities fix; the reduction
+    # eliminated dz through the Hessian alone, regularized by 1e-13 there, and ended
+    # numerical_error. Gradients by gradcheck
+    x, A, b = dl.Variable(2, name="x"), dl.Parameter((2, 2), name="A"), dl.Parameter(2, name="b")
+    A_t = torch.tensor([[[1.0, 2.0], [1.0, 2.1]], [[1.0, 0.0], [0.0, 1.0]], [[2.0, -1.0], [0.5, 3.0]]],
+                       dtype=torch.float64, requires_grad=True)
+    b_t = torch.tensor([[1.0, 1.0], [0.5, 2.0], [-1.0, 0.3]], dtype=torch.float64, requires_grad=True)
+    for objective in (dl.softplus(x[0] - x[1]), dl.exp(x[0] - x[1])):
+        layer = dl.Problem(dl.Minimize(objective), [A @ x == b]).to_torch(tol=1e-12)
+        out = layer(A_t, b_t)
+        assert layer.info.status == ["optimal"] * 3
+        torch.testing.assert_close(out, torch.linalg.solve(A_t, b_t), atol=1e-10, rtol=0)
+        assert torch.autograd.gradcheck(lambda A_, b_: layer(A_, b_), (A_t, b_t))

@@ -303,7 +303,7 @@ class ReducedKKT:
     reported in ``failed``.
     """
 
-    def __init__(self, H, Jg, Jh, sigma, schur_diagonal=None):
+    def __init__(self, H, Jg, Jh, sigma, schur_diagonal=None, relative_shift=False):
         B, n = H.shape[0], H.shape[-1]
         self.Jg, self.Jh, self.schur_diagonal = Jg, Jh, schur_diagonal
         M = H + _mT(Jg) @ (sigma.unsqueeze(-1) * Jg) if Jg.shape[-2] else H.expand(B, n, n)
@@ -313,7 +313,19 @@ class ReducedKKT:
         # solution, and a delta that grew with it would spoil the step directions.
         diag_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0).expand(B)  # (B,)
         delta = _regularization(H.dtype) * diag_scale
-        L, info = torch.linalg.cholesky_ex(M + delta[:, None, None] * eye)
+        shift = delta[:, None, None] * eye
+        if relative_shift:
+            # an entry whose diagonal is positive shifted by the regularization times
+            # that diagonal where this is less than the flat shift: the flat shift
+            # outweighed a small curvature (1 / x^2 of a log far out: the direction
+            # shrank to 1e13 / x, and -log(a'x + 1) crept to an 'optimal' 5e7 instead
+            # of diverging). Never more than the flat shift: M's diagonal carries
+            # lam / s of active rows, ~1e15, and a shift grown with it spoiled the steps
+            # (a quartic with norm1 rows ended numerical_error)
+            d = M.diagonal(dim1=-2, dim2=-1)
+            shift = torch.diag_embed(torch.where(d > 0, torch.minimum(_regularization(H.dtype) * d, delta[:, None]),
+                                                 delta[:, None]))
+        L, info = torch.linalg.cholesky_ex(M + shift)
         bad = info > 0
         # Inertia correction (nonconvex NLP) and rank-deficient LPs: grow delta only for
         # the instances that need it; batched, a few rounds at most.
@@ -448,12 +460,14 @@ class ReducedNewton:
     refinement_rounds = 2
 
     def __init__(self, H, Jg, Jh, lam, s, augment=False):
-        """``augment``: add gamma Jh' Jh to H (and gamma Jh' times the equalities' row to
-        the first: the same solution), gamma per row at H's scale, as the backward's
+        """``augment`` (the NLP loop): add gamma Jh' Jh to H (and gamma Jh' times the
+        equalities' row to the first: the same solution), gamma per row at H's scale, as the backward's
         :func:`_saddle_solve` does. The reduction eliminates dz through H + Jg' Sigma
         Jg, singular where H is and no inequality covers the direction, though the
         equalities fix it: min softplus(x_0 - x_1) s.t. A x = b (A invertible) ended
-        numerical_error, its Schur complement built on the regularization's 1e13."""
+        numerical_error, its Schur complement built on the regularization's 1e13. And
+        shift the factored matrix relative to its own diagonal (``relative_shift`` of
+        :class:`ReducedKKT`)."""
         self.Jg, self.lam, self.s = Jg, lam, s
         self.gamma = None
         if augment and Jh.shape[-2]:
@@ -463,7 +477,7 @@ class ReducedNewton:
                                      0.0)
             H = torch.baddbmm(H, _mT(Jh), self.gamma.unsqueeze(-1) * Jh)
         self.Jh = Jh
-        self.kkt = ReducedKKT(H, Jg, Jh, lam / s)
+        self.kkt = ReducedKKT(H, Jg, Jh, lam / s, relative_shift=augment)
         self.failed = self.kkt.failed
 
     def step(self, rd, rc, rp, re, out=None):
@@ -1276,6 +1290,7 @@ def primal_dual(
     max_iter: int,
     skip: Optional[torch.Tensor] = None,
     stop_collapsed: bool = False,
+    data_scale: Optional[torch.Tensor] = None,
 ) -> InteriorPointResult:
     """Mehrotra predictor-corrector from the starting point (z, s > 0, lam > 0, nu).
 
@@ -1287,6 +1302,10 @@ def primal_dual(
     With ``oracle.select``, a large batch goes on with its unfinished instances alone once
     they are few: the rest of the iterations then costs what they need (a batch waits for
     its slowest instance, which can take several times the others' iterations).
+
+    ``data_scale`` (B,): the scale of the constraints' data in the caller's rows, for the
+    divergence limit, where ``scale_primal`` is that of rows the caller scaled (default:
+    ``scale_primal``).
 
     ``stop_collapsed``: end an instance that shows want of precision as
     ``numerical_error`` at once, for callers that solve such instances again in float64.
@@ -1312,7 +1331,7 @@ def primal_dual(
     rd_n = rp_n = mu = z.new_zeros(B)
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
     limit_dual = _DUAL_DIVERGENCE * scale_dual
-    limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal)
+    limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal if data_scale is None else data_scale)
     # (stop_collapsed: an NLP's slacks below this have left the dtype's normal range)
     bottom = torch.finfo(z.dtype).tiny
     workspace = {}  # scratch tensors reused by every iteration's Newton system
@@ -3099,7 +3118,11 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         finite, usable = finite | take, usable | take
     s0 = torch.nan_to_num((-g).clamp(min=1.0), nan=1.0)
     row_scale = _far_row_scale(derivatives, z0, s0, p) if m and scale_far_rows else None
+    data_scale = None
     if row_scale is not None:
+        # (z out to 1e12 times the rows' own size is no divergence: h = 1e14 ended
+        # 'unbounded' on the scaled rows' scale, with its solution at 3.3e13)
+        data_scale = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
         derivatives, residuals = _rows_scaled(derivatives, residuals, row_scale)
         if select is not None:
             select = _rows_scaled_select(select, row_scale)
@@ -3134,7 +3157,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     result = primal_dual(
         Oracle(derivatives, residuals, linear=False, select=select), z0, s0, lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
-        stop_collapsed=stop_collapsed,
+        stop_collapsed=stop_collapsed, data_scale=data_scale,
     )
     if sigma is not None:
         result = dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],

@@ -768,3 +768,28 @@ def test_equalities_fix_what_a_singular_hessian_leaves_free():
         assert layer.info.status == ["optimal"] * 3
         torch.testing.assert_close(out, torch.linalg.solve(A_t, b_t), atol=1e-10, rtol=0)
         assert torch.autograd.gradcheck(lambda A_, b_: layer(A_, b_), (A_t, b_t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_unbounded_log_of_an_affine_expression_is_not_reported_optimal(dtype):
+    # -log(a'x + 1) has no minimum; its Newton step is the dense one, whose flat
+    # regularization (1e-13) outweighed the curvature 1 / (a'x + 1)^2 from a'x ~ 3e6 on:
+    # the direction shrank to ~1e13 / x, the iterate crept, and the loop said 'optimal'
+    # near 5e7 (Clarabel through CVXPY fails on such problems too). The same for a
+    # scalar variable; beside them, -log(a'x + 1) + x'x / 2 is solved: its stationarity
+    # condition x = a / (a'x + 1) gives x = t a with t (t |a|^2 + 1) = 1
+    x, a = dl.Variable(2, name="x"), dl.Parameter(2, name="a")
+    a_t = torch.tensor([[1.0, 2.0], [1.0, 0.0]], dtype=dtype)
+    layer = dl.Problem(dl.Minimize(-dl.log(a @ x + 1))).to_torch(warn=False)
+    layer(a_t)
+    assert layer.info.status == ["unbounded", "unbounded"]
+    y = dl.Variable((), name="y")
+    alone = dl.Problem(dl.Minimize(-dl.log(y))).to_torch(warn=False)
+    alone()
+    assert alone.info.status == ["unbounded"]
+    bounded = dl.Problem(dl.Minimize(-dl.log(a @ x + 1) + 0.5 * dl.sum_squares(x))).to_torch()
+    out = bounded(a_t)
+    sq = (a_t * a_t).sum(-1, keepdim=True)
+    t = (-1 + torch.sqrt(1 + 4 * sq)) / (2 * sq)
+    assert bounded.info.status == ["optimal", "optimal"]
+    torch.testing.assert_close(out, t * a_t, atol=1e-8 if dtype == torch.float64 else 1e-4, rtol=0)

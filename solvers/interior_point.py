@@ -3197,11 +3197,8 @@ def _unscaled_for_failures(result, unscaled, z0, m, p, tol, max_iter, skip, stop
         take = redo & (part.status == OPTIMAL)
         return _per_instance(take, dataclasses.replace(part, iterations=part.iterations + result.iterations), result)
     mine = InteriorPointResult(*(getattr(result, name)[rows] for name in _LOOP_FIELDS))
-    take = part.status == OPTIMAL
     part = dataclasses.replace(part, iterations=part.iterations + mine.iterations)
-    merged = InteriorPointResult(*(torch.where(take.reshape(take.shape + (1,) * (getattr(part, name).dim() - 1)),
-                                               getattr(part, name), getattr(mine, name)) for name in _LOOP_FIELDS))
-    return _with_rows(result, rows, merged)
+    return _with_rows(result, rows, _per_instance(part.status == OPTIMAL, part, mine))
 
 
 def _far_row_scale(derivatives, z0, s0, p):

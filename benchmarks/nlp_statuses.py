@@ -103,7 +103,8 @@ def iteration_batches(dl, dtype):
         x, th = dl.Variable(n), dl.Parameter(n)
         softmax = dl.Problem(dl.Minimize(-th @ x - dl.sum(dl.entropy(x))), [dl.sum(x) == 1])
         for scale in (1, 3, 20):
-            yield f"softmax n={n} logits {scale} x randn", softmax, [scale * torch.randn(64, n, generator=g, dtype=dtype)]
+            theta = scale * torch.randn(64, n, generator=g, dtype=dtype)
+            yield f"softmax n={n} logits {scale} x randn", softmax, [theta]
         Gp, hp = dl.Parameter((5, n)), dl.Parameter(5)
         weighted = dl.Problem(dl.Minimize(-th @ x - dl.sum(dl.entropy(x))), [dl.sum(x) == 1, Gp @ x <= hp])
         for scale in (1, 10):

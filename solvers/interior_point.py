@@ -45,7 +45,8 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 _DIVERGENCE = 1e12  # z beyond this, relative to the data, signals unboundedness
 # an NLP instance that meets the tolerances with |z| grown by more than this factor (of
-# 1 + |z| before) in its last step is not taken as solved: see primal_dual
+# 1 + |z| before) over its last two steps is not taken as solved, where its last Newton
+# direction is not known (_held_back_runaways)
 _RUNAWAY = 1.25
 _DUAL_DIVERGENCE = 1e8  # duals beyond this (with violated constraints): infeasibility
 # an infeasibility certificate excludes z this far out (relative to the iterate): true
@@ -459,25 +460,21 @@ class ReducedNewton:
     #: rounds of refinement against the unreduced equations (see :func:`primal_dual`)
     refinement_rounds = 2
 
-    def __init__(self, H, Jg, Jh, lam, s, augment=False):
-        """``augment`` (the NLP loop): add gamma Jh' Jh to H (and gamma Jh' times the
-        equalities' row to the first: the same solution), gamma per row at H's scale, as the backward's
-        :func:`_saddle_solve` does. The reduction eliminates dz through H + Jg' Sigma
-        Jg, singular where H is and no inequality covers the direction, though the
-        equalities fix it: min softplus(x_0 - x_1) s.t. A x = b (A invertible) ended
-        numerical_error, its Schur complement built on the regularization's 1e13. And
-        shift the factored matrix relative to its own diagonal (``relative_shift`` of
-        :class:`ReducedKKT`)."""
-        self.Jg, self.lam, self.s = Jg, lam, s
+    def __init__(self, H, Jg, Jh, lam, s, nlp=False):
+        """``nlp`` (the NLP loop's steps): add gamma Jh' Jh to H (and gamma Jh' times
+        the equalities' row to the first: the same solution), as the backward's
+        :func:`_saddle_solve` does (:func:`_row_weights`). The reduction eliminates dz
+        through H + Jg' Sigma Jg, singular where H is and no inequality covers the
+        direction, though the equalities fix it: min softplus(x_0 - x_1) s.t. A x = b
+        (A invertible) ended numerical_error, its Schur complement built on the
+        regularization's 1e13. And shift the factored matrix relative to its own
+        diagonal (``relative_shift`` of :class:`ReducedKKT`)."""
+        self.Jg, self.Jh, self.lam, self.s = Jg, Jh, lam, s
         self.gamma = None
-        if augment and Jh.shape[-2]:
-            row_sq = Jh.square().sum(-1)
-            h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-            self.gamma = torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny),
-                                     0.0)
+        if nlp and Jh.shape[-2]:
+            self.gamma = _row_weights(H, Jh)
             H = torch.baddbmm(H, _mT(Jh), self.gamma.unsqueeze(-1) * Jh)
-        self.Jh = Jh
-        self.kkt = ReducedKKT(H, Jg, Jh, lam / s, relative_shift=augment)
+        self.kkt = ReducedKKT(H, Jg, Jh, lam / s, relative_shift=nlp)
         self.failed = self.kkt.failed
 
     def step(self, rd, rc, rp, re, out=None):
@@ -913,7 +910,7 @@ def _residual_rows(workspace, name, B, m, p, like):
     return rows
 
 
-def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, augment=False):
+def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, nlp=False):
     """The Newton solver for this iteration: structured when the problem is and its
     diagonal is safely positive on the instances not ``retired`` (B, 1) (those take no
     step: a failed partner must not change the others' solver), else the n-space
@@ -922,7 +919,7 @@ def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, augment=Fals
         newton = DiagonalNewton(H, Jg, Jh, lam, s, workspace, retired)
         if newton.usable:
             return newton
-    return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s, augment)
+    return ReducedNewton(_dense(H), _dense(Jg), Jh, lam, s, nlp)
 
 
 def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
@@ -1417,7 +1414,7 @@ def primal_dual(
 
         inactive = ~active
         retired = inactive.unsqueeze(-1)
-        newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired, augment=not oracle.linear)
+        newton = _newton_system(H, Jg, Jh, lam, s, workspace, retired, nlp=not oracle.linear)
         refine = newton.refinement_rounds
         # the predictor's step, the corrector's, and the centered step a lost line search
         # takes: two buffers in turn (each step is dead when the next but one is taken),
@@ -3414,6 +3411,15 @@ def problem_scales(Q, c, G, A):
     return r_G, G_s, r_A, A_s, _objective_scale(Q.expand(B, *Q.shape[1:]), c)
 
 
+def _row_weights(H, rows):
+    """gamma (B, k) for rows (B, k, n): gamma_i |row_i|^2 at H's scale (its largest
+    diagonal entry, at least 1), 0 for a zero row; gamma_i row_i' row_i added to H
+    fixes the directions H leaves free and the rows do not."""
+    row_sq = rows.square().sum(-1)
+    h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
+    return torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny), 0.0)
+
+
 def _saddle_solve(H, Jg, sigma, rows, diag, r1, r2):
     """Solve ``[[H + Jg' diag(sigma) Jg, rows'], [rows, -diag(diag)]] [u; y] = [r1; r2]``
     (diag >= 0) by the Cholesky/Schur kernel (:class:`ReducedKKT`), which eliminates u
@@ -3423,9 +3429,7 @@ def _saddle_solve(H, Jg, sigma, rows, diag, r1, r2):
     first block row: an exact transformation, with y scaled by 1 / (1 + gamma_i
     diag_i) and gamma_i |c_i|^2 at H's scale (zero rows are left alone). Returns
     (u, y, failed)."""
-    row_sq = rows.square().sum(-1)
-    h_scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1.0)
-    gamma = torch.where(row_sq > 0, h_scale[:, None] / row_sq.clamp(min=torch.finfo(row_sq.dtype).tiny), 0.0)
+    gamma = _row_weights(H, rows)
     stretch = 1.0 + gamma * diag  # y = stretch * y~
     weight = gamma / stretch
     H = torch.baddbmm(H, _mT(rows), weight.unsqueeze(-1) * rows)

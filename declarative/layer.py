@@ -117,14 +117,14 @@ def _other_starts(positive, batch, direct):
     elsewhere) lies outside a domain: those entries at the other _POSITIVE_STARTS
     (log(x) + log(1 - x) at x = 1); then, unless they are all of z, every entry at each
     of _POSITIVE_STARTS, for atoms that take an expression of the variables (log(2 x),
-    entropy(P.T), which the first starts leave at 0). Made as they are tried: most
-    calls try none."""
+    entropy(P.T), which the first starts leave at 0), and at each of their negatives
+    (entropy(-y) with y <= 0, log(-x)). Made as they are tried: most calls try none."""
     shape = (batch, positive.shape[0])
     if direct:
         for scale in _POSITIVE_STARTS[1:]:
             yield positive.expand(shape) * scale
     if direct < positive.shape[0]:
-        for scale in _POSITIVE_STARTS:
+        for scale in _POSITIVE_STARTS + tuple(-scale for scale in _POSITIVE_STARTS):
             yield positive.new_full(shape, scale)
 
 

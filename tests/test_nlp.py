@@ -793,3 +793,21 @@ def test_an_unbounded_log_of_an_affine_expression_is_not_reported_optimal(dtype)
     t = (-1 + torch.sqrt(1 + 4 * sq)) / (2 * sq)
     assert bounded.info.status == ["optimal", "optimal"]
     torch.testing.assert_close(out, t * a_t, atol=1e-8 if dtype == torch.float64 else 1e-4, rtol=0)
+
+
+def test_entropy_and_log_of_a_negated_variable_start_inside_their_domain():
+    # the starts tried only positive entries, where entropy(-y) and log(-y) are
+    # undefined: 'numerical_error' at iteration 0 for every instance. Closed forms:
+    # -y = softmax(theta); y = -1 / theta.
+    n = 5
+    y, theta = dl.Variable(n, name="y"), dl.Parameter(n, name="theta")
+    theta_t = torch.rand(8, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    for constraints in ([dl.sum(y) == -1, y <= 0], [dl.sum(y) == -1]):
+        layer = dl.Problem(dl.Maximize(-theta @ y + dl.sum(dl.entropy(-y))), constraints).to_torch(tol=1e-11)
+        out = layer(theta_t)
+        assert layer.info.status == ["optimal"] * 8
+        torch.testing.assert_close(-out, torch.softmax(theta_t, -1), atol=1e-10, rtol=0)
+    layer = dl.Problem(dl.Minimize(-theta @ y - dl.sum(dl.log(-y)))).to_torch(tol=1e-11)
+    out = layer(theta_t)
+    assert layer.info.status == ["optimal"] * 8
+    torch.testing.assert_close(out, -1 / theta_t, atol=1e-10, rtol=0)

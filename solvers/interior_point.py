@@ -1244,15 +1244,16 @@ def _predictor_corrector(direction, v, mu, fraction, complementarity=None):
     return step, _step_to_boundary(v, step[0], fraction), target
 
 
-# A simple bound's slack below _BEND_BELOW times the tolerance times 1 + |z|, where the
+# A simple bound's slack below _BEND_BELOW times the primal tolerance, where the
 # Hessian's entry over the slack, H_jj s, is at least _BEND_CURVATURE times the dual scale
 # (log-type terms: entropy's is its weight, log's and sqrt's grow as s shrinks; a smooth
-# term's vanishes with s, an LP's is 0), steps along a curve (:class:`_Bend`). Measured
-# on softmax of logits 10 x randn, n = 100, at tol 1e-11: largest error 8.9e-16, as
-# along the line; with the curve for slacks below 1e-4 of 1 + |z|, 1.7e-10. Without the
-# curvature test, at that 1e-4, the active bounds of `benchmarks/nlp_statuses.py`'s exp
-# family took up to 43 iterations instead of 10 (at 1e-2 of the tolerance its batches
-# take 11277 / 9701 iterations without it, 11248 / 9689 with it)
+# term's vanishes with s, an LP's is 0, and general rows show none), steps along a curve
+# (:class:`_Bend`). Softmax of logits 10 x randn, n = 100, at tol 1e-11: largest error
+# 6.7e-14 (5.6e-16 along the line); with the curve for the slacks below 1e-4 of 1 + |z|,
+# 1.7e-10. Without the curvature test, at that 1e-4, the active bounds of
+# `benchmarks/nlp_statuses.py`'s exp family took up to 43 iterations instead of 10 (at
+# 1e-2 of the tolerance its batches take 11026 / 9244 iterations without it, 11002 /
+# 9235 with it)
 _BEND_BELOW = 1e-2
 _BEND_CURVATURE = 1e-3
 
@@ -1266,53 +1267,69 @@ class _Bend:
     residual stuck at 0.38, for some 60 iterations. On these rows the slack moves along
     s exp(alpha ds / s) instead, z's entry with it (so that g + s changes as along the
     line): the same direction at alpha = 0, log s moving by alpha ds / s as the Newton
-    model of a log-type term has it, and never at the boundary. Only slacks already
-    within the tolerance of their bound take it: the curve leaves them with their
-    multipliers absorbing the stationarity residual, where the line went on to their
-    exact (tiny) value, and solutions lost digits when larger slacks bent (constants
-    above)."""
+    model of a log-type term has it. The step length is still the line's, within the
+    fraction to the boundary, so the curve lies above a positive s + alpha ds. Only
+    slacks already within the tolerance of their bound take it: the curve leaves them
+    with their multipliers absorbing the stationarity residual, where the line went on
+    to their exact (tiny) value, and solutions lost digits when larger slacks bent (the
+    constants above)."""
 
-    def __init__(self, Jg, rows):
-        self.Jg = Jg
+    def __init__(self, Jg, s, rows):
+        self.Jg, self.s = Jg, s
         self.rows = rows  # (B, m) bool
 
     @staticmethod
-    def of(Jg, H, s, z_n, tol_d, tol):
-        """The bent rows at slacks s (B, m), Hessian H, |z| z_n (B,), or None where none
-        bends (or the rows hold no simple bounds). One host synchronization where no
+    def rule(tol_p, tol_d, tol):
+        """What :meth:`of` compares with, for instances with these tolerances (B,)."""
+        below = (_BEND_BELOW * tol_p)[:, None]
+        return below, float(below.amax()) if below.numel() else 0.0, tol_d[:, None] * (_BEND_CURVATURE / tol)
+
+    @staticmethod
+    def of(Jg, H, s, rule):
+        """The bent rows at slacks s (B, m) and Hessian H, or None where none bends (or
+        the rows hold no simple bounds). Two ops and a host synchronization where no
         slack is that small, the usual case."""
-        if not isinstance(Jg, BoundedJacobian) or Jg.m == Jg.k:
-            return None
-        below = _BEND_BELOW * tol
-        if float(s.amin()) > below * (1.0 + float(z_n.amax())):
+        below, below_max, floor = rule
+        if not isinstance(Jg, BoundedJacobian) or Jg.m == Jg.k or float(s.amin()) > below_max:
             return None
         Hd = H.d if isinstance(H, DiagonalMatrix) else H.diagonal(dim1=-2, dim2=-1)
         Hb = Jg.bounded_entries(Hd)
         curvature = Hb if Jg.order == "b" else Jg.join_rows(Hb, s.new_zeros(s.shape[0], Jg.k), s)
-        rows = (s <= (1.0 + z_n[:, None]) * below) & (curvature * s >= tol_d[:, None] * (_BEND_CURVATURE / tol))
+        rows = (s <= below) & (curvature * s >= floor)
         if not bool(rows.any()):
             return None
-        return _Bend(Jg, rows)
+        return _Bend(Jg, s, rows)
 
-    def stepped(self, z_t, v, dv, v_t, a):
-        """(z_t, v_t), the point ``a`` (B, 1) along the line from (z, v = [s, lam]) in
-        direction (dz, dv), bent in place."""
-        m = self.Jg.m
-        s, ds, s_t = v[:, :m], dv[:, :m], v_t[:, :m]
-        # (a slack the exponential takes below the smallest normal number stays there)
-        curve = (s * torch.exp(a * ds / s)).clamp_(min=torch.finfo(s.dtype).tiny)
-        c = torch.where(self.rows & (ds < 0), curve - s_t, 0.0)
+    def along(self, dv):
+        """The curve for direction dv = [ds, dlam] (B, 2m)."""
+        ds = dv[:, :self.Jg.m]
+        return _Curve(self.Jg, self.s, self.rows & (ds < 0), ds / self.s)
+
+
+class _Curve(NamedTuple):
+    """A step's bent slacks: ``bends`` (B, m) bool, their rates ds / s."""
+    Jg: "BoundedJacobian"
+    s: torch.Tensor
+    bends: torch.Tensor
+    rate: torch.Tensor
+
+    def bend_(self, z_t, v_t, a):
+        """(z_t, v_t), the point ``a`` (B, 1) along the line, bent in place."""
+        s_t = v_t[:, :self.Jg.m]
+        # the curve lies above the line (exp is convex), which lies above 0: at least the
+        # line where the exponential underflows
+        c = torch.where(self.bends, (self.s * torch.exp(a * self.rate) - s_t).clamp_(min=0.0), 0.0)
         s_t.add_(c)
         self.Jg.move_bounded_entries_(z_t, self.Jg.row_parts(c)[0])
         return z_t, v_t
 
 
-def _stepped(z, v, nu, dz, dv, dnu, alpha, bend=None):
-    """The point alpha (B,) along the step from (z, v = [s, lam], nu) (bent by ``bend``)."""
+def _stepped(z, v, nu, dz, dv, dnu, alpha, curve=None):
+    """The point alpha (B,) along the step from (z, v = [s, lam], nu), bent by ``curve``."""
     a = alpha[:, None]
     z_t, v_t, nu_t = torch.addcmul(z, a, dz), torch.addcmul(v, a, dv), torch.addcmul(nu, a, dnu)
-    if bend is not None:
-        z_t, v_t = bend.stepped(z_t, v, dv, v_t, a)
+    if curve is not None:
+        z_t, v_t = curve.bend_(z_t, v_t, a)
     return z_t, v_t, nu_t
 
 
@@ -1413,6 +1430,7 @@ def primal_dual(
     mu_div = max(m, 1)
     rd_n = rp_n = mu = z.new_zeros(B)
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
+    bend_rule = None if oracle.linear or not m else _Bend.rule(tol_p, tol_d, tol)
     limit_dual = _DUAL_DIVERGENCE * scale_dual
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal if data_scale is None else data_scale)
     # (stop_collapsed: an NLP's slacks below this have left the dtype's normal range)
@@ -1489,6 +1507,7 @@ def primal_dual(
             s, lam = v.split_with_sizes([m, m], -1)
             status, active, iterations = status[keep], active[keep], iterations[keep]
             tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
+            bend_rule = None if bend_rule is None else _Bend.rule(tol_p, tol_d, tol)
             z_n_before, z_n_earlier, dz = z_n_before[keep], z_n_earlier[keep], None
             derivatives, residuals = oracle.select(rows)
             oracle = dataclasses.replace(oracle, derivatives=derivatives, residuals=residuals)
@@ -1526,18 +1545,19 @@ def primal_dual(
         # a solution, all residuals counted: on complementarity alone, mu could collapse
         # while stationarity was still far off, and the steps then stalled at the boundary
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
-        bend = None if oracle.linear else _Bend.of(Jg, H, s, z_n, tol_d, tol)
+        bend = None if bend_rule is None else _Bend.of(Jg, H, s, bend_rule)
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
         # a retired instance takes no step, but a zero step along a NaN direction (its
         # Newton system may be singular now) is NaN: its directions are zeroed
         dv, dz, dnu = dv.masked_fill_(retired, 0.0), dz.masked_fill_(retired, 0.0), dnu.masked_fill_(retired, 0.0)
-        trial = None
+        trial = curve = None
         if not oracle.linear:
             # retired instances stay where they are: the trial point is then exactly the
             # next iterate for every instance that steps
             alpha = alpha.masked_fill(inactive, 0.0)
+            curve = None if bend is None else bend.along(dv)
             alpha, trial, lost = _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target,
-                                              active & ~newton.failed, halvings=_CORRECTOR_HALVINGS, bend=bend)
+                                              active & ~newton.failed, halvings=_CORRECTOR_HALVINGS, curve=curve)
             if lost is not None:
                 # Mehrotra's second-order term can make the corrector an ascent direction
                 # of the merit far from the solution (softmax of logits spread over ~15
@@ -1553,10 +1573,12 @@ def primal_dual(
                 alpha_n = torch.minimum(_step_to_boundary(v, dv_n, fraction),
                                         _STEP_CAP * (1.0 + z_n) / _inf_norm(dz_n).clamp(min=torch.finfo(z.dtype).tiny))
                 alpha_n, _, _ = _line_search(oracle, z, v, nu, rd, here, there, dz_n, dv_n, dnu_n,
-                                             alpha_n.masked_fill(~lost, 0.0), target, lost, bend=bend)
+                                             alpha_n.masked_fill(~lost, 0.0), target, lost,
+                                             curve=None if bend is None else bend.along(dv_n))
                 alpha = torch.where(lost, alpha_n, alpha)
                 take = lost[:, None]
                 dz, dv, dnu = torch.where(take, dz_n, dz), torch.where(take, dv_n, dv), torch.where(take, dnu_n, dnu)
+                curve = None if bend is None else bend.along(dv)
 
         # a failed factorization, or rounding that leaves a direction hitting the boundary
         # at once: stop those instances rather than spin. A short step along a long
@@ -1575,7 +1597,7 @@ def primal_dual(
             # derivatives are the next iteration's
             (z, v, nu), evaluated = trial
         else:
-            z, v, nu = _stepped(z, v, nu, dz, dv, dnu, step, bend)
+            z, v, nu = _stepped(z, v, nu, dz, dv, dnu, step, curve)
         s, lam = v.split_with_sizes([m, m], -1)
         it += 1
 
@@ -1670,7 +1692,7 @@ def _squared_norm(x):
 _FILTER_DUAL_GROWTH = 100.0
 
 
-def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, active, halvings=40, bend=None):
+def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, active, halvings=40, curve=None):
     """Backtrack until the KKT residual decreases (Armijo) at a point where every
     function is finite (inside the domain of log, entropy, sqrt ...), per instance.
 
@@ -1684,7 +1706,8 @@ def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, 
     + |s lam - target|^2, the whole of a :class:`_ResidualRows`: ``here`` holds the
     iterate's (its primal rows filled), ``there`` receives each trial point's.
 
-    v = [s, lam] and dv = [ds, dlam] (B, 2m). Returns alpha; when every instance
+    v = [s, lam] and dv = [ds, dlam] (B, 2m); ``curve``: the step's bent slacks
+    (:class:`_Curve`), if any. Returns alpha; when every instance
     accepted the first trial (the usual case), ``((z, v, nu), derivatives)`` at that
     point, whose residuals ``there`` then holds (the first trial is evaluated with
     ``oracle.derivatives`` rather than the residuals alone, so that the next iteration
@@ -1698,7 +1721,7 @@ def _line_search(oracle, z, v, nu, rd, here, there, dz, dv, dnu, alpha, target, 
     phi0 = dual0 + theta0
     pending = active.clone()
     for trial in range(halvings + 1):
-        z_t, v_t, nu_t = _stepped(z, v, nu, dz, dv, dnu, alpha, bend)
+        z_t, v_t, nu_t = _stepped(z, v, nu, dz, dv, dnu, alpha, curve)
         s_t, lam_t = v_t.split_with_sizes([m, m], -1)
         if trial == 0:
             evaluated = oracle.derivatives(z_t, lam_t, nu_t)
@@ -3348,7 +3371,8 @@ def _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter, solved_
     ``solved_again``: the caller solves the instances :func:`wanting_precision` names
     again in float64 (whose solve tests them where it does not finish them): they are
     left to it. (A float32 LP on the 281 of 320 float32 softmax instances of logits
-    20 x randn that the float64 solve takes cost 40-50 % of the forward.)"""
+    20 x randn that the float64 solve took, before :class:`_Bend`, cost 40-50 % of the
+    forward.)"""
     codes = result.status.tolist()  # (one call where every instance is solved)
     if MAX_ITER not in codes and NUMERICAL_ERROR not in codes:
         return result

@@ -16,6 +16,16 @@ def softmax_layer(n, **options):
     return prob.to_torch(**options)
 
 
+def assert_solves_softmax(theta, atol, max_iterations, **options):
+    """A softmax layer solves every instance of ``theta`` (B, n) to ``atol`` of
+    torch.softmax, in at most ``max_iterations``."""
+    layer = softmax_layer(theta.shape[-1], **options)
+    z = layer(theta)
+    assert layer.info.status == ["optimal"] * theta.shape[0]
+    torch.testing.assert_close(z, torch.softmax(theta.double(), -1).to(theta.dtype), atol=atol, rtol=0)
+    assert int(layer.info.iterations.max()) <= max_iterations
+
+
 def sparsemax_layer(n, **options):
     z = dl.Variable(n, name="z")
     theta = dl.Parameter(n, name="theta")
@@ -140,11 +150,7 @@ def test_softmax_converges_superlinearly_at_the_end():
     # than the 100-fold per iteration that a fixed 0.99 fraction to the boundary allows
     # (13 iterations here with it)
     theta = 2 * torch.randn(32, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    layer = softmax_layer(10, tol=1e-11)
-    z = layer(theta)
-    assert layer.info.status == ["optimal"] * 32
-    torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-10, rtol=0)
-    assert int(layer.info.iterations.max()) <= 11
+    assert_solves_softmax(theta, 1e-10, 11, tol=1e-11)
 
 
 @pytest.mark.parametrize("decades", [16, 24])
@@ -827,16 +833,8 @@ def test_softmax_of_peaked_logits_takes_few_iterations():
     # 100 iterations in float64, and float32 took up to 97. Slacks within the tolerance of
     # their bound now step along a curve (27 and 22 at most)
     theta = 20 * torch.randn(64, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    layer = softmax_layer(100, tol=1e-11)
-    z = layer(theta)
-    assert layer.info.status == ["optimal"] * 64
-    torch.testing.assert_close(z, torch.softmax(theta, -1), atol=1e-12, rtol=0)
-    assert int(layer.info.iterations.max()) <= 40
-    layer32 = softmax_layer(100)
-    z32 = layer32(theta.float())
-    assert layer32.info.status == ["optimal"] * 64
-    torch.testing.assert_close(z32, torch.softmax(theta, -1).float(), atol=1e-5, rtol=0)
-    assert int(layer32.info.iterations.max()) <= 40
+    assert_solves_softmax(theta, 1e-12, 40, tol=1e-11)
+    assert_solves_softmax(theta.float(), 1e-5, 40)
 
 
 def test_a_bent_upper_bound_beside_a_free_variable():

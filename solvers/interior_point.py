@@ -599,19 +599,27 @@ class BoundedJacobian:
         """z[:, bound_cols] for z (B, n)."""
         return z if self.every_column else z[:, self.bound_cols]
 
-    def move_bounded_entries_(self, z, c):
-        """z[:, bound_cols] -= bound_signs * c, in place, for c (B, number of bounds): the
-        move of z that changes each bound row's g by -c."""
-        if isinstance(self.bound_signs, float):
-            c = c if self.bound_signs == -1.0 else c.mul(-self.bound_signs)
+    def move_slacks_(self, z, s, c):
+        """Add c (B, m), zero off the bound rows, to the slacks s (B, m) and move z's
+        bounded entries with them (each bound row's g by -c), in place; every other
+        bound row of a column moved keeps its g + s. (Rows of one column that c moves
+        agree: the moves of a column are averaged.)"""
+        c = self.row_parts(c)[0]
+        move = c if isinstance(self.bound_signs, float) and self.bound_signs == -1.0 else c * -self.bound_signs
+        if isinstance(self.bound_cols, slice):  # (one bound row per column)
+            (z if self.every_column else z[:, self.bound_cols]).add_(move)
+            shift = c
         else:
-            c = c * -self.bound_signs
-        if self.every_column:
-            z.add_(c)
-        elif isinstance(self.bound_cols, slice):
-            z[:, self.bound_cols].add_(c)
+            cols, n = self.bound_cols, z.shape[-1]
+            moved = z.new_zeros(z.shape[0], n).index_add_(1, cols, (c != 0).to(z.dtype))
+            move = z.new_zeros(z.shape[0], n).index_add_(1, cols, move).div_(moved.clamp_(min=1.0))
+            z.add_(move)
+            # every bound row of a moved column: s by -sign times its column's move
+            shift = move[:, cols] * (-self.bound_signs)
+        if isinstance(self.bound_rows, slice):
+            s[:, self.bound_rows].add_(shift)
         else:
-            z.index_add_(1, self.bound_cols, c)
+            s.index_add_(1, self.bound_rows, shift)
 
     def join_rows(self, bounds, general, like):
         """The (B, m) tensor with ``bounds`` on the bound rows and ``general`` on the
@@ -1244,18 +1252,9 @@ def _predictor_corrector(direction, v, mu, fraction, complementarity=None):
     return step, _step_to_boundary(v, step[0], fraction), target
 
 
-# A simple bound's slack below _BEND_BELOW times the primal tolerance, where the
-# Hessian's entry over the slack, H_jj s, is at least _BEND_CURVATURE times the dual scale
-# (log-type terms: entropy's is its weight, log's and sqrt's grow as s shrinks; a smooth
-# term's vanishes with s, an LP's is 0, and general rows show none), steps along a curve
-# (:class:`_Bend`). Softmax of logits 10 x randn, n = 100, at tol 1e-11: largest error
-# 6.7e-14 (5.6e-16 along the line); with the curve for the slacks below 1e-4 of 1 + |z|,
-# 1.7e-10. Without the curvature test, at that 1e-4, the active bounds of
-# `benchmarks/nlp_statuses.py`'s exp family took up to 43 iterations instead of 10 (at
-# 1e-2 of the tolerance its batches take 11026 / 9244 iterations without it, 11002 /
-# 9235 with it)
+# The slacks of bounds at 0 below _BEND_BELOW times the tolerance over the number of
+# simple bounds step along a curve where a step decreases them (:class:`_Bend`)
 _BEND_BELOW = 1e-2
-_BEND_CURVATURE = 1e-3
 
 
 class _Bend:
@@ -1265,39 +1264,43 @@ class _Bend:
     in its stationarity row made each step of z toward 0.01 z an overshoot the line
     search halved: z then halved per iteration, its bound's multiplier at ~40 and the
     residual stuck at 0.38, for some 60 iterations. On these rows the slack moves along
-    s exp(alpha ds / s) instead, z's entry with it (so that g + s changes as along the
-    line): the same direction at alpha = 0, log s moving by alpha ds / s as the Newton
-    model of a log-type term has it. The step length is still the line's, within the
-    fraction to the boundary, so the curve lies above a positive s + alpha ds. Only
-    slacks already within the tolerance of their bound take it: the curve leaves them
-    with their multipliers absorbing the stationarity residual, where the line went on
-    to their exact (tiny) value, and solutions lost digits when larger slacks bent (the
-    constants above)."""
+    s exp(alpha ds / s) instead, and z's entry with it (so that g + s changes as along
+    the line for every bound row of that column): the same direction at alpha = 0, log s
+    moving by alpha ds / s as the Newton model of a log-type term has it. The step length
+    is still the line's, within the fraction to the boundary, so the curve lies above a
+    positive s + alpha ds.
+
+    Which rows (measured in RESULTS.md's section of this change):
+    - bounds at 0 (z >= 0, z <= 0), where a log's singularity is: x >= 1e-16 under an
+      entropy is an active bound, whose slack the line takes to 0, and the curve, a
+      factor e per step, ran every instance out of iterations;
+    - slacks already within the tolerance of their bound, where the curve leaves them
+      with their multipliers absorbing the stationarity residual (the line went on to
+      their exact, tiny value): with larger slacks bent, solutions lost digits;
+    - together at most _BEND_BELOW times the tolerance per instance: each moves its entry
+      of z by at most its size, and a row through all of them, as sum(z) == 1, adds the
+      moves up (a threshold that grew with n left softmax at n = 1000 4e-7 off in sum).
+    """
 
     def __init__(self, Jg, s, rows):
         self.Jg, self.s = Jg, s
         self.rows = rows  # (B, m) bool
 
     @staticmethod
-    def rule(tol_p, tol_d, tol):
-        """What :meth:`of` compares with, for instances with these tolerances (B,)."""
-        below = (_BEND_BELOW * tol_p)[:, None]
-        return below, float(below.amax()) if below.numel() else 0.0, tol_d[:, None] * (_BEND_CURVATURE / tol)
-
-    @staticmethod
-    def of(Jg, H, s, rule):
-        """The bent rows at slacks s (B, m) and Hessian H, or None where none bends (or
-        the rows hold no simple bounds). Two ops and a host synchronization where no
-        slack is that small, the usual case."""
-        below, below_max, floor = rule
-        if not isinstance(Jg, BoundedJacobian) or Jg.m == Jg.k or float(s.amin()) > below_max:
+    def of(Jg, z, g, s, tol):
+        """The bent rows at z, constraints g (B, m) and slacks s (B, m), or None where
+        none bends (or the rows hold no simple bounds). Two ops and a host
+        synchronization where no slack is that small, the usual case."""
+        if not isinstance(Jg, BoundedJacobian) or Jg.m == Jg.k:
             return None
-        Hd = H.d if isinstance(H, DiagonalMatrix) else H.diagonal(dim1=-2, dim2=-1)
-        Hb = Jg.bounded_entries(Hd)
-        curvature = Hb if Jg.order == "b" else Jg.join_rows(Hb, s.new_zeros(s.shape[0], Jg.k), s)
-        rows = (s <= below) & (curvature * s >= floor)
-        if not bool(rows.any()):
+        below = _BEND_BELOW * tol / (Jg.m - Jg.k)
+        if float(s.amin()) > below:
             return None
+        at_zero = Jg.row_parts(g)[0] == Jg.bound_signs * Jg.bounded_entries(z)
+        bends = (Jg.row_parts(s)[0] <= below) & at_zero
+        if not bool(bends.any()):
+            return None
+        rows = bends if Jg.order == "b" else Jg.join_rows(bends, bends.new_zeros(bends.shape[0], Jg.k), bends)
         return _Bend(Jg, s, rows)
 
     def along(self, dv):
@@ -1319,8 +1322,7 @@ class _Curve(NamedTuple):
         # the curve lies above the line (exp is convex), which lies above 0: at least the
         # line where the exponential underflows
         c = torch.where(self.bends, (self.s * torch.exp(a * self.rate) - s_t).clamp_(min=0.0), 0.0)
-        s_t.add_(c)
-        self.Jg.move_bounded_entries_(z_t, self.Jg.row_parts(c)[0])
+        self.Jg.move_slacks_(z_t, s_t, c)
         return z_t, v_t
 
 
@@ -1430,7 +1432,6 @@ def primal_dual(
     mu_div = max(m, 1)
     rd_n = rp_n = mu = z.new_zeros(B)
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
-    bend_rule = None if oracle.linear or not m else _Bend.rule(tol_p, tol_d, tol)
     limit_dual = _DUAL_DIVERGENCE * scale_dual
     limit_z = _DIVERGENCE * torch.maximum(scale_dual, scale_primal if data_scale is None else data_scale)
     # (stop_collapsed: an NLP's slacks below this have left the dtype's normal range)
@@ -1507,7 +1508,6 @@ def primal_dual(
             s, lam = v.split_with_sizes([m, m], -1)
             status, active, iterations = status[keep], active[keep], iterations[keep]
             tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
-            bend_rule = None if bend_rule is None else _Bend.rule(tol_p, tol_d, tol)
             z_n_before, z_n_earlier, dz = z_n_before[keep], z_n_earlier[keep], None
             derivatives, residuals = oracle.select(rows)
             oracle = dataclasses.replace(oracle, derivatives=derivatives, residuals=residuals)
@@ -1545,7 +1545,7 @@ def primal_dual(
         # a solution, all residuals counted: on complementarity alone, mu could collapse
         # while stationarity was still far off, and the steps then stalled at the boundary
         fraction = _boundary_fraction(torch.maximum(mu, torch.maximum(rd_n, rp_n)))
-        bend = None if bend_rule is None else _Bend.of(Jg, H, s, bend_rule)
+        bend = None if oracle.linear or not m else _Bend.of(Jg, z, g, s, tol)
         (dv, dz, dnu), alpha, target = _predictor_corrector(direction, v, mu, fraction)
         # a retired instance takes no step, but a zero step along a NaN direction (its
         # Newton system may be singular now) is NaN: its directions are zeroed

@@ -80,7 +80,7 @@ def test_softmax_of_widely_spread_logits_in_float32():
 def test_float32_softmax_beyond_float32s_range_is_solved_again_in_float64(monkeypatch):
     # Logits 20 x randn need entries of z* near 1e-52, below float32's range; float32
     # finishes them at its default tolerance. At one near float32's precision (1e-7)
-    # some instances stop short (here two: the iteration limit, and a NaN) and are solved
+    # some instances stop short (here one, whose iterate turned NaN) and are solved
     # again in float64, their backward there too (rounded to float32, an entry of 1e-52
     # is 0, outside the entropy's domain). Half the batch is ordinary (logits 1 x randn);
     # a shared shift w sums its gradient over both kinds. Reference: softmax in float64
@@ -831,7 +831,7 @@ def test_softmax_of_peaked_logits_takes_few_iterations():
     # entries of z* down to 1e-40. Along the line, once the log in their stationarity
     # rows overshot, their slacks halved per iteration: one instance here ran out of its
     # 100 iterations in float64, and float32 took up to 97. Slacks within the tolerance of
-    # their bound now step along a curve (27 and 22 at most)
+    # their bound now step along a curve (29 and 23 at most)
     theta = 20 * torch.randn(64, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert_solves_softmax(theta, 1e-12, 40, tol=1e-11)
     assert_solves_softmax(theta.float(), 1e-5, 40)
@@ -839,7 +839,7 @@ def test_softmax_of_peaked_logits_takes_few_iterations():
 
 def test_a_bent_upper_bound_beside_a_free_variable():
     # y <= 0 under entropy(-y): upper bounds (slack -y) on some of the columns only, the
-    # curve moving y up (68 iterations at most along the line, 27 with the curve)
+    # curve moving y up (68 iterations at most along the line, 28 with the curve)
     n = 50
     y, w = dl.Variable(n, name="y"), dl.Variable(3, name="w")
     theta, c = dl.Parameter(n, name="theta"), dl.Parameter(3, name="c")
@@ -854,3 +854,54 @@ def test_a_bent_upper_bound_beside_a_free_variable():
     torch.testing.assert_close(-y_t, torch.softmax(theta_t, -1), atol=1e-12, rtol=0)
     torch.testing.assert_close(w_t, c_t, atol=1e-10, rtol=0)
     assert int(layer.info.iterations.max()) <= 40
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_bent_slacks_leave_the_equality_exact_at_large_n(dtype, atol):
+    # each bent slack moves its entry of z off the line, and sum(z) == 1 adds the moves
+    # up: with the slacks below 1e-2 of the primal tolerance bending (a tolerance that
+    # grows with n here), softmax at n = 1000 came back 4e-7 off in sum (1.6e-3 in
+    # float32), `optimal`. The bent slacks of an instance now sum to at most 1e-2 of
+    # the tolerance.
+    n = 1000
+    theta = 5 * torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    layer = softmax_layer(n)
+    z = layer(theta.to(dtype))
+    assert layer.info.status == ["optimal"] * 4
+    torch.testing.assert_close(z.sum(-1), torch.ones(4, dtype=dtype), atol=atol, rtol=0)
+    torch.testing.assert_close(z, torch.softmax(theta, -1).to(dtype), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("extra", ["x[3] >= 0", "x >= 0 again", "x >= -1"])
+def test_a_column_under_two_bounds_bends_with_both(extra):
+    # entropy's domain bound x >= 0 beside a bound of the user's on the same column: a
+    # bent slack moved z's entry, and the other row's slack stayed on the line, so the
+    # two disagreed and the instances ran out of iterations (x >= 0 written twice: all
+    # 16). Every bound row of a moved column now moves with it.
+    n = 30
+    x, theta = dl.Variable(n, name="x"), dl.Parameter(n, name="theta")
+    rows = {"x[3] >= 0": x[3] >= 0, "x >= 0 again": x >= 0, "x >= -1": x >= -1}[extra]
+    layer = dl.Problem(dl.Maximize(theta @ x + dl.sum(dl.entropy(x))), [dl.sum(x) == 1, x >= 0, rows]).to_torch(
+        tol=1e-10)
+    theta_t = 20 * torch.randn(16, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = layer(theta_t)
+    assert layer.info.status == ["optimal"] * 16
+    torch.testing.assert_close(out, torch.softmax(theta_t, -1), atol=1e-10, rtol=0)
+    assert int(layer.info.iterations.max()) <= 40
+
+
+def test_an_active_floor_near_zero_is_not_bent():
+    # x >= 1e-16 under an entropy binds where softmax(theta) is smaller: an active
+    # bound, whose slack the line takes to 0. Bent for its log-like curvature, it
+    # shrank by a factor e per step and every instance ran out of iterations; only
+    # bounds at 0 (the log's singularity) bend now. Closed form: max(softmax(theta),
+    # 1e-16) up to a renormalization below 1e-14 (CVXPY's exponential cones are good
+    # to ~1e-6 here).
+    n = 30
+    x, theta = dl.Variable(n, name="x"), dl.Parameter(n, name="theta")
+    layer = dl.Problem(dl.Maximize(theta @ x + dl.sum(dl.entropy(x))), [dl.sum(x) == 1, x >= 1e-16]).to_torch()
+    theta_t = 20 * torch.randn(16, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = layer(theta_t)
+    assert layer.info.status == ["optimal"] * 16
+    assert int(layer.info.iterations.max()) <= 40
+    torch.testing.assert_close(out, torch.softmax(theta_t, -1).clamp(min=1e-16), atol=1e-13, rtol=0)

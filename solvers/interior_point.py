@@ -613,8 +613,14 @@ class BoundedJacobian:
             cols, n = self.bound_cols, z.shape[-1]
             moved = z.new_zeros(z.shape[0], n).index_add_(1, cols, (c != 0).to(z.dtype))
             move = z.new_zeros(z.shape[0], n).index_add_(1, cols, move).div_(moved.clamp_(min=1.0))
+            # every bound row of a moved column: s by -sign times its column's move. The
+            # other side of a box loses it (0 <= x <= 1e-20 took slacks below 0, NaN,
+            # where rows and slacks disagreed): a column moves at most so far that every
+            # slack keeps half its value on the line
+            shift = move[:, cols] * (-self.bound_signs)
+            room = torch.where(shift < 0, 0.5 * self.row_parts(s)[0] / -shift, math.inf)
+            move.mul_(torch.ones_like(move).scatter_reduce_(1, cols.expand(z.shape[0], -1), room, "amin"))
             z.add_(move)
-            # every bound row of a moved column: s by -sign times its column's move
             shift = move[:, cols] * (-self.bound_signs)
         if isinstance(self.bound_rows, slice):
             s[:, self.bound_rows].add_(shift)

@@ -905,3 +905,27 @@ def test_an_active_floor_near_zero_is_not_bent():
     assert layer.info.status == ["optimal"] * 16
     assert int(layer.info.iterations.max()) <= 40
     torch.testing.assert_close(out, torch.softmax(theta_t, -1).clamp(min=1e-16), atol=1e-13, rtol=0)
+
+
+def test_the_other_side_of_a_narrow_box_keeps_its_slack():
+    # 0 <= x <= 1e-14 on three entries whose softmax is larger: the upper rows bind.
+    # Moving a column with its bent lower slack took the same amount off the upper
+    # slack, which went negative where the rows and slacks disagreed: 5 of 16 instances
+    # ended numerical_error, NaN. A column now moves at most so far that every slack
+    # keeps half its value on the line. Closed form: min(u, exp(theta - tau)), tau the
+    # root of its sum - 1 (bisection).
+    n, B = 12, 16
+    x, theta, u = dl.Variable(n, name="x"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="u")
+    layer = dl.Problem(dl.Maximize(theta @ x + dl.sum(dl.entropy(x))), [dl.sum(x) == 1, x >= 0, x <= u]).to_torch(
+        tol=1e-10)
+    theta_t = 20 * torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    u_t = torch.ones(B, n, dtype=torch.float64)
+    u_t[:, :3] = 1e-14
+    out = layer(theta_t, u_t)
+    assert layer.info.status == ["optimal"] * B
+    lo, hi = theta_t.amax(-1, keepdim=True) - 50, theta_t.amax(-1, keepdim=True) + 50
+    for _ in range(200):
+        tau = (lo + hi) / 2
+        over = torch.minimum(u_t, torch.exp(theta_t - tau)).sum(-1, keepdim=True) > 1
+        lo, hi = torch.where(over, tau, lo), torch.where(over, hi, tau)
+    torch.testing.assert_close(out, torch.minimum(u_t, torch.exp(theta_t - lo)), atol=1e-12, rtol=0)

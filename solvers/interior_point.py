@@ -605,14 +605,15 @@ class BoundedJacobian:
         bound row of a column moved keeps its g + s. (Rows of one column that c moves
         agree: the moves of a column are averaged.)"""
         c = self.row_parts(c)[0]
-        move = c if isinstance(self.bound_signs, float) and self.bound_signs == -1.0 else c * -self.bound_signs
+        # each bent row's move of its entry of z
+        entry_move = c if isinstance(self.bound_signs, float) and self.bound_signs == -1.0 else c * -self.bound_signs
         if isinstance(self.bound_cols, slice):  # (one bound row per column)
-            (z if self.every_column else z[:, self.bound_cols]).add_(move)
+            (z if self.every_column else z[:, self.bound_cols]).add_(entry_move)
             shift = c
         else:
             cols, n = self.bound_cols, z.shape[-1]
             moved = z.new_zeros(z.shape[0], n).index_add_(1, cols, (c != 0).to(z.dtype))
-            move = z.new_zeros(z.shape[0], n).index_add_(1, cols, move).div_(moved.clamp_(min=1.0))
+            move = z.new_zeros(z.shape[0], n).index_add_(1, cols, entry_move).div_(moved.clamp_(min=1.0))
             # every bound row of a moved column: s by -sign times its column's move. The
             # other side of a box loses it (0 <= x <= 1e-20 took slacks below 0, NaN,
             # where rows and slacks disagreed): a column moves at most so far that every
@@ -1477,12 +1478,12 @@ def primal_dual(
         # (all three >= 0, so finite means below inf; isfinite is four ops)
         finite = (rd_n + rp_n + mu) < math.inf
         converged = (torch.maximum(rd_n, mu) <= tol_d) & (rp_n <= tol_p)  # (maximum keeps a NaN)
-        z_n = _inf_norm(z)
         dual_size = lam.amax(-1) if m else z.new_zeros(B)  # (lam > 0: no abs, no join with nu)
         if p:
             dual_size = torch.maximum(dual_size, _inf_norm(nu))
         # duals far beyond the data while the constraints stay violated: no feasible point
         diverged = (dual_size > limit_dual) & (rp_n > tol_p)
+        z_n = _inf_norm(z)
         unbounded = z_n > limit_z
         # (an NLP's diverging duals are no certificate: min |x - 1| s.t. exp(c - 100 x)
         # <= 100, feasible for every c, started far outside the row at c = 60 and 120 and

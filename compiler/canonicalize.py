@@ -102,8 +102,9 @@ class StackedProblem:
     #: for each user constraint: ('ineq'|'eq', row offset, shape)
     constraint_rows: Tuple[Tuple[str, int, Tuple[int, ...]], ...]
     #: entries of z that a domain-restricted atom (log, entropy, sqrt, ...) takes as its
-    #: argument directly: the solver starts them at 1 rather than 0
-    positive_start: Tuple[Tuple[int, int], ...]
+    #: argument directly or negated, as (offset, size, sign): the solver starts them at
+    #: sign (1 or -1) rather than 0
+    domain_start: Tuple[Tuple[int, int, float], ...]
 
 
 # ------------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def stack(sf: StandardForm) -> StackedProblem:
         m=m,
         p=p,
         constraint_rows=tuple(rows),
-        positive_start=_positive_start(sf, offsets),
+        domain_start=_domain_start(sf, offsets),
     )
 
 
@@ -444,29 +445,35 @@ def _broadcast_to(node: Node, shape) -> Node:
     return ir.add(node, ir.zeros(tuple(shape)))
 
 
-def _positive_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int], ...]:
-    """The entries of z that a domain-restricted atom takes as its argument itself (a
-    variable or a slice of one, not an expression of it): at 1, log(x) starts inside its
-    domain, while log(1 - x) would start on its edge and log(h - G x) anywhere (at 0,
-    both are inside when 1 and h are positive)."""
+def _domain_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int, float], ...]:
+    """The entries of z that a domain-restricted atom takes as its argument itself or
+    times a constant (a variable or a slice of one, not an expression of it), each with
+    the sign of that constant: at 1 (-1 under ``entropy(-y)``, ``log(-x)``), the atom
+    starts inside its domain, while log(1 - x) would start on its edge and log(h - G x)
+    anywhere (at 0, both are inside when 1 and h are positive). Where atoms take the
+    same entries with both signs (no point is inside both), the first found keeps them."""
     from .atoms import domain_arguments
 
     roots = [sf.objective] + [b.expr for b in sf.inequalities + sf.equalities]
     by_name = {v.node.attrs[0]: (off, v.node.shape[0]) for v, off in zip(sf.variables, offsets)}
-    ranges = set()
+    signs = {}
     for node in ir.topological(roots):
         if node.op != "elementwise":
             continue
         fn = node.attrs
-        direct = {a for a in domain_arguments(fn.expr, nonzero=True) if a.is_Symbol}
+        direct = {}  # symbol -> the sign of its constant factor in a domain argument
+        for a in domain_arguments(fn.expr, nonzero=True):
+            factor, rest = a.as_coeff_Mul()
+            if rest.is_Symbol and factor.is_nonzero:
+                direct.setdefault(rest, 1.0 if factor.is_positive else -1.0)
         for sym, arg in zip(fn.variables, node.args):
             if sym not in direct:
                 continue
             while arg.op in ("index", "reshape"):
                 arg = arg.args[0]
             if arg.op == "input" and arg.attrs[0] in by_name:
-                ranges.add(by_name[arg.attrs[0]])
-    return tuple(sorted(ranges))
+                signs.setdefault(by_name[arg.attrs[0]], direct[sym])
+    return tuple((off, size, sign) for (off, size), sign in sorted(signs.items()))
 
 
 def canonicalize(spec: ProblemSpec) -> StackedProblem:

@@ -107,25 +107,26 @@ class SolveInfo:
 #: how many signatures (shapes, dtypes, devices) of its parameters a layer remembers checked
 _CHECKED_SIGNATURES = 32
 
-#: the values the entries under a domain-restricted atom try, in order, as the NLP start
-_POSITIVE_STARTS = (1.0, 0.5, 0.1, 2.0, 10.0)
+#: the sizes the entries under a domain-restricted atom try, in order, as the NLP start
+_START_SIZES = (1.0, 0.5, 0.1, 2.0, 10.0)
 
 
-def _other_starts(positive, batch, direct):
-    """The NLP starts an instance tries, in order, where the first (``positive``: 1 on
-    the ``direct`` entries a domain-restricted atom takes as its argument itself, 0
-    elsewhere) lies outside a domain: those entries at the other _POSITIVE_STARTS
-    (log(x) + log(1 - x) at x = 1); then, unless they are all of z, every entry at each
-    of _POSITIVE_STARTS, for atoms that take an expression of the variables (log(2 x),
-    entropy(P.T), which the first starts leave at 0), and at each of their negatives
-    (entropy(-y) with y <= 0, log(-x)). Made as they are tried: most calls try none."""
-    shape = (batch, positive.shape[0])
+def _other_starts(signs, batch, direct):
+    """The NLP starts an instance tries, in order, where the first (``signs``: 1 on the
+    ``direct`` entries a domain-restricted atom takes as its argument times a positive
+    constant, -1 where the constant is negative, 0 elsewhere) lies outside a domain:
+    those entries at the other _START_SIZES with their signs (log(x) + log(1 - x) at
+    x = 1); then, unless they are all of z, every entry at each of _START_SIZES, for
+    atoms that take an expression of the variables (log(1 + x), entropy(P.T), which the
+    first starts leave at 0), and at each of their negatives (entropy(1 - y) with y
+    >= 1). Made as they are tried: most calls try none."""
+    shape = (batch, signs.shape[0])
     if direct:
-        for scale in _POSITIVE_STARTS[1:]:
-            yield positive.expand(shape) * scale
-    if direct < positive.shape[0]:
-        for scale in _POSITIVE_STARTS + tuple(-scale for scale in _POSITIVE_STARTS):
-            yield positive.new_full(shape, scale)
+        for size in _START_SIZES[1:]:
+            yield signs.expand(shape) * size
+    if direct < signs.shape[0]:
+        for size in _START_SIZES + tuple(-size for size in _START_SIZES):
+            yield signs.new_full(shape, size)
 
 
 class OptimizationLayer(torch.nn.Module):
@@ -487,16 +488,17 @@ class OptimizationLayer(torch.nn.Module):
 
             derivatives, residuals = nlp_oracle(params, batch)
 
-            # the entries a log, entropy, sqrt ... takes as its argument start at 1, the
-            # others at 0 (_other_starts: where that is outside a domain)
-            positive = torch.zeros(n, dtype=dtype, device=device)
-            for off, size in stacked.positive_start:
-                positive[off:off + size] = 1.0
-            z0 = positive.expand(batch, n) * _POSITIVE_STARTS[0]
+            # the entries a log, entropy, sqrt ... takes as its argument start at 1 (-1
+            # where it takes them negated), the others at 0 (_other_starts: where that is
+            # outside a domain)
+            signs = torch.zeros(n, dtype=dtype, device=device)
+            for off, size, sign in stacked.domain_start:
+                signs[off:off + size] = sign
+            z0 = signs.expand(batch, n) * _START_SIZES[0]
             retry = ipm.retries_in_float64(z0)
-            direct = sum(size for _, size in stacked.positive_start)
+            direct = sum(size for _, size, _ in stacked.domain_start)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
-                                   other_starts=_other_starts(positive, batch, direct), select=select,
+                                   other_starts=_other_starts(signs, batch, direct), select=select,
                                    stop_collapsed=retry, affine_constraints=self.compiled.kkt.affine_constraints)
             qp = None
             if retry:

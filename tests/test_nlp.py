@@ -827,6 +827,29 @@ def test_entropy_and_log_of_a_negated_variable_start_inside_their_domain():
     torch.testing.assert_close(out, -1 / theta_t, atol=1e-10, rtol=0)
 
 
+def test_variables_under_atoms_of_both_signs_start_inside_every_domain():
+    # entropy(x) beside entropy(-y): the starts tried every entry positive, then every
+    # entry negative, and no such point is inside both domains: 'numerical_error' at
+    # iteration 0. Each variable now starts at the sign its atom takes it with. Closed
+    # forms: x = softmax(a), -y = softmax(b), and u = 1 / c (c < 0), where the
+    # derivative 1 / u - c of log(-3 u) - c u vanishes.
+    n = 5
+    x, y, u = dl.Variable(n, name="x"), dl.Variable(n, name="y"), dl.Variable(n, name="u")
+    a, b, c = dl.Parameter(n, name="a"), dl.Parameter(n, name="b"), dl.Parameter(n, name="c")
+    prob = dl.Problem(dl.Maximize(a @ x - b @ y + dl.sum(dl.entropy(x)) + dl.sum(dl.entropy(-y))
+                                  - c @ u + dl.sum(dl.log(-3 * u))),
+                      [dl.sum(x) == 1, dl.sum(y) == -1])
+    layer = prob.to_torch(tol=1e-11)
+    g = torch.Generator().manual_seed(0)
+    a_t, b_t = torch.randn(8, n, dtype=torch.float64, generator=g), torch.randn(8, n, dtype=torch.float64, generator=g)
+    c_t = -(torch.rand(8, n, dtype=torch.float64, generator=g) + 0.5)
+    x_t, y_t, u_t = layer(a_t, b_t, c_t)
+    assert layer.info.status == ["optimal"] * 8
+    torch.testing.assert_close(x_t, torch.softmax(a_t, -1), atol=1e-10, rtol=0)
+    torch.testing.assert_close(-y_t, torch.softmax(b_t, -1), atol=1e-10, rtol=0)
+    torch.testing.assert_close(u_t, 1 / c_t, atol=1e-10, rtol=0)
+
+
 def test_softmax_of_peaked_logits_takes_few_iterations():
     # entries of z* down to 1e-40. Along the line, once the log in their stationarity
     # rows overshot, their slacks halved per iteration: one instance here ran out of its

@@ -107,15 +107,17 @@ def domain_arguments(expr: sympy.Expr, nonzero: bool = False):
 
 
 def domain_of(expr: sympy.Expr) -> Optional[str]:
-    """'positive' if the scalar expression needs a positive argument somewhere."""
+    """'positive' if the scalar expression needs a positive argument somewhere, else
+    'nonzero' if it needs a nonzero one (a negative power), else None. (Not the first
+    kind met: x**-2 - log(2 x) was 'nonzero', and its derivative then went unguarded
+    outside the log's domain.)"""
+    kinds = set()
     for sub in sympy.preorder_traversal(expr):
-        if isinstance(sub, sympy.log):
-            return "positive"
-        if isinstance(sub, sympy.Pow) and not sub.exp.is_integer:
+        if isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer):
             return "positive"
         if isinstance(sub, sympy.Pow) and sub.exp.is_negative:
-            return "nonzero"
-    return None
+            kinds.add("nonzero")
+    return "nonzero" if kinds else None
 
 
 def domain_symbols(expr: sympy.Expr) -> set:

@@ -446,34 +446,71 @@ def _broadcast_to(node: Node, shape) -> Node:
 
 
 def _domain_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int, float], ...]:
-    """The entries of z that a domain-restricted atom takes as its argument itself or
-    times a constant (a variable or a slice of one, not an expression of it), each with
-    the sign of that constant: at 1 (-1 under ``entropy(-y)``, ``log(-x)``), the atom
-    starts inside its domain, while log(1 - x) would start on its edge and log(h - G x)
-    anywhere (at 0, both are inside when 1 and h are positive). Where atoms take the
-    same entries with both signs (no point is inside both), the first found keeps them."""
+    """Runs (offset, size, sign) of the entries of z that a domain-restricted atom takes
+    as its argument itself or times a number (a variable or a slice, reshape or
+    transpose of one, not an expression of it), with the sign of that number: at 1 (-1
+    under ``entropy(-y)``, ``log(-x)``), the atom starts inside its domain, while
+    log(1 - x) would start on its edge and log(h - G x) anywhere (at 0, both are inside
+    when 1 and h are positive). Logs and non-integer powers decide the signs; a negative
+    power (whose argument may have either sign, not 0) gives 1 to entries they leave
+    unset. Entries atoms take with both signs (no point is inside both) get none."""
     from .atoms import domain_arguments
 
     roots = [sf.objective] + [b.expr for b in sf.inequalities + sf.equalities]
-    by_name = {v.node.attrs[0]: (off, v.node.shape[0]) for v, off in zip(sf.variables, offsets)}
-    signs = {}
-    for node in ir.topological(roots):
-        if node.op != "elementwise":
-            continue
-        fn = node.attrs
-        direct = {}  # symbol -> the sign of its constant factor in a domain argument
-        for a in domain_arguments(fn.expr, nonzero=True):
-            factor, rest = a.as_coeff_Mul()
-            if rest.is_Symbol and factor.is_nonzero:
-                direct.setdefault(rest, 1.0 if factor.is_positive else -1.0)
-        for sym, arg in zip(fn.variables, node.args):
-            if sym not in direct:
-                continue
-            while arg.op in ("index", "reshape"):
-                arg = arg.args[0]
-            if arg.op == "input" and arg.attrs[0] in by_name:
-                signs.setdefault(by_name[arg.attrs[0]], direct[sym])
-    return tuple((off, size, sign) for (off, size), sign in sorted(signs.items()))
+    layout = {v.node.attrs[0]: (off, v.node.shape) for v, off in zip(sf.variables, offsets)}
+    n = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout.values())
+    signs, clash = np.zeros(n), np.zeros(n, dtype=bool)
+    nodes = [node for node in ir.topological(roots) if node.op == "elementwise"]
+    for nonzero in (False, True):
+        for node in nodes:
+            fn = node.attrs
+            found = domain_arguments(fn.expr)
+            if nonzero:
+                found = [a for a in domain_arguments(fn.expr, nonzero=True) if a not in found]
+            for a in found:
+                factor, sym = a.as_coeff_Mul()
+                if not (sym.is_Symbol and sym in fn.variables and factor.is_nonzero):
+                    continue
+                entries = _variable_entries(node.args[fn.variables.index(sym)], layout)
+                if entries is None:
+                    continue
+                entries = entries.ravel()
+                sign = 1.0 if factor.is_positive or nonzero else -1.0
+                if nonzero:  # (only entries no log or root has set)
+                    entries = entries[signs[entries] == 0]
+                clash[entries] |= (signs[entries] != 0) & (signs[entries] != sign)
+                signs[entries] = sign
+    signs[clash] = 0.0
+    runs, start = [], 0
+    for end in range(1, n + 1):
+        if end == n or signs[end] != signs[start]:
+            if signs[start]:
+                runs.append((start, end - start, float(signs[start])))
+            start = end
+    return tuple(runs)
+
+
+def _variable_entries(node: Node, layout) -> Optional[np.ndarray]:
+    """The entries of z that ``node`` is (an int array of its shape) where it is a
+    variable, or an index, reshape or transpose of one; else None."""
+    if node.op == "input":
+        if node.attrs[0] not in layout:
+            return None
+        off, shape = layout[node.attrs[0]]
+        return off + np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    if node.op not in ("index", "reshape", "einsum") or len(node.args) != 1:
+        return None
+    inner = _variable_entries(node.args[0], layout)
+    if inner is None:
+        return None
+    if node.op == "index":
+        return inner[node.attrs[0]]
+    if node.op == "reshape":
+        return inner.reshape(node.shape)
+    ins, out = node.attrs.split("->")
+    if sorted(ins) != sorted(out) or len(set(ins)) != len(ins):
+        return None  # (a sum or a diagonal, not a permutation)
+    return np.einsum(node.attrs, inner)
 
 
 def canonicalize(spec: ProblemSpec) -> StackedProblem:

@@ -114,19 +114,23 @@ _START_SIZES = (1.0, 0.5, 0.1, 2.0, 10.0)
 def _other_starts(signs, batch, direct):
     """The NLP starts an instance tries, in order, where the first (``signs``: 1 on the
     ``direct`` entries a domain-restricted atom takes as its argument times a positive
-    constant, -1 where the constant is negative, 0 elsewhere) lies outside a domain:
-    those entries at the other _START_SIZES with their signs (log(x) + log(1 - x) at
-    x = 1); then, unless they are all of z, every entry at each of _START_SIZES, for
-    atoms that take an expression of the variables (log(1 + x), entropy(P.T), which the
-    first starts leave at 0), and at each of their negatives (entropy(1 - y) with y
-    >= 1). Made as they are tried: most calls try none."""
+    number, -1 where the number is negative, 0 elsewhere) lies outside a domain: those
+    entries at the other _START_SIZES with their signs (log(x) + log(1 - x) at x = 1);
+    then the other entries at each of _START_SIZES and each of their negatives, those
+    entries kept at their signs, for atoms that take an expression of the variables
+    (log(1 + x), entropy(P.T @ x), log(-1 - y), which the first starts leave at 0),
+    beside the direct ones (log(a * y) with a constant a < 0 beside entropy(w)); then
+    every entry at each of these. Made as they are tried: most calls try none."""
     shape = (batch, signs.shape[0])
+    sizes = _START_SIZES + tuple(-size for size in _START_SIZES)
     if direct:
         for size in _START_SIZES[1:]:
             yield signs.expand(shape) * size
-    if direct < signs.shape[0]:
-        for size in _START_SIZES + tuple(-size for size in _START_SIZES):
-            yield signs.new_full(shape, size)
+        if direct < signs.shape[0]:
+            for size in sizes:
+                yield torch.where(signs != 0, signs, size).expand(shape)
+    for size in sizes:
+        yield signs.new_full(shape, size)
 
 
 class OptimizationLayer(torch.nn.Module):

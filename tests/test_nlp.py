@@ -850,6 +850,65 @@ def test_variables_under_atoms_of_both_signs_start_inside_every_domain():
     torch.testing.assert_close(u_t, 1 / c_t, atol=1e-10, rtol=0)
 
 
+def test_starts_take_each_entry_at_the_sign_its_atom_needs():
+    # The signs were recorded per variable, the first atom found deciding: log(-x[2:])
+    # beside log(x[:2]) started all of x on one side, and a negative power (either
+    # sign allowed) could take the sign of a log written after it. Slices, transposes
+    # and constant vector factors now set the signs of their own entries. Closed forms:
+    # -log(+-x) + c x is least at x = 1 / c; softmax for the entropies.
+    x = dl.Variable(4, name="x")
+    c = torch.tensor([1.0, 2.0, -1.0, -2.0], dtype=torch.float64)
+    layer = dl.Problem(dl.Minimize(-dl.sum(dl.log(x[:2])) - dl.sum(dl.log(-x[2:])) + c.numpy() @ x)).to_torch(
+        tol=1e-11)
+    out = layer()
+    assert layer.info.status == ["optimal"]
+    torch.testing.assert_close(out, 1 / c, atol=1e-10, rtol=0)
+
+    X, Y = dl.Variable((2, 3), name="X"), dl.Variable((3, 2), name="Y")
+    A, Bp = dl.Parameter((2, 3), name="A"), dl.Parameter((3, 2), name="B")
+    prob = dl.Problem(dl.Maximize(dl.sum(A * X) + dl.sum(dl.entropy(X)) - dl.sum(Bp * Y)
+                                  + dl.sum(dl.entropy(-Y.T))), [dl.sum(X) == 1, dl.sum(Y) == -1])
+    g = torch.Generator().manual_seed(1)
+    A_t, B_t = torch.randn(4, 2, 3, dtype=torch.float64, generator=g), torch.randn(4, 3, 2, dtype=torch.float64, generator=g)
+    layer = prob.to_torch(tol=1e-11)
+    X_t, Y_t = layer(A_t, B_t)
+    assert layer.info.status == ["optimal"] * 4
+    torch.testing.assert_close(X_t, torch.softmax(A_t.reshape(4, -1), -1).reshape(4, 2, 3), atol=1e-10, rtol=0)
+    torch.testing.assert_close(-Y_t, torch.softmax(B_t.reshape(4, -1), -1).reshape(4, 3, 2), atol=1e-10, rtol=0)
+
+    y, w = dl.Variable(2, name="y"), dl.Variable(3, name="w")
+    layer = dl.Problem(dl.Maximize(dl.sum(dl.log(np.array([-1.0, -2.0]) * y)) + y @ np.array([1.0, 0.5])
+                                   + dl.sum(dl.entropy(w))), [dl.sum(w) == 1]).to_torch(tol=1e-11)
+    y_t, w_t = layer()
+    assert layer.info.status == ["optimal"]
+    torch.testing.assert_close(y_t, torch.tensor([-1.0, -2.0], dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(w_t, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-10, rtol=0)
+
+    # min x^-2 - log(-x) - x, in either order: the real root of x^3 + x^2 + 2 (x < 0)
+    root = torch.tensor(float(min(np.roots([1.0, 1.0, 0.0, 2.0]), key=lambda r: abs(r.imag)).real),
+                        dtype=torch.float64)
+    x = dl.Variable(2, name="x")
+    for obj in (dl.sum(dl.power(x, -2)) - dl.sum(dl.log(-x)) - dl.sum(x),
+                -dl.sum(dl.log(-x)) + dl.sum(dl.power(x, -2)) - dl.sum(x),
+                dl.sum(dl.power(x, -2) - dl.log(-x)) - dl.sum(x)):
+        layer = dl.Problem(dl.Minimize(obj)).to_torch(tol=1e-11)
+        out = layer()
+        assert layer.info.status == ["optimal"]
+        torch.testing.assert_close(out, root.expand(2), atol=1e-9, rtol=0)
+
+
+def test_an_empty_domain_inside_one_atom_is_not_solved():
+    # x^-2 - log(x) - log(-x) as one atom: its derivative was left unguarded (the
+    # negative power, met first, made the atom's domain "nonzero"), and a start outside
+    # log(x)'s domain came back 'optimal' at x = [4.22, 2.36, 1.47]
+    x, c = dl.Variable(3, name="x"), dl.Parameter(3, name="c")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.power(x, -2) - dl.log(x) - dl.log(-x)) + c @ x)).to_torch(tol=1e-10)
+    with pytest.warns(RuntimeWarning):
+        out = layer(torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64))
+    assert layer.info.status == ["numerical_error"]
+    assert bool(out.isnan().all())
+
+
 def test_softmax_of_peaked_logits_takes_few_iterations():
     # entries of z* down to 1e-40. Along the line, once the log in their stationarity
     # rows overshot, their slacks halved per iteration: one instance here ran out of its

@@ -3269,6 +3269,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
         stop_collapsed=stop_collapsed, data_scale=data_scale,
     )
+    result = _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, tol)
     if sigma is not None:
         result = dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],
                                      dual_residual=result.dual_residual * sigma)
@@ -3278,6 +3279,83 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
     if affine_constraints and m + p:
         result = _infeasible_polyhedron(result, derivatives, z0, skip, tol, max_iter, stop_collapsed)
     return result
+
+
+def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, tol):
+    """``result`` with the simple bounds that a solved instance meets within the
+    tolerance only by a multiplier standing in for a log's residual released, where the
+    point so reached meets the tolerances too.
+
+    The stopping test cannot tell such a bound from an active one: softmax of spread
+    logits came back with an entry of 8.5e-14 whose exact value is 5.1e-17, the log's
+    excess in its stationarity row carried by the multiplier of z >= 0 (3.7, where the
+    exact multiplier is 0), and every derivative through that multiplier wrong: the
+    duals of z >= 0, the gradient with respect to a floor z >= l (2.1 where it is 0),
+    and log z's. Released, the bound's multiplier is 0 and its column moves by
+    log |z| += sign lam / (z H) (H the Hessian's diagonal: exact where the column's term
+    is a log, as entropy's is), which puts such an entry on its own value. Rows: bounds
+    whose slack is within the primal tolerance and whose multiplier exceeds the dual
+    one, on columns no bound of the other sign holds so, moving toward the bound (a
+    move away would leave it). A diagonal Hessian and simple bounds only (the compiler's
+    structured problems); an instance keeps its point unless the new one meets every
+    tolerance, so an active bound (lam carrying a real force: a quadratic's column, a
+    floor above 0) stays as it was. Two ops and a host synchronization where no bound
+    qualifies, the usual case."""
+    z, s, lam, nu = result.z, result.s, result.lam, result.nu
+    m = s.shape[-1]
+    tol_d, tol_p = tol * scale_dual, tol * scale_primal
+    if not m or z.shape[0] == 0:
+        return result
+    if not bool(((s <= tol_p[:, None]) & (lam > tol_d[:, None])).any()):
+        return result
+    _, g, _, Jg, _, H = derivatives(z, lam, nu)
+    if not isinstance(Jg, BoundedJacobian) or not isinstance(H, DiagonalMatrix) or Jg.m == Jg.k:
+        return result
+    B, n = z.shape
+    s_b, lam_b = Jg.row_parts(s)[0], Jg.row_parts(lam)[0]
+    signs = Jg.bound_signs
+    sign_b = signs if isinstance(signs, torch.Tensor) else z.new_full((1,), signs)
+    cols = _index_tensor(Jg.bound_cols, z.device)
+    held = (s_b <= tol_p[:, None]) & (lam_b > tol_d[:, None]) & (result.status == OPTIMAL)[:, None]
+    if isinstance(signs, torch.Tensor):
+        # no column held so on both sides moves (a box narrower than the tolerance:
+        # each side's move would undo the other's)
+        sides = z.new_zeros(B, 2 * n).index_add_(1, cols + n * (signs > 0), held.to(z.dtype))
+        lower, upper = sides.split_with_sizes([n, n], -1)
+        held = held & ~((lower > 0) & (upper > 0))[:, cols]
+    z_b, curvature = Jg.bounded_entries(z), Jg.bounded_entries(z * H.d)
+    # each released row's move of log |z| at its column: toward its bound (< 0)
+    release = (held & (Jg.row_parts(g)[0] == sign_b * z_b) & (z_b != 0) & (sign_b * lam_b / curvature < 0))
+    move_b = torch.where(release, sign_b * lam_b / curvature, 0.0)
+    # (an entry the move takes below the dtype's normal range, as softmax's of logits
+    # 100 x randn in float32, is 0 there: its bound stays as the loop left it)
+    release = release & (z_b.abs() * torch.exp(move_b) >= torch.finfo(z.dtype).tiny)
+    move_b = move_b.masked_fill(~release, 0.0)
+    move = z.new_zeros(B, n).index_add_(1, cols, move_b)
+    if not bool(release.any()):
+        return result
+    scale = torch.exp(move)
+    z_new = z * scale
+    # a released row's slack scales with its entry (their difference, its residual, may
+    # be larger than the moved entry itself), every other bound row of a moved column
+    # keeps its g + s; the released rows' multipliers are 0
+    none = torch.zeros(B, Jg.k, dtype=torch.bool, device=z.device)
+    s_new_b = torch.where(release, s_b * scale[:, cols], s_b - sign_b * (z_new - z)[:, cols])
+    s_new = Jg.join_rows(s_new_b, Jg.row_parts(s)[1], s)
+    lam_new = lam.masked_fill(Jg.join_rows(release, none, release), 0.0)
+    rd, g, h = residuals(z_new, lam_new, nu)
+    rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s_new), _inf_norm(h))
+    mu = torch.linalg.vecdot(s_new, lam_new) / m
+    take = (release.any(-1) & (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
+            & (Jg.row_parts(s_new)[0] > 0).all(-1))
+    if not bool(take.any()):
+        return result
+    pick = take[:, None]
+    return dataclasses.replace(
+        result, z=torch.where(pick, z_new, z), s=torch.where(pick, s_new, s), lam=torch.where(pick, lam_new, lam),
+        primal_residual=torch.where(take, rp_n, result.primal_residual),
+        dual_residual=torch.where(take, rd_n, result.dual_residual),
+        complementarity=torch.where(take, mu, result.complementarity))
 
 
 def _unscaled_for_failures(result, unscaled, z0, m, p, tol, max_iter, skip, stop_collapsed):

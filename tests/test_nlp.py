@@ -909,6 +909,29 @@ def test_an_empty_domain_inside_one_atom_is_not_solved():
     assert bool(out.isnan().all())
 
 
+def test_bounds_held_only_by_a_logs_residual_are_released():
+    # entries of softmax(20 x randn) far below the tolerance: the loop stopped with such
+    # an entry e to e^4 times its value and the multiplier of z >= l (up to 70, where it
+    # is 0) carrying the log's excess. Every derivative through it was wrong: the duals,
+    # the gradient with respect to the floor l (about -2 where it is 0). Released, the
+    # multiplier is 0 and the entry on its own value (softmax, to its relative accuracy).
+    n, B = 10, 16
+    z, theta, floor = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, name="l")
+    layer = dl.Problem(dl.Maximize(theta @ z + dl.sum(dl.entropy(z))), [dl.sum(z) == 1, z >= floor]).to_torch(
+        return_duals=True)
+    g = torch.Generator().manual_seed(5)
+    theta_t = 20 * torch.randn(B, n, dtype=torch.float64, generator=g)
+    weights = torch.randn(B, n, dtype=torch.float64, generator=g)
+    floor_t = torch.zeros(B, n, dtype=torch.float64, requires_grad=True)
+    z_t, nu, lam = layer(theta_t, floor_t)
+    assert layer.info.status == ["optimal"] * B
+    p = torch.softmax(theta_t, -1)
+    torch.testing.assert_close(z_t, p, atol=1e-300, rtol=1e-6)
+    assert float(lam.detach().abs().max()) <= 1e-6
+    (grad,) = torch.autograd.grad((weights * z_t).sum(), floor_t)
+    assert float(grad.abs().max()) <= 1e-6
+
+
 def test_softmax_of_peaked_logits_takes_few_iterations():
     # entries of z* down to 1e-40. Along the line, once the log in their stationarity
     # rows overshot, their slacks halved per iteration: one instance here ran out of its

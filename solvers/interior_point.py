@@ -173,6 +173,9 @@ class InteriorPointResult:
     #: (B,) int64: the pivots that guessed the iteration's first active set
     #: (:func:`_pivoted_active_set`); None where none ran
     active_set_pivots: Optional[torch.Tensor] = None
+    #: the NLP loop's last constraint Jacobian where some rows are simple bounds (its
+    #: index sets say which, the same for any instances); None otherwise
+    simple_bounds: Optional["BoundedJacobian"] = None
 
 
 # ------------------------------------------------------------------------------------
@@ -1608,7 +1611,9 @@ def primal_dual(
         s, lam = v.split_with_sizes([m, m], -1)
         it += 1
 
-    return _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
+    bounds = Jg if isinstance(Jg, BoundedJacobian) and Jg.m > Jg.k else None
+    result = _with_rows(whole, rows, InteriorPointResult(z, s, lam, nu, status, iterations, rp_n, rd_n, mu))
+    return dataclasses.replace(result, simple_bounds=bounds)
 
 
 def _held_back_runaways(status, active, converged, z_n, z_n_before, z_n_earlier, dz, limit_z):
@@ -3299,24 +3304,26 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     move away would leave it). A diagonal Hessian and simple bounds only (the compiler's
     structured problems); an instance keeps its point unless the new one meets every
     tolerance, so an active bound (lam carrying a real force: a quadratic's column, a
-    floor above 0) stays as it was. Two ops and a host synchronization where no bound
+    floor above 0) stays as it was. A few ops and a host synchronization where no bound
     qualifies, the usual case."""
     z, s, lam, nu = result.z, result.s, result.lam, result.nu
-    m = s.shape[-1]
     tol_d, tol_p = tol * scale_dual, tol * scale_primal
-    if not m or z.shape[0] == 0:
+    if result.simple_bounds is None or z.shape[0] == 0:
         return result
-    if not bool(((s <= tol_p[:, None]) & (lam > tol_d[:, None])).any()):
+    bound_part = result.simple_bounds.row_parts
+    held = ((bound_part(s)[0] <= tol_p[:, None]) & (bound_part(lam)[0] > tol_d[:, None])
+            & (result.status == OPTIMAL)[:, None])
+    if not bool(held.any()):  # (active general rows, the usual case, are not bounds)
         return result
     _, g, _, Jg, _, H = derivatives(z, lam, nu)
-    if not isinstance(Jg, BoundedJacobian) or not isinstance(H, DiagonalMatrix) or Jg.m == Jg.k:
+    if not isinstance(Jg, BoundedJacobian) or not isinstance(H, DiagonalMatrix):
         return result
     B, n = z.shape
+    m = s.shape[-1]
     s_b, lam_b = Jg.row_parts(s)[0], Jg.row_parts(lam)[0]
     signs = Jg.bound_signs
     sign_b = signs if isinstance(signs, torch.Tensor) else z.new_full((1,), signs)
     cols = _index_tensor(Jg.bound_cols, z.device)
-    held = (s_b <= tol_p[:, None]) & (lam_b > tol_d[:, None]) & (result.status == OPTIMAL)[:, None]
     if isinstance(signs, torch.Tensor):
         # no column held so on both sides moves (a box narrower than the tolerance:
         # each side's move would undo the other's)

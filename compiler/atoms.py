@@ -89,11 +89,14 @@ def power_atom(k: float) -> ElementwiseAtom:
 
 def guard_domain(expr: sympy.Expr, derivative: sympy.Expr) -> sympy.Expr:
     """``derivative`` of ``expr``, NaN where an argument of a log or a non-integer power
-    in ``expr`` is not positive, unless the derivative already needs that itself (that
-    of entropy has the log, that of sqrt the root): see :class:`in_domain`."""
-    if domain_of(expr) != "positive" or domain_of(derivative) == "positive":
-        return derivative
-    return derivative * sympy.Mul(*(in_domain(a) for a in domain_arguments(expr)))
+    in ``expr`` is not positive, unless the derivative already needs that argument
+    positive itself (that of entropy has the log, that of sqrt the root): see
+    :class:`in_domain`. Argument by argument: x log(x) - log(1 - x) as one atom has the
+    derivative log(x) + 1 + 1 / (1 - x), finite for x > 1, and a test of the whole
+    derivative let it converge there."""
+    own = set(domain_arguments(derivative))
+    needed = [a for a in domain_arguments(expr) if a not in own]
+    return derivative * sympy.Mul(*map(in_domain, needed)) if needed else derivative
 
 
 def domain_arguments(expr: sympy.Expr, nonzero: bool = False):
@@ -101,8 +104,9 @@ def domain_arguments(expr: sympy.Expr, nonzero: bool = False):
     and the bases of its non-integer powers (in order, without repeats); with
     ``nonzero``, also those that must not be zero (bases of negative powers)."""
     found = [sub.args[0] for sub in sympy.preorder_traversal(expr)
-             if isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer)
-             or (nonzero and isinstance(sub, sympy.Pow) and sub.exp.is_negative)]
+             if (isinstance(sub, sympy.log) or (isinstance(sub, sympy.Pow) and not sub.exp.is_integer)
+                 or (nonzero and isinstance(sub, sympy.Pow) and sub.exp.is_negative))
+             and not sub.args[0].is_number]  # (sqrt(2), split off sqrt(2 x), has no domain)
     return list(dict.fromkeys(found))
 
 

@@ -346,7 +346,7 @@ def torch_expression(expr: sympy.Expr, names: Dict[sympy.Symbol, str]) -> str:
     p = lambda e: torch_expression(e, names)  # noqa: E731
     if expr.is_Symbol:
         return names[expr]
-    if expr.is_Number:
+    if expr.is_number:  # (also sqrt(2), which sympy splits off sqrt(2 x))
         return repr(float(expr))
     if expr.is_Add:
         # a coefficient shared by every term is applied once: c*(a + b) reads each tensor

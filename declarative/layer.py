@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from compiler.kkt import LP, QP
@@ -111,24 +112,45 @@ _CHECKED_SIGNATURES = 32
 _START_SIZES = (1.0, 0.5, 0.1, 2.0, 10.0)
 
 
-def _other_starts(signs, batch, direct):
-    """The NLP starts an instance tries, in order, where the first (``signs``: 1 on the
-    ``direct`` entries a domain-restricted atom takes as its argument times a positive
-    number, -1 where the number is negative, 0 elsewhere) lies outside a domain: those
-    entries at the other _START_SIZES with their signs (log(x) + log(1 - x) at x = 1);
-    then the other entries at each of _START_SIZES and each of their negatives, those
-    entries kept at their signs, for atoms that take an expression of the variables
-    (log(1 + x), entropy(P.T @ x), log(-1 - y), which the first starts leave at 0),
-    beside the direct ones (log(a * y) with a constant a < 0 beside entropy(w)); then
-    every entry at each of these. Made as they are tried: most calls try none."""
+def _start_signs(stacked):
+    """(signs, whole), arrays of z's length: the sign each entry starts with (the
+    compiler's ``domain_start``: 1 where a domain-restricted atom takes it times a
+    positive number, -1 where the number is negative, 0 elsewhere), and the same with
+    each variable whose signed entries agree spread over its other entries (log(-u[0])
+    beside log(-u[1] - 1.5) needs all of u negative)."""
+    signs = np.zeros(stacked.n)
+    for off, size, sign in stacked.domain_start:
+        signs[off:off + size] = sign
+    whole = signs.copy()
+    for v, off in zip(stacked.variables, stacked.variable_offsets):
+        part = whole[off:off + v.node.size]
+        found = np.unique(part[part != 0])
+        if found.size == 1:
+            part[part == 0] = found[0]
+    return signs, whole
+
+
+def _other_starts(signs, whole, batch):
+    """The NLP starts an instance tries, in order, where the first (``signs`` times
+    _START_SIZES[0], see :func:`_start_signs`) lies outside a domain: the signed
+    entries at the other _START_SIZES (log(x) + log(1 - x) at x = 1); ``whole`` at each
+    of _START_SIZES; the signed entries at their signs and the others at each of
+    _START_SIZES and each of their negatives, for atoms that take an expression of
+    the variables (log(1 + x), entropy(P.T @ x), log(-1 - y), which the first starts
+    leave at 0) beside the direct ones; then every entry at each of these. Made as
+    they are tried: most calls try none."""
     shape = (batch, signs.shape[0])
     sizes = _START_SIZES + tuple(-size for size in _START_SIZES)
-    if direct:
+    signed = signs != 0
+    if bool(signed.any()):
         for size in _START_SIZES[1:]:
             yield signs.expand(shape) * size
-        if direct < signs.shape[0]:
+        if not torch.equal(whole, signs):
+            for size in _START_SIZES:
+                yield whole.expand(shape) * size
+        if not bool(signed.all()):
             for size in sizes:
-                yield torch.where(signs != 0, signs, size).expand(shape)
+                yield torch.where(signed, signs, size).expand(shape)
     for size in sizes:
         yield signs.new_full(shape, size)
 
@@ -495,14 +517,11 @@ class OptimizationLayer(torch.nn.Module):
             # the entries a log, entropy, sqrt ... takes as its argument start at 1 (-1
             # where it takes them negated), the others at 0 (_other_starts: where that is
             # outside a domain)
-            signs = torch.zeros(n, dtype=dtype, device=device)
-            for off, size, sign in stacked.domain_start:
-                signs[off:off + size] = sign
+            signs, whole = (torch.as_tensor(a, dtype=dtype, device=device) for a in _start_signs(stacked))
             z0 = signs.expand(batch, n) * _START_SIZES[0]
             retry = ipm.retries_in_float64(z0)
-            direct = sum(size for _, size, _ in stacked.domain_start)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,
-                                   other_starts=_other_starts(signs, batch, direct), select=select,
+                                   other_starts=_other_starts(signs, whole, batch), select=select,
                                    stop_collapsed=retry, affine_constraints=self.compiled.kkt.affine_constraints)
             qp = None
             if retry:

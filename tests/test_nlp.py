@@ -853,8 +853,9 @@ def test_variables_under_atoms_of_both_signs_start_inside_every_domain():
 def test_starts_take_each_entry_at_the_sign_its_atom_needs():
     # The signs were recorded per variable, the first atom found deciding: log(-x[2:])
     # beside log(x[:2]) started all of x on one side, and a negative power (either
-    # sign allowed) could take the sign of a log written after it. Slices, transposes
-    # and constant vector factors now set the signs of their own entries. Closed forms:
+    # sign allowed) could take the sign of a log written after it. Slices and
+    # transposes now set the signs of their own entries (a constant vector factor sets
+    # none: its entries start at -1 in a fallback that keeps the others' signs). Closed forms:
     # -log(+-x) + c x is least at x = 1 / c; softmax for the entropies.
     x = dl.Variable(4, name="x")
     c = torch.tensor([1.0, 2.0, -1.0, -2.0], dtype=torch.float64)
@@ -895,6 +896,50 @@ def test_starts_take_each_entry_at_the_sign_its_atom_needs():
         out = layer()
         assert layer.info.status == ["optimal"]
         torch.testing.assert_close(out, root.expand(2), atol=1e-9, rtol=0)
+
+
+def test_a_variable_taken_directly_in_part_starts_whole_at_its_sign():
+    # log(-u[0]) sets u[0]'s start at -1, log(-u[1] - 1.5) none of u[1]'s: the fallbacks
+    # tried the signed entries at their sizes and every other entry at one number, never
+    # u < -1.5 beside w > 1.5; a variable whose signed entries agree now also starts whole
+    # at their sign. Closed forms: w the root > 1.5 of 2w^3 - 3w^2 - 2w + 1.5, u[0] = -w
+    # (the same terms mirrored), u[1] = -(3 + sqrt(17)) / 4.
+    u, w = dl.Variable(2, name="u"), dl.Variable(name="w")
+    obj = (-dl.log(-u[0]) - dl.log(-u[0] - 1.5) - dl.log(-u[1] - 1.5) - dl.log(w) - dl.log(w - 1.5)
+           + dl.sum_squares(u) + dl.square(w))
+    layer = dl.Problem(dl.Minimize(obj)).to_torch(tol=1e-11)
+    u_t, w_t = layer()
+    assert layer.info.status == ["optimal"]
+    root = max(r.real for r in np.roots([2.0, -3.0, -2.0, 1.5]) if abs(r.imag) < 1e-12)
+    expected = torch.tensor([-root, -(3 + 17 ** 0.5) / 4], dtype=torch.float64)
+    torch.testing.assert_close(u_t, expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(w_t, torch.tensor(root, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_each_domain_of_an_atom_guards_its_derivative():
+    # x log x - log(1 - x) as one atom: its derivative log x + 1 + 1 / (1 - x) has a log
+    # of x, which let the whole derivative go unguarded; finite for x > 1, it came back
+    # 'optimal' at x = 149 (c = 6) and 8104 (c = 10). Closed form: the root in (0, 1) of
+    # log x + 1 + 1 / (1 - x) = c (bisection). And sqrt(2 x), which sympy writes
+    # sqrt(2) sqrt(x), failed in the generated code (torch.sqrt of a number): maximum of
+    # sqrt(2 x) - x^2 at x = 1/2.
+    x, c = dl.Variable(1, name="x"), dl.Parameter(1, name="c")
+    layer = dl.Problem(dl.Minimize(dl.sum(-dl.entropy(x) - dl.log(1 - x)) - c @ x)).to_torch(tol=1e-11)
+    c_t = torch.tensor([[5.0], [6.0], [10.0]], dtype=torch.float64)
+    out = layer(c=c_t)
+    assert layer.info.status == ["optimal"] * 3
+    lo, hi = torch.full_like(c_t, 1e-12), torch.full_like(c_t, 1 - 1e-12)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        above = torch.log(mid) + 1 + 1 / (1 - mid) > c_t
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    torch.testing.assert_close(out, lo, atol=1e-9, rtol=0)
+    for shape in (3, ()):
+        y = dl.Variable(shape, name="y")
+        layer = dl.Problem(dl.Maximize(dl.sum(dl.sqrt(2 * y)) - dl.sum_squares(y))).to_torch(tol=1e-11)
+        out = layer()
+        assert layer.info.status == ["optimal"]
+        torch.testing.assert_close(out, torch.full_like(out, 0.5), atol=1e-9, rtol=0)
 
 
 def test_an_empty_domain_inside_one_atom_is_not_solved():

@@ -3299,8 +3299,9 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     and log z's. Released, the bound's multiplier is 0 and its column moves by
     log |z| += sign lam / (z H) (H the Hessian's diagonal: exact where the column's term
     is a log, as entropy's is), which puts such an entry on its own value. Rows: bounds
-    whose slack is within the primal tolerance and whose multiplier exceeds the dual
-    one, on columns no bound of the other sign holds so, moving toward the bound (a
+    at 0 (z >= 0, z <= 0; a floor above 0 that the move crossed would be violated)
+    whose slack is within the primal tolerance, on columns where such a row's
+    multiplier exceeds the dual tolerance on one side only, moving toward the bound (a
     move away would leave it). A diagonal Hessian and simple bounds only (the compiler's
     structured problems); an instance keeps its point unless the new one meets every
     tolerance, so an active bound (lam carrying a real force: a quadratic's column, a
@@ -3311,8 +3312,8 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     if result.simple_bounds is None or z.shape[0] == 0:
         return result
     bound_part = result.simple_bounds.row_parts
-    held = ((bound_part(s)[0] <= tol_p[:, None]) & (bound_part(lam)[0] > tol_d[:, None])
-            & (result.status == OPTIMAL)[:, None])
+    tight = (bound_part(s)[0] <= tol_p[:, None]) & (result.status == OPTIMAL)[:, None]
+    held = tight & (bound_part(lam)[0] > tol_d[:, None])
     if not bool(held.any()):  # (active general rows, the usual case, are not bounds)
         return result
     _, g, _, Jg, _, H = derivatives(z, lam, nu)
@@ -3324,24 +3325,26 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     signs = Jg.bound_signs
     sign_b = signs if isinstance(signs, torch.Tensor) else z.new_full((1,), signs)
     cols = _index_tensor(Jg.bound_cols, z.device)
-    if isinstance(signs, torch.Tensor):
-        # no column held so on both sides moves (a box narrower than the tolerance:
-        # each side's move would undo the other's)
-        sides = z.new_zeros(B, 2 * n).index_add_(1, cols + n * (signs > 0), held.to(z.dtype))
-        lower, upper = sides.split_with_sizes([n, n], -1)
-        held = held & ~((lower > 0) & (upper > 0))[:, cols]
+    # rows by column and side (lower bounds at j, upper at n + j): a column held on one
+    # side releases every tight row of that side at 0 (z >= l beside the domain's own
+    # z >= 0 splits the force between two rows, each of which may be below the dual
+    # tolerance); one held on both sides (a box narrower than the tolerance) none, each
+    # side's move undoing the other's
+    side = cols + n * (signs > 0) if isinstance(signs, torch.Tensor) else cols
+    sides = z.new_zeros(B, 2 * n).index_add_(1, side, held.to(z.dtype)) > 0
+    opposed = (sides[:, :n] & sides[:, n:])[:, cols]
     z_b, curvature = Jg.bounded_entries(z), Jg.bounded_entries(z * H.d)
-    # each released row's move of log |z| at its column: toward its bound (< 0)
-    release = (held & (Jg.row_parts(g)[0] == sign_b * z_b) & (z_b != 0) & (sign_b * lam_b / curvature < 0))
-    move_b = torch.where(release, sign_b * lam_b / curvature, 0.0)
-    # (an entry the move takes below the dtype's normal range, as softmax's of logits
-    # 100 x randn in float32, is 0 there: its bound stays as the loop left it)
-    release = release & (z_b.abs() * torch.exp(move_b) >= torch.finfo(z.dtype).tiny)
-    move_b = move_b.masked_fill(~release, 0.0)
-    move = z.new_zeros(B, n).index_add_(1, cols, move_b)
+    release = (tight & sides[:, side] & ~opposed & (Jg.row_parts(g)[0] == sign_b * z_b) & (z_b != 0)
+               & (sign_b * lam_b / curvature <= 0))
+    # the column's move of log |z|: toward its bound (< 0), an entry the move takes below
+    # the dtype's normal range (softmax's of logits 100 x randn in float32: 0 there)
+    # staying as the loop left it
+    move = z.new_zeros(B, n).index_add_(1, cols, torch.where(release, sign_b * lam_b / curvature, 0.0))
+    moving = (move < 0) & (z.abs() * torch.exp(move) >= torch.finfo(z.dtype).tiny)
+    release = release & moving[:, cols]
     if not bool(release.any()):
         return result
-    scale = torch.exp(move)
+    scale = torch.exp(move.masked_fill(~moving, 0.0))
     z_new = z * scale
     # a released row's slack scales with its entry (their difference, its residual, may
     # be larger than the moved entry itself), every other bound row of a moved column
@@ -3353,8 +3356,11 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     rd, g, h = residuals(z_new, lam_new, nu)
     rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s_new), _inf_norm(h))
     mu = torch.linalg.vecdot(s_new, lam_new) / m
+    # a released row still at 0 where its entry moved: a floor of 1e-30 under an entry of
+    # 1e-13 reads as 0 in floating point until the entry has moved below it
+    at_zero = (Jg.row_parts(g)[0] == sign_b * Jg.bounded_entries(z_new)) | ~release
     take = (release.any(-1) & (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
-            & (Jg.row_parts(s_new)[0] > 0).all(-1))
+            & (Jg.row_parts(s_new)[0] > 0).all(-1) & at_zero.all(-1))
     if not bool(take.any()):
         return result
     pick = take[:, None]

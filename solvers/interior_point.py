@@ -956,8 +956,9 @@ def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, nlp=False):
 
 def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
     """:func:`kkt_adjoint` for a diagonal Hessian and bound rows, in the space of the
-    general rows and equalities; returns None when diag(H) plus the bounds' lam/s is not
-    safely positive.
+    general rows and equalities, and the (B,) mask of instances it cannot serve (a
+    column nearly without curvature: below); returns None when diag(H) plus the bounds'
+    lam/s is not safely positive.
 
     Bound rows are eliminated through y_b = lam_b u_lam_b = (lam_b/s_b)(+-u_c - w_lam_b);
     on an active bound lam_b/s_b is huge and that formula would cancel, so there y_b is
@@ -974,6 +975,11 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     if not newton.usable:
         return None
     sigma, D_inv, k = newton.sigma, newton.D_inv, newton.k
+    # instances with a column whose curvature is below its inactive bounds' lam/s (a
+    # weight of 0 on entropy(z[0]), a linear term): the reduction divides by that
+    # ~1e-11, and dz0/dtheta0 came out 2031 where it is 0.0027
+    bounds = Jg.bound_diagonal(sigma)
+    flat = ((H.d < bounds) & (bounds <= 1.0)).any(-1)
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
     r1 = _add_at(w_z, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
     rhs = newton.K_mv(D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)
@@ -996,7 +1002,7 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     y_active = signs * (total - others)[:, b_cols]
     u_lam[:, b_rows] = torch.where(inactive_b, (signs * u_c - w_lam[:, b_rows]) / s[:, b_rows],
                                    y_active / lam[:, b_rows])
-    return u_z, u_lam, u_nu, newton.failed
+    return u_z, u_lam, u_nu, newton.failed, flat
 
 
 class QPFactor:
@@ -3561,9 +3567,18 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     """
     if isinstance(H, DiagonalMatrix):
         solution = _diagonal_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu)
-        if solution is not None:
-            return solution
-        H, Jg = H.dense(), _dense(Jg)
+        if solution is None:
+            H, Jg = H.dense(), _dense(Jg)
+        else:
+            *solution, flat = solution
+            if not bool(flat.any()):
+                return tuple(solution)
+            # those instances take the saddle system (:func:`_saddle_solve`, which copes
+            # with a singular H), the others keep theirs (as each would alone)
+            saddle = kkt_adjoint(H.dense(), _dense(Jg), Jh, s, lam, w_z, w_lam, w_nu)
+            pick = flat.unsqueeze(-1)
+            return (*(torch.where(pick, new, old) for new, old in zip(saddle[:3], solution[:3])),
+                    torch.where(flat, saddle[3], solution[3]))
     m = Jg.shape[-2]
     sigma = lam / s
     active = sigma > 1.0

@@ -995,6 +995,31 @@ def test_a_tiny_floor_is_not_released_past():
     assert float(grad[0, 2]) > 0.5
 
 
+def test_gradients_through_a_column_without_curvature():
+    # a weight of 0 on entropy(z[0]) leaves that column linear, its bound inactive: the
+    # backward's reduction divided by diag(H) + lam/s ~ 1e-12 there, and dz0/dtheta0 came
+    # out 2031 where it is 0.0027, with no status to say so. Closed form (z[1] at its
+    # bound, z[0] inside, so nu = theta0): z_j = exp((theta_j - theta0) / w_j - 1) for
+    # j = 2, 3 and z0 = 1 - z2 - z3, whose derivatives follow.
+    n, B = 4, 6
+    z, theta, w = dl.Variable(n, name="z"), dl.Parameter(n, name="theta"), dl.Parameter(n, nonneg=True, name="w")
+    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)), [dl.sum(z) == 1, z >= 0]).to_torch(tol=1e-10)
+    g = torch.Generator().manual_seed(0)
+    theta_t = torch.stack([torch.full((B,), 5.0, dtype=torch.float64), torch.full((B,), -10.0, dtype=torch.float64),
+                           torch.rand(B, dtype=torch.float64, generator=g), 2 * torch.rand(B, dtype=torch.float64,
+                                                                                          generator=g)], -1)
+    w_t = torch.tensor([0.0, 0.0, 1.0, 0.5], dtype=torch.float64).expand(B, n)
+    theta_t.requires_grad_(True)
+    z_t = layer(theta=theta_t, w=w_t)
+    assert layer.info.status == ["optimal"] * B
+    t = theta_t.detach()
+    z2, z3 = torch.exp((t[:, 2] - t[:, 0]) / 1.0 - 1), torch.exp((t[:, 3] - t[:, 0]) / 0.5 - 1)
+    torch.testing.assert_close(z_t.detach(), torch.stack([1 - z2 - z3, 0 * z2, z2, z3], -1), atol=1e-9, rtol=0)
+    (grad,) = torch.autograd.grad(z_t[:, 0].sum(), theta_t)
+    expected = torch.stack([z2 + z3 / 0.5, 0 * z2, -z2, -z3 / 0.5], -1)
+    torch.testing.assert_close(grad, expected, atol=1e-8, rtol=0)
+
+
 def test_softmax_of_peaked_logits_takes_few_iterations():
     # entries of z* down to 1e-40. Along the line, once the log in their stationarity
     # rows overshot, their slacks halved per iteration: one instance here ran out of its

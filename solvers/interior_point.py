@@ -793,6 +793,7 @@ class DiagonalNewton:
         # isfinite is three passes at (1024, 100))
         safe = (D > 0) & (self.D_inv < math.inf)
         self.usable = bool((safe if retired is None else safe | retired).all())
+        self.unsafe = None if self.usable else ~safe.all(-1)  # (B,): the instances it cannot serve
         self.k, self.p = Jg.k, Jh.shape[-2]
         self.G, self.Jh = Jg.general, Jh
         # S = K D^-1 K' with K = [G; Jh] stacked when small: one product per use instead
@@ -956,9 +957,9 @@ def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, nlp=False):
 
 def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
     """:func:`kkt_adjoint` for a diagonal Hessian and bound rows, in the space of the
-    general rows and equalities, and the (B,) mask of instances it cannot serve (a
-    column nearly without curvature: below); returns None when diag(H) plus the bounds'
-    lam/s is not safely positive.
+    general rows and equalities, and the (B,) mask of instances it cannot serve (diag(H)
+    plus the bounds' lam/s not safely positive, or a column nearly without curvature:
+    below); None where it serves none.
 
     Bound rows are eliminated through y_b = lam_b u_lam_b = (lam_b/s_b)(+-u_c - w_lam_b);
     on an active bound lam_b/s_b is huge and that formula would cancel, so there y_b is
@@ -972,14 +973,25 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     # adds nothing either way (its u_lam is read from its constraint row, not from lam)
     lam = torch.maximum(lam, s * torch.finfo(s.dtype).max ** -0.5)
     newton = DiagonalNewton(H, Jg, Jh, lam, s)
-    if not newton.usable:
+    # instances whose diag(H) + lam/s is not safely positive (a failed instance's state,
+    # a free column without curvature) take the saddle system alone: the reduction
+    # serves the others, as it would each alone
+    unusable = newton.unsafe
+    if unusable is not None and bool(unusable.all()):
         return None
     sigma, D_inv, k = newton.sigma, newton.D_inv, newton.k
-    # instances with a column whose curvature is below its inactive bounds' lam/s (a
-    # weight of 0 on entropy(z[0]), a linear term): the reduction divides by that
-    # ~1e-11, and dz0/dtheta0 came out 2031 where it is 0.0027
     bounds = Jg.bound_diagonal(sigma)
+    # and instances with a column whose curvature is below its inactive bounds' lam/s
+    # (a weight of 0 on entropy(z[0]), a linear term): the reduction divides by that
+    # ~1e-11, and dz0/dtheta0 came out 2031 where it is 0.0027. Not where another
+    # column's curvature is so large that the saddle system's static shift, a
+    # _regularization of the largest, swamps the flat column: an entry of 1e-20 under
+    # entropy has curvature 1e20, and the saddle system put dz0/dh at 0.5 for 1; such
+    # instances keep the reduction, right but for the flat column's own entries
     flat = ((H.d < bounds) & (bounds <= 1.0)).any(-1)
+    flat = flat & (H.d.abs().amax(-1) * _regularization(H.d.dtype) <= 1.0)
+    if unusable is not None:
+        flat = flat | unusable
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
     r1 = _add_at(w_z, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
     rhs = newton.K_mv(D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)

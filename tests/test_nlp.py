@@ -1,4 +1,6 @@
 """Smooth nonlinear problems: closed forms (softmax, sparsemax), CVXPY, gradcheck."""
+import warnings
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -1018,6 +1020,34 @@ def test_gradients_through_a_column_without_curvature():
     (grad,) = torch.autograd.grad(z_t[:, 0].sum(), theta_t)
     expected = torch.stack([z2 + z3 / 0.5, 0 * z2, -z2, -z3 / 0.5], -1)
     torch.testing.assert_close(grad, expected, atol=1e-8, rtol=0)
+
+
+def test_an_infeasible_instance_leaves_the_others_gradients_as_alone():
+    # the infeasible instance's state (with a weight of 0) made the backward's diagonal
+    # reduction unusable for the whole batch, and every instance took the saddle system:
+    # the other's gradient differed from its gradient alone (1.5e-13). The failed one now
+    # takes it alone.
+    z, theta = dl.Variable(3, name="z"), dl.Parameter(3, name="theta")
+    w, G, h = dl.Parameter(3, nonneg=True, name="w"), dl.Parameter((1, 3), name="G"), dl.Parameter(1, name="h")
+    layer = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)), [dl.sum(z) == 1, z >= 0, G @ z <= h]).to_torch(
+        tol=1e-10)
+    theta_t = torch.tensor([[2.0, -1.0, 0.3]] * 2, dtype=torch.float64)
+    w_t = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    G_t, h_t = torch.ones(2, 1, 3, dtype=torch.float64), torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+
+    def gradient(rows):
+        leaf = theta_t[rows].clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the infeasible instance's)
+            out = layer(theta=leaf, w=w_t[rows], G=G_t[rows], h=h_t[rows])
+        statuses = list(layer.info.status)
+        return statuses, torch.autograd.grad(out[-1].sum() + out[-1, 0], leaf)[0][-1]
+
+    statuses, together = gradient(slice(0, 2))
+    assert statuses == ["infeasible", "optimal"]
+    alone_statuses, alone = gradient(slice(1, 2))
+    assert alone_statuses == ["optimal"]
+    assert torch.equal(together, alone)
 
 
 def test_softmax_of_peaked_logits_takes_few_iterations():

@@ -481,13 +481,9 @@ def _domain_start(sf: StandardForm, offsets) -> Tuple[Tuple[int, int, float], ..
                 clash[entries] |= (signs[entries] != 0) & (signs[entries] != sign)
                 signs[entries] = sign
     signs[clash] = 0.0
-    runs, start = [], 0
-    for end in range(1, n + 1):
-        if end == n or signs[end] != signs[start]:
-            if signs[start]:
-                runs.append((start, end - start, float(signs[start])))
-            start = end
-    return tuple(runs)
+    starts = np.flatnonzero(np.diff(signs, prepend=np.nan))  # (where each run of one sign begins)
+    sizes = np.diff(np.append(starts, n))
+    return tuple((int(a), int(k), float(signs[a])) for a, k in zip(starts, sizes) if signs[a])
 
 
 def _variable_entries(node: Node, layout) -> Optional[np.ndarray]:

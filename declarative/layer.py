@@ -414,6 +414,14 @@ class OptimizationLayer(torch.nn.Module):
         stacked = self.compiled.problem
         return structure is not None and structure.k + stacked.p <= stacked.n
 
+    def _start_signs(self, dtype, device):
+        """:func:`_start_signs` of this problem, as tensors (made once per dtype and device)."""
+        key = ("start", dtype, device)
+        if key not in self._const_cache:
+            self._const_cache[key] = tuple(torch.as_tensor(a, dtype=dtype, device=device)
+                                           for a in _start_signs(self.compiled.problem))
+        return self._const_cache[key]
+
     def _bound_indices(self, dtype, device):
         key = ("bounds", dtype, device)
         if key not in self._const_cache:
@@ -517,7 +525,7 @@ class OptimizationLayer(torch.nn.Module):
             # the entries a log, entropy, sqrt ... takes as its argument start at 1 (-1
             # where it takes them negated), the others at 0 (_other_starts: where that is
             # outside a domain)
-            signs, whole = (torch.as_tensor(a, dtype=dtype, device=device) for a in _start_signs(stacked))
+            signs, whole = self._start_signs(dtype, device)
             z0 = signs.expand(batch, n) * _START_SIZES[0]
             retry = ipm.retries_in_float64(z0)
             result = ipm.solve_nlp(derivatives, residuals, z0, m, p, tol=tol, max_iter=self.max_iter, skip=bad,

@@ -3351,13 +3351,14 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     side = cols + n * (signs > 0) if isinstance(signs, torch.Tensor) else cols
     sides = z.new_zeros(B, 2 * n).index_add_(1, side, held.to(z.dtype)) > 0
     opposed = (sides[:, :n] & sides[:, n:])[:, cols]
-    z_b, curvature = Jg.bounded_entries(z), Jg.bounded_entries(z * H.d)
+    z_b = Jg.bounded_entries(z)
+    row_move = sign_b * lam_b / Jg.bounded_entries(z * H.d)  # (each row's share of log |z|'s move)
     release = (tight & sides[:, side] & ~opposed & (Jg.row_parts(g)[0] == sign_b * z_b) & (z_b != 0)
-               & (sign_b * lam_b / curvature <= 0))
+               & (row_move <= 0))
     # the column's move of log |z|: toward its bound (< 0), an entry the move takes below
     # the dtype's normal range (softmax's of logits 100 x randn in float32: 0 there)
     # staying as the loop left it
-    move = z.new_zeros(B, n).index_add_(1, cols, torch.where(release, sign_b * lam_b / curvature, 0.0))
+    move = z.new_zeros(B, n).index_add_(1, cols, torch.where(release, row_move, 0.0))
     moving = (move < 0) & (z.abs() * torch.exp(move) >= torch.finfo(z.dtype).tiny)
     release = release & moving[:, cols]
     if not bool(release.any()):
@@ -3371,12 +3372,12 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
     s_new_b = torch.where(release, s_b * scale[:, cols], s_b - sign_b * (z_new - z)[:, cols])
     s_new = Jg.join_rows(s_new_b, Jg.row_parts(s)[1], s)
     lam_new = lam.masked_fill(Jg.join_rows(release, none, release), 0.0)
-    rd, g, h = residuals(z_new, lam_new, nu)
-    rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g + s_new), _inf_norm(h))
+    rd, g_new, h = residuals(z_new, lam_new, nu)
+    rd_n, rp_n = _inf_norm(rd), torch.maximum(_inf_norm(g_new + s_new), _inf_norm(h))
     mu = torch.linalg.vecdot(s_new, lam_new) / m
     # a released row still at 0 where its entry moved: a floor of 1e-30 under an entry of
     # 1e-13 reads as 0 in floating point until the entry has moved below it
-    at_zero = (Jg.row_parts(g)[0] == sign_b * Jg.bounded_entries(z_new)) | ~release
+    at_zero = (Jg.row_parts(g_new)[0] == sign_b * Jg.bounded_entries(z_new)) | ~release
     take = (release.any(-1) & (rd_n <= tol_d) & (rp_n <= tol_p) & (mu <= tol_d)
             & (Jg.row_parts(s_new)[0] > 0).all(-1) & at_zero.all(-1))
     if not bool(take.any()):

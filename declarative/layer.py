@@ -714,15 +714,35 @@ class _KKTLinearization(Linearization):
                 w_lam, w_nu = torch.zeros_like(self.lam), torch.zeros_like(self.nu)
             if self.qp is not None:
                 Q, c, G, _, A, _ = self.qp
-                u_z, u_lam, u_nu, failed = ipm.scaled_kkt_adjoint(Q, c, G, A, self.s, self.lam, w_z, w_lam, w_nu)
+                u_z, u_lam, u_nu, failed, error = ipm.scaled_kkt_adjoint(Q, c, G, A, self.s, self.lam, w_z,
+                                                                         w_lam, w_nu)
             else:
                 _, _, _, Jg, Jh, H = self.derivatives(self.z, self.lam, self.nu)
-                u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
+                u_z, u_lam, u_nu, failed, error = ipm.kkt_adjoint(H, Jg, Jh, self.s, self.lam, w_z, w_lam, w_nu)
+            self._warn_if_inaccurate(error, failed)
         if failed is not None and bool(failed.any()):
             self.valid = ~failed if self.valid is None else self.valid & ~failed
             keep = self.valid[:, None]
             u_z, u_lam, u_nu = (torch.where(keep, u, torch.zeros_like(u)) for u in (u_z, u_lam, u_nu))
         return u_z, u_lam, u_nu
+
+    def _warn_if_inaccurate(self, error, failed):
+        """Warn where the transposed KKT system's answer kept a backward error above
+        :func:`solvers.interior_point.adjoint_tolerance` after its second solve: those
+        gradients may be inaccurate (a KKT system nearly singular at the solution)."""
+        tolerance = ipm.adjoint_tolerance(error.dtype)
+        inaccurate = (error > tolerance) & ~failed
+        if self.valid is not None:
+            inaccurate &= self.valid
+        if not self.layer.warn or not bool(inaccurate.any()):
+            return
+        rows = inaccurate.nonzero().squeeze(-1).tolist()
+        warnings.warn(
+            f"the gradients of {len(rows)} of {error.shape[0]} instances (rows {rows[:10]}"
+            f"{' ...' if len(rows) > 10 else ''}) may be inaccurate: the transposed KKT system's "
+            f"backward error reached {float(error[inaccurate].max()):.1e} (tolerance {tolerance:.1e}); "
+            "the KKT system is nearly singular at their solution",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
     def parameter_vjp(self, u):
         u_z, u_lam, u_nu = u

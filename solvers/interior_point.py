@@ -512,6 +512,13 @@ class DiagonalMatrix:
     def dense(self):
         return torch.diag_embed(self.d)
 
+    def abs(self):
+        return DiagonalMatrix(self.d.abs())
+
+    def select(self, idx):
+        """The instances ``idx`` of the batch."""
+        return DiagonalMatrix(self.d[idx])
+
 
 def _index_set(idx, device):
     """Rows or columns for ``x[:, idx]``: a slice where they are a contiguous increasing
@@ -679,6 +686,15 @@ class BoundedJacobian:
             return share
         return _add_at(weights.new_zeros(weights.shape[0], self.shape[-1]), self.bound_cols, share)
 
+    def abs(self):
+        """The entrywise absolute value (every bound row's sign becomes 1)."""
+        return BoundedJacobian(_abs(self.general), self.m, self.bound_rows, self.bound_cols, 1.0, self.general_rows)
+
+    def select(self, idx):
+        """The instances ``idx`` of the batch."""
+        return BoundedJacobian(_select(self.general, idx), self.m, self.bound_rows, self.bound_cols,
+                               self.bound_signs, self.general_rows)
+
     def general_rows_scaled(self, r):
         """This Jacobian with its general rows times ``r`` (B, k)."""
         return BoundedJacobian(self.general * r.unsqueeze(-1), self.m, self.bound_rows, self.bound_cols,
@@ -705,6 +721,27 @@ def _apply_t(M, y):
 
 def _dense(M):
     return M if isinstance(M, torch.Tensor) else M.dense()
+
+
+def _abs(M):
+    """|M| entrywise, for a dense batch or a structured matrix; a batch that is one
+    matrix expanded (stride 0) stays one (its products stay the cheap ones, see
+    :func:`_one_shared_row`)."""
+    if not isinstance(M, torch.Tensor):
+        return M.abs()
+    if M.shape[0] > 1 and M.stride(0) == 0:
+        return M[:1].abs().expand_as(M)
+    return M.abs()
+
+
+def _select(M, idx):
+    """The instances ``idx`` (an int64 tensor) of a batch (B, ...) or a structured
+    matrix; a batch of one, or one expanded, serves any selection."""
+    if not isinstance(M, torch.Tensor):
+        return M.select(idx)
+    if M.shape[0] == 1 or M.stride(0) == 0:
+        return M[:1].expand(idx.shape[0], *M.shape[1:])
+    return M[idx]
 
 
 def _regularized_cholesky(S, E, workspace=None):
@@ -957,9 +994,9 @@ def _newton_system(H, Jg, Jh, lam, s, workspace=None, retired=None, nlp=False):
 
 def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_z, w_lam, w_nu):
     """:func:`kkt_adjoint` for a diagonal Hessian and bound rows, in the space of the
-    general rows and equalities, and the (B,) mask of instances it cannot serve (diag(H)
-    plus the bounds' lam/s not safely positive, or a column nearly without curvature:
-    below); None where it serves none.
+    general rows and equalities; None where it serves no instance (diag(H) plus the
+    bounds' lam/s not safely positive anywhere). Instances it cannot serve are reported
+    failed, for :func:`kkt_adjoint` to solve again.
 
     Bound rows are eliminated through y_b = lam_b u_lam_b = (lam_b/s_b)(+-u_c - w_lam_b);
     on an active bound lam_b/s_b is huge and that formula would cancel, so there y_b is
@@ -973,25 +1010,10 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     # adds nothing either way (its u_lam is read from its constraint row, not from lam)
     lam = torch.maximum(lam, s * torch.finfo(s.dtype).max ** -0.5)
     newton = DiagonalNewton(H, Jg, Jh, lam, s)
-    # instances whose diag(H) + lam/s is not safely positive (a failed instance's state,
-    # a free column without curvature) take the saddle system alone: the reduction
-    # serves the others, as it would each alone
     unusable = newton.unsafe
     if unusable is not None and bool(unusable.all()):
         return None
     sigma, D_inv, k = newton.sigma, newton.D_inv, newton.k
-    bounds = Jg.bound_diagonal(sigma)
-    # and instances with a column whose curvature is below its inactive bounds' lam/s
-    # (a weight of 0 on entropy(z[0]), a linear term): the reduction divides by that
-    # ~1e-11, and dz0/dtheta0 came out 2031 where it is 0.0027. Not where another
-    # column's curvature is so large that the saddle system's static shift, a
-    # _regularization of the largest, swamps the flat column: an entry of 1e-20 under
-    # entropy has curvature 1e20, and the saddle system put dz0/dh at 0.5 for 1; such
-    # instances keep the reduction, right but for the flat column's own entries
-    flat = ((H.d < bounds) & (bounds <= 1.0)).any(-1)
-    flat = flat & (H.d.abs().amax(-1) * _regularization(H.d.dtype) <= 1.0)
-    if unusable is not None:
-        flat = flat | unusable
     b_rows, b_cols, signs, rows = Jg.bound_rows, Jg.bound_cols, Jg.bound_signs, Jg.general_rows
     r1 = _add_at(w_z, b_cols, signs * sigma[:, b_rows] * w_lam[:, b_rows])
     rhs = newton.K_mv(D_inv * r1) - (torch.cat([w_lam[:, rows], w_nu], -1) if k else w_nu)
@@ -1014,7 +1036,8 @@ def _diagonal_kkt_adjoint(H: DiagonalMatrix, Jg: BoundedJacobian, Jh, s, lam, w_
     y_active = signs * (total - others)[:, b_cols]
     u_lam[:, b_rows] = torch.where(inactive_b, (signs * u_c - w_lam[:, b_rows]) / s[:, b_rows],
                                    y_active / lam[:, b_rows])
-    return u_z, u_lam, u_nu, newton.failed, flat
+    failed = newton.failed if unusable is None else newton.failed | unusable
+    return u_z, u_lam, u_nu, failed
 
 
 class QPFactor:
@@ -3561,37 +3584,64 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
         Jg u_z - diag(s) u_lam                 = w_lam
         Jh u_z                                 = w_nu
 
-    The solver's reduced form (eliminating every u_lam through lam/s) would be badly
-    conditioned here: lam/s is ~1e14 on active constraints and ~1e-14 on inactive ones.
-    So only the inactive rows (lam/s <= 1) are eliminated, and the active rows stay as
-    nearly-equality constraints with y = lam * u_lam:
+    First by a reduction that takes one small Cholesky factorization
+    (:func:`_reduced_kkt_adjoint`). A reduction divides by parts of the matrix that may
+    be nearly singular where the system is not (a column without curvature, whose
+    inactive bound's lam/s ~ 1e-11 is all its diagonal carries): its answer is checked
+    against the system itself (:func:`_adjoint_error`), and an instance whose
+    backward error exceeds :func:`adjoint_tolerance` is solved again on
+    the whole system, equilibrated, by LU with pivoting
+    (:func:`_equilibrated_kkt_adjoint`), which keeps the better answer.
+
+    Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
+    w_nu (B, p). H and Jg may be a :class:`DiagonalMatrix` and a :class:`BoundedJacobian`.
+    Returns (u_z, u_lam, u_nu, failed, error): failed (B,) where no answer could be
+    computed, error (B,) the answer's backward error (above the tolerance: an answer
+    that may be inaccurate, for the caller to report).
+    """
+    u_z, u_lam, u_nu, failed = _reduced_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu)
+    w = (w_z, w_lam, w_nu)
+    error = _adjoint_error(H, Jg, Jh, s, lam, (u_z, u_lam, u_nu), w)
+    redo = failed | ~(error <= adjoint_tolerance(s.dtype))
+    if not bool(redo.any()):
+        return u_z, u_lam, u_nu, failed, error
+    # those instances alone, so that the others come out as in any batch
+    idx = redo.nonzero().squeeze(-1)
+    system = (_select(H, idx), _select(Jg, idx), _select(Jh, idx), s[idx], lam[idx])
+    w_idx = tuple(x[idx] for x in w)
+    *again, again_failed = _equilibrated_kkt_adjoint(*system, *w_idx)
+    again_error = _adjoint_error(*system, again, w_idx)
+    better = (again_error < error[idx]) | error[idx].isnan()
+    take = idx[better]
+    u_z, u_lam, u_nu = (u.index_copy(0, take, new[better]) for u, new in zip((u_z, u_lam, u_nu), again))
+    failed = failed.index_copy(0, take, again_failed[better])
+    error = error.index_copy(0, take, again_error[better])
+    return u_z, u_lam, u_nu, failed | error.isnan(), error
+
+
+def _reduced_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
+    """The transposed KKT system of :func:`kkt_adjoint` by a reduction.
+
+    Eliminating every u_lam through lam/s would be badly conditioned: lam/s is ~1e14 on
+    active constraints and ~1e-14 on inactive ones. So only the inactive rows
+    (lam/s <= 1) are eliminated, and the active rows stay as nearly-equality constraints
+    with y = lam * u_lam:
 
         [ H + Jg_in' S_in^-1 Lam_in Jg_in   Jg_act'       Jh' ] [u_z  ]   [w_z + ...]
         [ Jg_act                            -s/lam (act)   0  ] [y_act] = [w_lam_act]
         [ Jh                                 0             0  ] [u_nu ]   [w_nu     ]
 
     which the same Cholesky/Schur kernel solves with every scale bounded by one
-    (:func:`_saddle_solve`, which also copes with a singular H).
-
-    Shapes: H (B, n, n), Jg (B, m, n), Jh (B, p, n), s, lam, w_lam (B, m), w_z (B, n),
-    w_nu (B, p). Returns (u_z, u_lam, u_nu) and the (B,) mask of failed factorizations.
-    H and Jg may be a :class:`DiagonalMatrix` and a :class:`BoundedJacobian`
-    (:func:`_diagonal_kkt_adjoint`).
+    (:func:`_saddle_solve`, which also copes with a singular H); for a diagonal H and
+    bound rows, in the space of the general rows and equalities
+    (:func:`_diagonal_kkt_adjoint`). Returns (u_z, u_lam, u_nu, failed).
     """
     if isinstance(H, DiagonalMatrix):
         solution = _diagonal_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu)
         if solution is None:
             H, Jg = H.dense(), _dense(Jg)
         else:
-            *solution, flat = solution
-            if not bool(flat.any()):
-                return tuple(solution)
-            # those instances take the saddle system (:func:`_saddle_solve`, which copes
-            # with a singular H), the others keep theirs (as each would alone)
-            saddle = kkt_adjoint(H.dense(), _dense(Jg), Jh, s, lam, w_z, w_lam, w_nu)
-            pick = flat.unsqueeze(-1)
-            return (*(torch.where(pick, new, old) for new, old in zip(saddle[:3], solution[:3])),
-                    torch.where(flat, saddle[3], solution[3]))
+            return solution
     m = Jg.shape[-2]
     sigma = lam / s
     active = sigma > 1.0
@@ -3607,6 +3657,79 @@ def kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     return u_z, u_lam, u_nu, failed
 
 
+
+
+def _adjoint_error(H, Jg, Jh, s, lam, u, w):
+    """The backward error (B,) of u = (u_z, u_lam, u_nu) as a solution of
+    :func:`kkt_adjoint`'s system for w = (w_z, w_lam, w_nu), row by row: the largest
+    |residual_i| / (|row_i|_1 |x|_inf + |w_i|) with x = (u_z, y, u_nu), y = lam * u_lam,
+    the unknowns the gradients read (the rows of g taken times lam, as the system in y
+    has them). Row by row, as the rows' scales differ by orders of magnitude (a
+    curvature of 1e20 beside a flat column); normwise in x, since components that are 0
+    but for rounding (an LP's u_z) carry no weight in a gradient. NaN where u is."""
+    u_z, u_lam, u_nu = u
+    w_z, w_lam, w_nu = w
+    y = lam * u_lam
+    x_size = torch.cat([u_z, y, u_nu], -1).abs().amax(-1, keepdim=True)
+    H_abs, Jg_abs, Jh_abs = _abs(H), _abs(Jg), _abs(Jh)
+    ones_n, ones_m = torch.ones_like(u_z), torch.ones_like(lam)
+    residual = torch.cat([_apply(H, u_z) + _apply_t(Jg, y) + _mtv(Jh, u_nu) - w_z,
+                          lam * (_apply(Jg, u_z) - w_lam) - s * y,
+                          _mv(Jh, u_z) - w_nu], -1).abs_()
+    row_size = torch.cat([_apply(H_abs, ones_n) + _apply_t(Jg_abs, ones_m) + _mtv(Jh_abs, torch.ones_like(u_nu)),
+                          lam * _apply(Jg_abs, ones_n) + s,
+                          _mv(Jh_abs, ones_n)], -1)
+    scale = torch.addcmul(torch.cat([w_z, lam * w_lam, w_nu], -1).abs(), row_size, x_size)
+    return torch.where(residual == 0, 0.0, residual / scale).amax(-1)
+
+
+def adjoint_tolerance(dtype) -> float:
+    """The backward error above which :func:`kkt_adjoint` solves an instance again."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def _equilibrated_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
+    """:func:`kkt_adjoint`'s system solved whole, (n + m + p) square, by LU with partial
+    pivoting after equilibrating its rows and columns (Ruiz: each scaled by the square
+    root of its largest entry, in powers of two, until every row and column has its
+    largest near 1). No part is eliminated through a division, so a column without
+    curvature or a curvature of 1e20 beside it costs nothing in accuracy where the
+    system itself is well conditioned once scaled. Dense: for the instances a reduction
+    could not serve. Returns (u_z, u_lam, u_nu, failed)."""
+    H, Jg = _dense(H), _dense(Jg)
+    B, n = w_z.shape
+    m, p = lam.shape[-1], Jh.shape[-2]
+    M = H.new_zeros(B, n + m + p, n + m + p)
+    M[:, :n, :n] = H
+    M[:, :n, n:n + m] = _mT(Jg) * lam.unsqueeze(-2)
+    M[:, :n, n + m:] = _mT(Jh)
+    M[:, n:n + m, :n] = Jg
+    M[:, n:n + m, n:n + m] = torch.diag_embed(-s)
+    M[:, n + m:, :n] = Jh
+    row_scale, col_scale = torch.ones_like(M[:, 0]), torch.ones_like(M[:, 0])
+    for _ in range(_EQUILIBRATION_SWEEPS):
+        size = M.abs()
+        r, c = _power_of_two_root(size.amax(-1)), _power_of_two_root(size.amax(-2))
+        M = M / r.unsqueeze(-1) / c.unsqueeze(-2)
+        row_scale, col_scale = row_scale / r, col_scale / c
+    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    rhs = row_scale * torch.cat([w_z, w_lam, w_nu], -1)
+    u = col_scale * torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+    return u[:, :n], u[:, n:n + m], u[:, n + m:], info > 0
+
+
+# Ruiz equilibration halves each row's and column's log-distance from 1 per sweep: 12
+# bring a range of 1e40 within a factor of 1.1
+_EQUILIBRATION_SWEEPS = 12
+
+
+def _power_of_two_root(x):
+    """The power of two nearest sqrt(x) for x >= 0 (1 where x is 0 or not finite): a
+    scaling by it is exact."""
+    root = torch.exp2(torch.round(torch.log2(x) * 0.5))
+    return torch.where((x > 0) & (root < math.inf), root, 1.0)
+
+
 def scaled_kkt_adjoint(Q, c, G, A, s, lam, w_z, w_lam, w_nu):
     """:func:`kkt_adjoint` of an LP or QP (``Q``, ``c``, ``G``, ``A`` its data) without a
     constraint-space factor (the general loop's, OSQP's), solved on the problem with its
@@ -3618,12 +3741,13 @@ def scaled_kkt_adjoint(Q, c, G, A, s, lam, w_z, w_lam, w_nu):
     takes w = (w_z, sigma r w_lam, sigma r_A w_nu) and gives u = (u_z / sigma,
     u_lam / sigma, r_A u_nu). Unscaled, which rows it keeps explicit (lam / s > 1) hung on
     the units: a row times 1e6 with an objective times 1e-6 read lam / s ~ 1e-5 while
-    active, and its gradient came out 1.0 off (OSQP, float32)."""
+    active, and its gradient came out 1.0 off (OSQP, float32). Returns
+    :func:`kkt_adjoint`'s five (the backward error of the scaled system)."""
     r_G, G_s, r_A, A_s, sigma = problem_scales(Q, c, G, A)
     k = torch.ones_like(c[:, :1]) if sigma is None else sigma[:, None]
-    u_z, u_lam, u_nu, failed = kkt_adjoint(
+    u_z, u_lam, u_nu, failed, error = kkt_adjoint(
         Q / k[..., None], G_s, A_s, s * r_G, lam / (k * r_G), w_z, k * r_G * w_lam, k * r_A * w_nu)
-    return u_z / k, u_lam / k, u_nu * r_A, failed
+    return u_z / k, u_lam / k, u_nu * r_A, failed, error
 
 
 def problem_scales(Q, c, G, A):

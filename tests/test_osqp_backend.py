@@ -139,7 +139,7 @@ def test_implicit_backward_at_osqp_active_set_matches_cvxpylayers():
     res, _ = solve_qp_osqp(Q.expand(B, n, n), c, G.expand(B, m, n), h, A.expand(B, p, n), b)
     assert res.status.tolist() == [ipm.OPTIMAL] * B
     w = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    u_z, u_lam, u_nu, failed = ipm.kkt_adjoint(
+    u_z, u_lam, u_nu, failed, _ = ipm.kkt_adjoint(
         Q.expand(B, n, n), G.expand(B, m, n), A.expand(B, p, n), res.s, res.lam, w,
         torch.zeros(B, m, dtype=torch.float64), torch.zeros(B, p, dtype=torch.float64))
     assert not bool(failed.any())

@@ -512,8 +512,10 @@ class DiagonalMatrix:
     def dense(self):
         return torch.diag_embed(self.d)
 
-    def abs(self):
-        return DiagonalMatrix(self.d.abs())
+    def abs_sums(self):
+        """(row sums, column sums) of |this matrix|, each (B, n)."""
+        d = self.d.abs()
+        return d, d
 
     def select(self, idx):
         """The instances ``idx`` of the batch."""
@@ -686,9 +688,13 @@ class BoundedJacobian:
             return share
         return _add_at(weights.new_zeros(weights.shape[0], self.shape[-1]), self.bound_cols, share)
 
-    def abs(self):
-        """The entrywise absolute value (every bound row's sign becomes 1)."""
-        return BoundedJacobian(_abs(self.general), self.m, self.bound_rows, self.bound_cols, 1.0, self.general_rows)
+    def abs_sums(self):
+        """(row sums (B, m), column sums (B, n)) of |Jg|: a bound row's is 1."""
+        G_rows, G_cols = _abs_sums(self.general) if self.k else (None, None)
+        ones = self.general.new_ones(self.general.shape[0], self.m)
+        rows = self.join_rows(self.row_parts(ones)[0], G_rows, ones)
+        cols = self.bound_diagonal(ones)
+        return rows, (cols if G_cols is None else cols + G_cols)
 
     def select(self, idx):
         """The instances ``idx`` of the batch."""
@@ -723,15 +729,17 @@ def _dense(M):
     return M if isinstance(M, torch.Tensor) else M.dense()
 
 
-def _abs(M):
-    """|M| entrywise, for a dense batch or a structured matrix; a batch that is one
-    matrix expanded (stride 0) stays one (its products stay the cheap ones, see
-    :func:`_one_shared_row`)."""
+def _abs_sums(M):
+    """(row sums (B, r), column sums (B, n)) of |M| for a dense batch (B, r, n) or a
+    structured matrix; one pass over M each, without the |M| temporary. A batch that is
+    one matrix expanded (stride 0) is summed once."""
     if not isinstance(M, torch.Tensor):
-        return M.abs()
-    if M.shape[0] > 1 and M.stride(0) == 0:
-        return M[:1].abs().expand_as(M)
-    return M.abs()
+        return M.abs_sums()
+    B = M.shape[0]
+    if B > 1 and M.stride(0) == 0:
+        rows, cols = _abs_sums(M[:1])
+        return rows.expand(B, -1), cols.expand(B, -1)
+    return torch.linalg.vector_norm(M, 1, dim=-1), torch.linalg.vector_norm(M, 1, dim=-2)
 
 
 def _select(M, idx):
@@ -3671,16 +3679,14 @@ def _adjoint_error(H, Jg, Jh, s, lam, u, w):
     w_z, w_lam, w_nu = w
     y = lam * u_lam
     x_size = torch.cat([u_z, y, u_nu], -1).abs().amax(-1, keepdim=True)
-    H_abs, Jg_abs, Jh_abs = _abs(H), _abs(Jg), _abs(Jh)
-    ones_n, ones_m = torch.ones_like(u_z), torch.ones_like(lam)
+    (_, H_cols), (Jg_rows, Jg_cols), (Jh_rows, Jh_cols) = _abs_sums(H), _abs_sums(Jg), _abs_sums(Jh)
     residual = torch.cat([_apply(H, u_z) + _apply_t(Jg, y) + _mtv(Jh, u_nu) - w_z,
                           lam * (_apply(Jg, u_z) - w_lam) - s * y,
                           _mv(Jh, u_z) - w_nu], -1).abs_()
-    row_size = torch.cat([_apply(H_abs, ones_n) + _apply_t(Jg_abs, ones_m) + _mtv(Jh_abs, torch.ones_like(u_nu)),
-                          lam * _apply(Jg_abs, ones_n) + s,
-                          _mv(Jh_abs, ones_n)], -1)
-    scale = torch.addcmul(torch.cat([w_z, lam * w_lam, w_nu], -1).abs(), row_size, x_size)
-    return torch.where(residual == 0, 0.0, residual / scale).amax(-1)
+    row_size = torch.cat([H_cols + Jg_cols + Jh_cols, torch.addcmul(s, lam, Jg_rows), Jh_rows], -1)
+    scale = torch.addcmul(torch.cat([w_z, lam * w_lam, w_nu], -1).abs_(), row_size, x_size)
+    # (a scale of 0 with a residual of 0: 0, as the clamp makes it)
+    return residual.div_(scale.clamp_(min=torch.finfo(scale.dtype).tiny)).amax(-1)
 
 
 def adjoint_tolerance(dtype) -> float:

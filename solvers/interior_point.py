@@ -742,6 +742,11 @@ def _abs_sums(M):
     return torch.linalg.vector_norm(M, 1, dim=-1), torch.linalg.vector_norm(M, 1, dim=-2)
 
 
+def _abs_matrix(M):
+    """|M| entrywise for a dense batch or a :class:`DiagonalMatrix`."""
+    return DiagonalMatrix(M.d.abs()) if isinstance(M, DiagonalMatrix) else M.abs()
+
+
 def _select(M, idx):
     """The instances ``idx`` (an int64 tensor) of a batch (B, ...) or a structured
     matrix; a batch of one, or one expanded, serves any selection."""
@@ -3327,11 +3332,17 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
             select = _scaled_select(select, sigma)
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
+    def oracle():
+        return Oracle(derivatives, residuals, linear=False, select=select)
+
     result = primal_dual(
-        Oracle(derivatives, residuals, linear=False, select=select), z0, s0, lam0, nu0,
+        oracle(), z0, s0, lam0, nu0,
         scale_dual=scale_dual, scale_primal=scale_primal, tol=tol, max_iter=max_iter, skip=skip,
         stop_collapsed=stop_collapsed, data_scale=data_scale,
     )
+    result, scale_dual, scale_primal = _held_to_the_solutions_scale(
+        result, oracle, residuals, 1.0 + _inf_norm(torch.nan_to_num(h)), scale_dual, scale_primal, tol, max_iter,
+        skip, stop_collapsed, data_scale)
     result = _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, tol)
     if sigma is not None:
         result = dataclasses.replace(result, lam=result.lam * sigma[:, None], nu=result.nu * sigma[:, None],
@@ -3428,6 +3439,63 @@ def _released_bounds(result, derivatives, residuals, scale_dual, scale_primal, t
         primal_residual=torch.where(take, rp_n, result.primal_residual),
         dual_residual=torch.where(take, rd_n, result.dual_residual),
         complementarity=torch.where(take, mu, result.complementarity))
+
+
+def _held_to_the_solutions_scale(result, oracle, residuals, h0_size, scale_dual, scale_primal, tol, max_iter,
+                                 skip, stop_collapsed, data_scale, rounds=10):
+    """The NLP loop's stopping test is relative to the start's gradient and rows
+    (``scale_dual``, ``scale_primal``); a start the domain forces where an exp is huge
+    (x = 1 under exp(x / 0.02): 1e23) made it absolute at 1e15, and instances came back
+    ``optimal`` 60 % off their solution. An ``optimal`` instance is tested again against
+    its solution's own scale: 1 + the largest of |grad f|, |Jg' lam + Jh' nu| and |H| |z| there
+    (and 1 + the larger of |g|, |s| and the start's |h| for the rows), times
+    :data:`_START_SCALE_TRUST`, where smaller.
+    One that fails goes on from where it stopped, held to that scale, for the iterations
+    left (in rounds, as each stop's scale is smaller; one still failing after ``rounds``
+    or without iterations left ends ``max_iter``). Returns (result, scale_dual,
+    scale_primal), the scales each instance was last held to; ``oracle()`` makes the
+    loop's :class:`Oracle`."""
+    B, m = result.lam.shape
+    p = result.nu.shape[-1]
+    # (scales within the trusted factor of 1, the least a solution's can be, change nothing)
+    if not float(torch.maximum(scale_dual, scale_primal).amax()) > _START_SCALE_TRUST:
+        return result, scale_dual, scale_primal
+    for round_ in range(rounds + 1):
+        ok = result.status == OPTIMAL
+        if not bool(ok.any()):
+            break
+        z, s, lam, nu = result.z, result.s, result.lam, result.nu
+        grad_f = residuals(z, torch.zeros_like(lam), torch.zeros_like(nu))[0]
+        rd, g, h, _, _, H = oracle().derivatives(z, lam, nu)
+        # (|H| |z| stands for the terms that cancel in grad f: exp(y) - theta with theta
+        # up to 1e8 leaves 1e-4 of rounding at the solution, where grad f is that 1e-4)
+        terms = _inf_norm(_apply(_abs_matrix(H), z.abs()))
+        dual = 1.0 + torch.maximum(torch.maximum(_inf_norm(grad_f), _inf_norm(grad_f - rd)), terms)
+        primal = 1.0 + torch.maximum(torch.maximum(_inf_norm(g), _inf_norm(s)), h0_size)
+        dual = torch.minimum(scale_dual, _START_SCALE_TRUST * dual)
+        primal = torch.minimum(scale_primal, _START_SCALE_TRUST * primal)
+        mu = (s * lam).sum(-1) / max(m, 1)
+        rp = torch.maximum(_inf_norm(g + s), _inf_norm(h)) if m or p else torch.zeros_like(mu)
+        fails = ok & ~((torch.maximum(_inf_norm(rd), mu) <= tol * dual) & (rp <= tol * primal))
+        if not bool(fails.any()):
+            break
+        left = max_iter - int(result.iterations[fails].min())
+        if left <= 0 or round_ == rounds:  # (not finished at its own scale)
+            return dataclasses.replace(result, status=torch.where(fails, MAX_ITER, result.status)), \
+                scale_dual, scale_primal
+        scale_dual, scale_primal = torch.where(fails, dual, scale_dual), torch.where(fails, primal, scale_primal)
+        part = primal_dual(oracle(), z, s, lam, nu, scale_dual=scale_dual, scale_primal=scale_primal, tol=tol,
+                           max_iter=left, skip=~fails if skip is None else skip | ~fails,
+                           stop_collapsed=stop_collapsed, data_scale=data_scale)
+        result = _per_instance(fails, dataclasses.replace(part, iterations=part.iterations + result.iterations),
+                               result)
+    return result, scale_dual, scale_primal
+
+
+# how far the NLP loop's stopping scale, taken at the start, may exceed the solution's
+# own (:func:`_held_to_the_solutions_scale`): a start 3x the solution's scale is usual,
+# one 1e8x it (exp at a start the domain forces) made the test absolute
+_START_SCALE_TRUST = 100.0
 
 
 def _unscaled_for_failures(result, unscaled, z0, m, p, tol, max_iter, skip, stop_collapsed):

@@ -175,6 +175,37 @@ def test_exp_objective_with_data_over_many_decades(decades):
     assert float(out.sum(-1).abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize("s", [0.05, 0.02])
+def test_a_start_where_an_exp_is_huge_sets_no_stopping_scale(s):
+    # the log's domain starts x at 1, where exp(x / s) is 1e9 to 1e22: the stopping test,
+    # relative to the gradient there, came out absolute at 1e2 to 1e15, and the loop
+    # stopped 'optimal' at x = 0.053 and 0.62 where the solution is 5e-4 and 2e-4
+    x, q = dl.Variable(3, name="x"), dl.Parameter(3, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.exp(x / s)) + dl.sum_squares(x - q) - 0.01 * dl.sum(dl.log(x)))).to_torch()
+    q_v = np.array([0.02, 0.01, 0.03])
+    out = layer(q=torch.tensor(q_v[None], dtype=torch.float64))
+    assert layer.info.status == ["optimal"]
+    # separable: each entry is the root of its derivative (Clarabel's exponential cone
+    # stops 1e-4 short of it, a derivative of 2e-3 where this one has 2e-6)
+    from scipy.optimize import brentq
+    expected = [brentq(lambda v: np.exp(v / s) / s + 2 * (v - qj) - 0.01 / v, 1e-12, 1.0, xtol=1e-16) for qj in q_v]
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-6)
+
+
+def test_a_start_the_domain_forces_far_out_sets_no_stopping_scale():
+    # log(x0 + x1 - 15) starts x at 10, where exp(2 x1) is 5e8: 'optimal' at x1 = 0.43
+    # where the solution is -0.37
+    x, q = dl.Variable(2, name="x"), dl.Parameter(2, name="q")
+    layer = dl.Problem(dl.Minimize(dl.sum_squares(x - q) + dl.sum(dl.exp(2 * x[1:])) - dl.log(x[0] + x[1] - 15))
+                       ).to_torch()
+    out = layer(q=torch.tensor([[20.0, 0.0]], dtype=torch.float64))
+    assert layer.info.status == ["optimal"]
+    xv = cp.Variable(2)
+    solve(cp.Problem(cp.Minimize(cp.sum_squares(xv - np.array([20.0, 0.0])) + cp.sum(cp.exp(2 * xv[1:]))
+                                 - cp.log(xv[0] + xv[1] - 15))))
+    np.testing.assert_allclose(out[0].numpy(), xv.value, atol=1e-5)
+
+
 def test_softmax_jacobian_is_diag_minus_outer():
     n = 5
     layer = softmax_layer(n, tol=1e-12)

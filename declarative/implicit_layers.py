@@ -44,10 +44,10 @@ from torch import nn
 
 from declarative.implicit_diff import (EmptyBatch, Linearization, full_precision_forward, implicit_solution,
                                       solvable, user_stacklevel)
+from solvers.dense import EquilibratedQR
 from solvers.fixed_point import (
     FIXED_POINT_SOLVERS,
     STATUS_NAMES,
-    EquilibratedLU,
     SolverResult,
     default_tolerance,
     lipschitz_estimate,
@@ -233,7 +233,7 @@ class _AutogradLinearization(Linearization):
         rhs = rhs if index is None else rhs[index]
         if self.linear_solver == "dense":
             jacobian = vjp_jacobian(f, y)                                   # (b, n, n)
-            factor = EquilibratedLU(jacobian)
+            factor = EquilibratedQR(jacobian)
             solution = factor.solve_transposed(rhs)
             failed = factor.singular | ~torch.isfinite(solution).all(dim=1)
             reason = "singular_jacobian"

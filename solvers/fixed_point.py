@@ -27,6 +27,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .dense import EquilibratedQR
+
 __all__ = [
     "STATUS_NAMES",
     "CONVERGED",
@@ -453,7 +455,7 @@ def newton_solve(func: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
                 break
             jac = vjp_jacobian(f, y_req)
         del f, y_req
-        factor = EquilibratedLU(jac)
+        factor = EquilibratedQR(jac)
         step = factor.solve(-f_value)
         singular = factor.singular | ~torch.isfinite(step).all(dim=1)
         tracker.fail(singular, SINGULAR_JACOBIAN, k)
@@ -480,43 +482,6 @@ def newton_solve(func: Callable[[torch.Tensor], torch.Tensor], y0: torch.Tensor,
             y_next = y + step
         y = tracker.freeze(y_next)
     return tracker.result(shape)
-
-
-class EquilibratedLU:
-    """LU with partial pivoting of ``R J C`` for J (B, n, n), R and C diagonal: the rows
-    and then the columns scaled to a largest entry of 1, so that the test for a pivot
-    at rounding level (:func:`_tiny_pivot`) judges J, not the units of its equations and
-    unknowns: F = diag(1e3, 1e-4) (y - x) in float32, whose dF/dy is as regular as I,
-    was flagged singular (a pivot ratio of 1e-7), Newton stayed at its start and the
-    backward gave NaN. J = R^-1 (R J C) C^-1 gives the solves below."""
-
-    def __init__(self, jac: torch.Tensor):
-        self.r = _reciprocal_size(jac.abs().amax(dim=-1))
-        rows = jac * self.r[:, :, None]
-        self.c = _reciprocal_size(rows.abs().amax(dim=-2))
-        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(rows * self.c[:, None, :])
-        self.singular = (info != 0) | _tiny_pivot(self.lu)
-
-    def solve(self, b: torch.Tensor) -> torch.Tensor:
-        """J^-1 b = C (R J C)^-1 R b for b (B, n)."""
-        return self.c * torch.linalg.lu_solve(self.lu, self.pivots, (self.r * b)[:, :, None])[:, :, 0]
-
-    def solve_transposed(self, b: torch.Tensor) -> torch.Tensor:
-        """J'^-1 b = R (R J C)'^-1 C b for b (B, n)."""
-        return self.r * torch.linalg.lu_solve(self.lu, self.pivots, (self.c * b)[:, :, None], adjoint=True)[:, :, 0]
-
-
-def _reciprocal_size(size: torch.Tensor) -> torch.Tensor:
-    # (a zero or non-finite row or column keeps its scale: the pivot test then sees it)
-    return torch.where((size > 0) & torch.isfinite(size), size, 1.0).reciprocal()
-
-
-def _tiny_pivot(lu: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` True where LU with partial pivoting met a pivot at rounding level."""
-    pivots = lu.diagonal(dim1=-2, dim2=-1).abs()
-    n = lu.shape[-1]
-    threshold = 10 * n * torch.finfo(lu.dtype).eps * pivots.amax(dim=-1)
-    return (pivots.amin(dim=-1) <= threshold) | ~torch.isfinite(pivots).all(dim=-1)
 
 
 def lipschitz_estimate(func: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, *,

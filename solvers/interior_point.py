@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .buffers import scratch
+from .dense import EquilibratedQR
 
 OPTIMAL, INFEASIBLE, MAX_ITER, NUMERICAL_ERROR, UNBOUNDED = range(5)
 STATUS_NAMES = ("optimal", "infeasible", "max_iter", "numerical_error", "unbounded")
@@ -3789,17 +3790,16 @@ _BLOCK_FLOOR = 1e-3
 
 
 def _equilibrated_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
-    """:func:`kkt_adjoint`'s system solved whole, (n + m + p) square, by Householder QR
-    after equilibrating its rows and columns (Ruiz: each scaled by the square root of
-    its largest entry, in powers of two, until every row and column has its largest near
-    1), with two rounds of refinement against the unscaled system. No part is
-    eliminated through a division, so a column without curvature or a curvature of 1e20
-    beside it costs nothing in accuracy where the system itself is well conditioned once
-    scaled; the refinement recovers a block of the answer far smaller than the others
-    (u_z of an objective times 1e10, 1e-4 off after the first solve). QR rather than LU
-    with pivoting: batched LU hung in MKL's row swaps (DLASWP) at n + m + p >= ~160
-    after ``torch.set_num_threads(2)``. Dense: for the instances a reduction could not
-    serve. Returns (u_z, u_lam, u_nu, failed)."""
+    """:func:`kkt_adjoint`'s system solved whole, (n + m + p) square, by QR after
+    equilibrating its rows and columns (:class:`solvers.dense.EquilibratedQR`), with two
+    rounds of refinement against the unscaled system. No part is eliminated through a
+    division, so a column without curvature or a curvature of 1e20 beside it costs
+    nothing in accuracy where the system itself is well conditioned once scaled; the
+    refinement recovers a part of the answer far smaller than the others (u_z of an
+    objective times 1e10, 1e-4 off after the first solve). Dense: for the instances a
+    reduction could not serve. Returns (u_z, u_lam, u_nu, failed): failed where a pivot
+    is 0 or the answer not finite (a nearly singular system keeps its answer, judged by
+    its backward error)."""
     H, Jg = _dense(H), _dense(Jg)
     B, n = w_z.shape
     m, p = lam.shape[-1], Jh.shape[-2]
@@ -3810,38 +3810,13 @@ def _equilibrated_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     K[:, n:n + m, :n] = Jg
     K[:, n:n + m, n:n + m] = torch.diag_embed(-s)
     K[:, n + m:, :n] = Jh
-    M, row_scale, col_scale = K, torch.ones_like(K[:, 0]), torch.ones_like(K[:, 0])
-    for _ in range(_EQUILIBRATION_SWEEPS):
-        size = M.abs()
-        r, c = _power_of_two_root(size.amax(-1)), _power_of_two_root(size.amax(-2))
-        M = M / r.unsqueeze(-1) / c.unsqueeze(-2)
-        row_scale, col_scale = row_scale / r, col_scale / c
-    Q, R = torch.linalg.qr(M)
-
-    def solve(rhs):  # K^-1 rhs = C (R_s K C)^-1 R_s rhs
-        half = _mtv(Q, row_scale * rhs).unsqueeze(-1)
-        return col_scale * torch.linalg.solve_triangular(R, half, upper=True).squeeze(-1)
-
+    factor = EquilibratedQR(K)
     w = torch.cat([w_z, w_lam, w_nu], -1)
-    u = solve(w)
+    u = factor.solve(w)
     for _ in range(2):
-        u = u + solve(w - _mv(K, u))
-    # (a zero or non-finite pivot: no answer)
-    pivots = R.diagonal(dim1=-2, dim2=-1)
-    failed = ~torch.isfinite(u).all(-1) | (pivots == 0).any(-1)
+        u = u + factor.solve(w - _mv(K, u))
+    failed = ~torch.isfinite(u).all(-1) | factor.exactly_singular
     return u[:, :n], u[:, n:n + m], u[:, n + m:], failed
-
-
-# Ruiz equilibration halves each row's and column's log-distance from 1 per sweep: 12
-# bring a range of 1e40 within a factor of 1.1
-_EQUILIBRATION_SWEEPS = 12
-
-
-def _power_of_two_root(x):
-    """The power of two nearest sqrt(x) for x >= 0 (1 where x is 0 or not finite): a
-    scaling by it is exact."""
-    root = torch.exp2(torch.round(torch.log2(x) * 0.5))
-    return torch.where((x > 0) & (root < math.inf), root, 1.0)
 
 
 def scaled_kkt_adjoint(Q, c, G, A, s, lam, w_z, w_lam, w_nu):

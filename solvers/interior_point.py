@@ -732,15 +732,15 @@ def _dense(M):
 
 def _abs_sums(M):
     """(row sums (B, r), column sums (B, n)) of |M| for a dense batch (B, r, n) or a
-    structured matrix; one pass over M each, without the |M| temporary. A batch that is
-    one matrix expanded (stride 0) is summed once."""
+    structured matrix. A batch that is one matrix expanded (stride 0) is summed once."""
     if not isinstance(M, torch.Tensor):
         return M.abs_sums()
     B = M.shape[0]
     if B > 1 and M.stride(0) == 0:
         rows, cols = _abs_sums(M[:1])
         return rows.expand(B, -1), cols.expand(B, -1)
-    return torch.linalg.vector_norm(M, 1, dim=-1), torch.linalg.vector_norm(M, 1, dim=-2)
+    size = M.abs()  # (vector_norm(M, 1) along either axis took 6-11x as long, 300-550 us
+    return size.sum(-1), size.sum(-2)  # at (32, 50, 100), where these three take 48 us)
 
 
 def _abs_matrix(M):

@@ -6,6 +6,7 @@ calls a call makes.
     python benchmarks/nlp_diagnostics.py tiny     # duals of z >= 0, tiny entries
     python benchmarks/nlp_diagnostics.py path     # the slowest instance of an entropy cell
     python benchmarks/nlp_diagnostics.py ops      # aten calls per forward and backward
+    python benchmarks/nlp_diagnostics.py backward # gradients through nearly flat columns
 
 Each prints a markdown table; none writes RESULTS.md.
 """
@@ -199,9 +200,47 @@ def ops():
               f"{sum(backward.calls.values())} |")
 
 
+def backward():
+    """dz0/dtheta0 of maximize theta'z + w'entropy(z), sum(z) = 1 (times r), z >= 0, at
+    theta = s [5, -10, 0.3, 1], w = s [w0, 0, 1, 0.5]: a column nearly without curvature
+    (w0 small), the objective times s (the solution unchanged, s dz0/dtheta0 too), the
+    equality times r. Against the closed form d0 S' / S (d_j = z_j / w_j over the
+    interior entries, S their sum, S' without entry 0), and whether the layer warned."""
+    dl = C.import_declarative()
+    z, theta, w = dl.Variable(4, name="z"), dl.Parameter(4, name="theta"), dl.Parameter(4, nonneg=True, name="w")
+    layers = {}
+    print("| w0 | s | r | dtype | s dz0/dtheta0 | closed form | relative error | warned |")
+    print("|---|---|---|---|---|---|---|---|")
+    cases = [(0.0, 1, 1, "float64"), (1e-14, 1, 1, "float64"), (1e-12, 1, 1, "float64"), (1e-10, 1, 1, "float64"),
+             (1e-6, 1e6, 1, "float64"), (1e-10, 1e10, 1, "float64"), (1e-12, 1e12, 1, "float64"),
+             (1e-12, 1, 1e-10, "float64"), (1e-12, 1, 1e-12, "float64"), (1e-6, 1, 1, "float32"),
+             (1e-3, 1, 1, "float32"), (1e-5, 100, 1, "float32"), (1e-4, 1e3, 1, "float32"), (1e-7, 1e4, 1, "float32")]
+    for w0, s, r, dtype_name in cases:
+        dtype = getattr(torch, dtype_name)
+        if (r, dtype) not in layers:
+            kw = {"tol": 1e-10} if dtype == torch.float64 else {}
+            layers[r, dtype] = dl.Problem(dl.Maximize(theta @ z + w @ dl.entropy(z)),
+                                          [r * dl.sum(z) == r, z >= 0]).to_torch(**kw)
+        layer = layers[r, dtype]
+        th = (s * torch.tensor([[5.0, -10.0, 0.3, 1.0]], dtype=dtype)).requires_grad_(True)
+        wt = s * torch.tensor([[w0, 0.0, 1.0, 0.5]], dtype=dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = layer(theta=th, w=wt)
+            (g,) = torch.autograd.grad(out[0, 0], th)
+        warned = any("may be inaccurate" in str(c.message) for c in caught)
+        zv = out.detach().double()[0]
+        d = [float(zv[0] / w0) if w0 else float("inf"), float(zv[2]), float(zv[3] / 0.5)]
+        rest = d[1] + d[2]
+        exact = rest if not w0 else d[0] * rest / (d[0] + rest)
+        got = float(g[0, 0]) * s
+        print(f"| {w0:g} | {s:g} | {r:g} | {dtype_name} | {got:.6g} | {exact:.6g} | "
+              f"{abs(got - exact) / exact:.1e} | {'yes' if warned else 'no'} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("starts", "tiny", "path", "ops"))
+    parser.add_argument("what", choices=("starts", "tiny", "path", "ops", "backward"))
     parser.add_argument("--cell", default="32,100,weighted", help="B,n,plain|weighted (path)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # (the statuses are the report)
@@ -212,6 +251,8 @@ def main(argv=None):
     elif args.what == "path":
         B, n, variant = args.cell.split(",")
         path(int(B), int(n), variant == "weighted")
+    elif args.what == "backward":
+        backward()
     else:
         ops()
 

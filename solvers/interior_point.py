@@ -1467,9 +1467,12 @@ def primal_dual(
     skip: Optional[torch.Tensor] = None,
     stop_collapsed: bool = False,
     data_scale: Optional[torch.Tensor] = None,
+    budget: Optional[torch.Tensor] = None,
 ) -> InteriorPointResult:
     """Mehrotra predictor-corrector from the starting point (z, s > 0, lam > 0, nu).
 
+    ``budget`` (B,) int64: each instance's own iteration limit, at most ``max_iter``
+    (None: ``max_iter`` for every one), so that no instance's limit hangs on the others'.
     ``scale_dual``, ``scale_primal`` (B,) make the stopping test relative to the data:
     an instance is optimal when ``|grad_L|_inf <= tol * scale_dual``, ``|g + s|_inf`` and
     ``|h|_inf <= tol * scale_primal`` and ``s'lam / m <= tol * scale_dual``.
@@ -1558,6 +1561,8 @@ def primal_dual(
         # are affine, an LP then tells whether it is infeasible: solve_nlp)
         checks = ((~finite, NUMERICAL_ERROR), (converged, OPTIMAL),
                   (diverged, INFEASIBLE if oracle.linear else NUMERICAL_ERROR), (unbounded, UNBOUNDED))
+        if budget is not None:  # (each instance's own limit, below max_iter)
+            checks += ((iterations >= budget, MAX_ITER),)
         if stop_collapsed:
             if oracle.linear:
                 collapsed = (mu < tol_d * _COLLAPSED_MU) & ((rd_n > tol_d) | (rp_n > tol_p))
@@ -1581,6 +1586,7 @@ def primal_dual(
             B, z, v, nu = n_active, z[keep], v[keep], nu[keep]
             s, lam = v.split_with_sizes([m, m], -1)
             status, active, iterations = status[keep], active[keep], iterations[keep]
+            budget = None if budget is None else budget[keep]
             tol_d, tol_p, limit_dual, limit_z = tol_d[keep], tol_p[keep], limit_dual[keep], limit_z[keep]
             z_n_before, z_n_earlier, dz = z_n_before[keep], z_n_earlier[keep], None
             derivatives, residuals = oracle.select(rows)
@@ -3480,14 +3486,16 @@ def _held_to_the_solutions_scale(result, oracle, residuals, h0_size, scale_dual,
         fails = ok & ~((torch.maximum(_inf_norm(rd), mu) <= tol * dual) & (rp <= tol * primal))
         if not bool(fails.any()):
             break
-        left = max_iter - int(result.iterations[fails].min())
-        if left <= 0 or round_ == rounds:  # (not finished at its own scale)
+        if round_ == rounds:  # (not finished at its own scale)
             return dataclasses.replace(result, status=torch.where(fails, MAX_ITER, result.status)), \
                 scale_dual, scale_primal
         scale_dual, scale_primal = torch.where(fails, dual, scale_dual), torch.where(fails, primal, scale_primal)
+        # each instance the iterations it has left: a batch-mate's must not lend it more
+        # (one took 25 of max_iter 24 in a batch and ended max_iter alone)
+        budget = (max_iter - result.iterations).clamp(min=0)
         part = primal_dual(oracle(), z, s, lam, nu, scale_dual=scale_dual, scale_primal=scale_primal, tol=tol,
-                           max_iter=left, skip=~fails if skip is None else skip | ~fails,
-                           stop_collapsed=stop_collapsed, data_scale=data_scale)
+                           max_iter=int(budget[fails].max()), skip=~fails if skip is None else skip | ~fails,
+                           stop_collapsed=stop_collapsed, data_scale=data_scale, budget=budget)
         result = _per_instance(fails, dataclasses.replace(part, iterations=part.iterations + result.iterations),
                                result)
     return result, scale_dual, scale_primal

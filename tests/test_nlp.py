@@ -206,6 +206,23 @@ def test_a_start_the_domain_forces_far_out_sets_no_stopping_scale():
     np.testing.assert_allclose(out[0].numpy(), xv.value, atol=1e-5)
 
 
+def test_going_on_at_the_solutions_scale_keeps_each_instances_own_iteration_limit():
+    # the instances that go on after their stopping scale was found too large shared the
+    # batch's fewest used iterations as their limit: one took 25 of max_iter 24 and
+    # ended optimal in a batch, max_iter alone
+    x, q, a = dl.Variable(3, name="x"), dl.Parameter(3, name="q"), dl.Parameter(3, name="a")
+    layer = dl.Problem(dl.Minimize(dl.sum(dl.exp(x / 0.02 + a)) + dl.sum_squares(x - q)
+                                   - 0.01 * dl.sum(dl.log(x)))).to_torch(max_iter=24, warn=False)
+    q_t = torch.tensor([[0.02, 0.01, 0.03]] * 2, dtype=torch.float64)
+    a_t = torch.tensor([[-35.0] * 3, [-42.0] * 3], dtype=torch.float64)
+    together = layer(q=q_t, a=a_t)
+    statuses, iterations = list(layer.info.status), layer.info.iterations.tolist()
+    alone = layer(q=q_t[:1], a=a_t[:1])
+    assert statuses[0] == layer.info.status[0] and iterations[0] == int(layer.info.iterations[0])
+    assert max(iterations) <= 24
+    assert torch.equal(together[0], alone[0])
+
+
 def test_softmax_jacobian_is_diag_minus_outer():
     n = 5
     layer = softmax_layer(n, tol=1e-12)

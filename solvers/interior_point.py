@@ -3339,6 +3339,7 @@ def solve_nlp(derivatives, residuals, z0, m, p, *, tol=None, max_iter=100, skip=
             select = _scaled_select(select, sigma)
     scale_dual = 1.0 + _inf_norm(rd)
     scale_primal = 1.0 + torch.maximum(_inf_norm(torch.nan_to_num(g)), _inf_norm(torch.nan_to_num(h)))
+
     def oracle():
         return Oracle(derivatives, residuals, linear=False, select=select)
 
@@ -3454,16 +3455,15 @@ def _held_to_the_solutions_scale(result, oracle, residuals, h0_size, scale_dual,
     (``scale_dual``, ``scale_primal``); a start the domain forces where an exp is huge
     (x = 1 under exp(x / 0.02): 1e23) made it absolute at 1e15, and instances came back
     ``optimal`` 60 % off their solution. An ``optimal`` instance is tested again against
-    its solution's own scale: 1 + the largest of |grad f|, |Jg' lam + Jh' nu| and |H| |z| there
-    (and 1 + the larger of |g|, |s| and the start's |h| for the rows), times
-    :data:`_START_SCALE_TRUST`, where smaller.
-    One that fails goes on from where it stopped, held to that scale, for the iterations
-    left (in rounds, as each stop's scale is smaller; one still failing after ``rounds``
-    or without iterations left ends ``max_iter``). Returns (result, scale_dual,
+    its solution's own scale: 1 + the largest of |grad f|, |Jg' lam + Jh' nu| and
+    |H| |z| there (and 1 + the larger of |g|, |s| and the start's |h| for the rows),
+    times :data:`_START_SCALE_TRUST`, where smaller. One that fails goes on from where
+    it stopped, held to that scale, for its own iterations left (in rounds, as each
+    stop's scale is smaller; one still failing after ``rounds`` or without iterations
+    left ends ``max_iter``). Returns (result, scale_dual,
     scale_primal), the scales each instance was last held to; ``oracle()`` makes the
     loop's :class:`Oracle`."""
-    B, m = result.lam.shape
-    p = result.nu.shape[-1]
+    m, p = result.lam.shape[-1], result.nu.shape[-1]
     # (scales within the trusted factor of 1, the least a solution's can be, change nothing)
     if not float(torch.maximum(scale_dual, scale_primal).amax()) > _START_SCALE_TRUST:
         return result, scale_dual, scale_primal
@@ -3751,8 +3751,6 @@ def _reduced_kkt_adjoint(H, Jg, Jh, s, lam, w_z, w_lam, w_nu):
     return u_z, u_lam, u_nu, failed
 
 
-
-
 def _adjoint_error(H, Jg, Jh, s, lam, u, w):
     """The backward error (B,) of u = (u_z, u_lam, u_nu) as a solution of
     :func:`kkt_adjoint`'s system for w = (w_z, w_lam, w_nu), row by row: the largest
@@ -3762,14 +3760,15 @@ def _adjoint_error(H, Jg, Jh, s, lam, u, w):
     scales differ by orders of magnitude (a curvature of 1e20 beside a flat column);
     block by block, as the blocks' do (an objective times s puts u_z at 1/s of y: one
     norm over all of x let a 28x error in u_z pass), but no block below
-    :data:`_BLOCK_FLOOR` of the largest; normwise within a block, since components that are 0 but for rounding (an
-    LP's u_z) carry no weight in a gradient. NaN where u is."""
+    :data:`_BLOCK_FLOOR` of the largest; normwise within a block, since components
+    that are 0 but for rounding (an LP's u_z) carry no weight in a gradient. NaN where
+    u is."""
     u_z, u_lam, u_nu = u
     w_z, w_lam, w_nu = w
     y = lam * u_lam
     sizes = torch.stack([x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[0]) for x in (u_z, y, u_nu)], -1)
-    # a block below _BLOCK_FLOOR of the largest is judged at that floor: an LP's u_z is 0 but for
-    # rounding (1e-26 beside y ~ 1), and its rows' rounding read as an error of 1
+    # a block below _BLOCK_FLOOR of the largest is judged at that floor: an LP's u_z is 0
+    # but for rounding (1e-26 beside y ~ 1), and its rows' rounding read as an error of 1
     floor = sizes.amax(-1, keepdim=True) * _BLOCK_FLOOR
     z_size, y_size, nu_size = torch.maximum(sizes, floor).unsqueeze(-1).unbind(-2)
     (_, H_cols), (Jg_rows, Jg_cols), (Jh_rows, Jh_cols) = _abs_sums(H), _abs_sums(Jg), _abs_sums(Jh)
@@ -3785,8 +3784,8 @@ def _adjoint_error(H, Jg, Jh, s, lam, u, w):
 
 def adjoint_tolerance(dtype) -> float:
     """The backward error above which :func:`kkt_adjoint` solves an instance again:
-    1000 eps, 2.2e-13 in float64 (a reduction's answer, refined, reads 1e-17 to 1e-13 on
-    the test suite's problems; a flat column's 0.004 to 0.27)."""
+    1000 eps, 2.2e-13 in float64 (a reduction's answer, refined, read 1e-36 to 1e-13 on
+    the test suite's problems but for loose tolerances; a flat column's 1e-3 to 0.27)."""
     return 1e3 * torch.finfo(dtype).eps
 
 
